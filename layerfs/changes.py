@@ -1,0 +1,397 @@
+"""The change model: what a layer adds, modifies and deletes relative to its parent.
+
+A layer is described two ways in layerfs. On disk, each driver has its own
+encoding (a full copy of the tree for vfs/btrfs/devicemapper, an upper
+directory with whiteouts for overlay and aufs). Between drivers, and in images,
+a layer is an OCI tar changeset (see :mod:`layerfs.tarlayer`). This module is
+the model in the middle: a sorted list of :class:`Change` values, each naming
+one absolute path inside the layer and whether it was added, modified or
+deleted (the three letters ``docker diff`` prints).
+
+Two ways to compute it:
+
+* :func:`naive_changes` compares two complete trees (parent and child). It works
+  for every driver, because every driver can show a layer as a full tree, but
+  it walks both trees. This is moby's ``archive.ChangesDirs``.
+* :func:`changes_from_diff_dir` reads the changes straight out of a union
+  driver's diff directory, where deletions are already recorded as whiteouts.
+  It only walks the (usually small) diff.
+
+Whiteouts, the markers for "this path was deleted", have one meaning and three
+encodings, listed by :class:`WhiteoutFormat`. The OCI tar encoding (``.wh.NAME``
+files and the ``.wh..wh..opq`` opaque marker) is the exchange format; the
+others are what overlay and aufs expect on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from pathlib import Path
+
+from .errors import InvalidArgument, NotFound
+
+__all__ = [
+    "AUFS_META_PREFIX",
+    "WHITEOUT_OPAQUE",
+    "WHITEOUT_PREFIX",
+    "Change",
+    "ChangeKind",
+    "WhiteoutFormat",
+    "changes_from_diff_dir",
+    "is_private_xattr",
+    "naive_changes",
+]
+
+#: A file named ``.wh.NAME`` in a tar (or an aufs branch) deletes ``NAME``.
+WHITEOUT_PREFIX = ".wh."
+#: A file with this name in a directory hides everything below that directory
+#: in the layers underneath ("opaque directory").
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+#: aufs keeps its own bookkeeping in root-level names with this prefix
+#: (``.wh..wh.plnk``, ``.wh..wh.aufs``, ``.wh..wh.orph``); they are never layer content.
+AUFS_META_PREFIX = ".wh..wh."
+
+
+class WhiteoutFormat(Enum):
+    """How deletions are written into a layer directory when a tar is applied.
+
+    The OCI tar format itself is fixed; this says what the *destination* uses.
+    """
+
+    #: The destination is a full copy of the parent (vfs, btrfs, devicemapper):
+    #: a deletion is performed, nothing is recorded.
+    IN_PLACE = "in-place"
+    #: overlayfs upper directory: a deleted path becomes a character device 0/0,
+    #: an opaque directory carries ``trusted.overlay.opaque=y``.
+    OVERLAY = "overlay"
+    #: overlayfs mounted with ``userxattr`` (rootless): as OVERLAY, but the
+    #: opaque marker is ``user.overlay.opaque=y``.
+    OVERLAY_USER = "overlay-user"
+    #: aufs branch: same names as the OCI tar (``.wh.NAME``, ``.wh..wh..opq``).
+    AUFS = "aufs"
+
+    @property
+    def opaque_xattr(self) -> str | None:
+        """The xattr that marks an opaque directory, for the overlay formats."""
+        if self is WhiteoutFormat.OVERLAY:
+            return "trusted.overlay.opaque"
+        if self is WhiteoutFormat.OVERLAY_USER:
+            return "user.overlay.opaque"
+        return None
+
+    @property
+    def is_overlay(self) -> bool:
+        return self in (WhiteoutFormat.OVERLAY, WhiteoutFormat.OVERLAY_USER)
+
+
+def is_private_xattr(name: str, fmt: WhiteoutFormat | None = None) -> bool:
+    """True for xattrs that belong to the storage driver, not to the layer's content.
+
+    ``trusted.overlay.*`` is overlayfs's own bookkeeping (opaque markers, but also
+    ``redirect``, ``origin`` and ``metacopy``, which make the kernel look up other
+    paths). It never goes into a tar, never comes out of one, and is ignored when
+    comparing trees. With ``fmt`` = OVERLAY_USER the ``user.overlay.*`` names
+    are the driver's too.
+    """
+    if name.startswith("trusted.overlay."):
+        return True
+    return fmt is WhiteoutFormat.OVERLAY_USER and name.startswith("user.overlay.")
+
+
+class ChangeKind(StrEnum):
+    """What happened to a path; the values are the letters ``docker diff`` prints."""
+
+    ADD = "A"
+    MODIFY = "C"
+    DELETE = "D"
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """One changed path, absolute inside the layer (``/etc/passwd``).
+
+    Changes order by path, which puts every directory before its contents.
+    """
+
+    path: str
+    kind: ChangeKind
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.path}"
+
+
+# ---------------------------------------------------------------------------
+# naive_changes: compare two full trees
+
+
+def read_xattrs(path: str, fmt: WhiteoutFormat | None = None) -> dict[str, bytes]:
+    """All xattrs of ``path`` (not following a final symlink), minus private ones."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in _NO_XATTR_SUPPORT:
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in names:
+        if is_private_xattr(name, fmt):
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as err:
+            # Removed between list and get (ENODATA) is not an error.
+            if err.errno not in (*_NO_XATTR_SUPPORT, _ENODATA):
+                raise
+    return out
+
+
+_ENODATA = 61
+_NO_XATTR_SUPPORT = (95,)  # EOPNOTSUPP == ENOTSUP on Linux
+
+
+def _same_xattrs(a: str, b: str) -> bool:
+    # Listing is one syscall and settles most cases; values only when both list
+    # the same names.
+    try:
+        na = sorted(n for n in os.listxattr(a, follow_symlinks=False) if not is_private_xattr(n))
+        nb = sorted(n for n in os.listxattr(b, follow_symlinks=False) if not is_private_xattr(n))
+    except OSError as err:
+        if err.errno in _NO_XATTR_SUPPORT:
+            return True
+        raise
+    if na != nb:
+        return False
+    return all(os.getxattr(a, n, follow_symlinks=False) == os.getxattr(b, n, follow_symlinks=False)
+               for n in na)
+
+
+def _stat_differs(lo: os.stat_result, up: os.stat_result) -> bool:
+    """Docker's rule: compare what a copy preserves, never inode, ctime or blocks.
+
+    Directories ignore size and mtime: both change whenever an entry is added or
+    removed below, which is reported by that entry's own change (moby#9874).
+    """
+    if (lo.st_mode != up.st_mode or lo.st_uid != up.st_uid or lo.st_gid != up.st_gid
+            or lo.st_rdev != up.st_rdev):
+        return True
+    if stat.S_ISDIR(up.st_mode):
+        return False
+    return lo.st_size != up.st_size or lo.st_mtime_ns != up.st_mtime_ns
+
+
+def _scan(path: str) -> dict[str, os.stat_result]:
+    with os.scandir(path) as it:
+        return {e.name: e.stat(follow_symlinks=False) for e in it}
+
+
+def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
+    """Changes that turn the tree ``lower`` into the tree ``upper`` (``None``: empty).
+
+    The rules, those of ``docker diff`` (moby ``archive.ChangesDirs``) except
+    where noted:
+
+    * ADD: the path exists only in ``upper``. A new directory is listed together
+      with everything below it.
+    * DELETE: the path exists only in ``lower``. Only the top-most deleted path
+      is listed; a deleted directory's contents are implied.
+    * MODIFY: the path exists in both and its type, permission bits, owner,
+      device number or xattrs (except ``trusted.overlay.*``) differ; for
+      non-directories also its size, mtime (to the nanosecond) or symlink target.
+      A directory is MODIFY only for its own metadata: adding a file to
+      ``/etc`` reports ``A /etc/new``, not ``C /etc``. A change of type
+      (file to directory, directory to symlink, ...) is a MODIFY of the path;
+      when the new object is a directory its children are ADDs, and when the
+      old one was a directory its old children are not listed (replacing the
+      path removes them).
+    * Hardlinks (beyond Docker): a non-directory whose set of hardlinked paths
+      inside the tree changed (a new link to it was made, or it was split from
+      its partners) is a MODIFY, so that an exported changeset can recreate the
+      link groups exactly. Docker misses this and silently unlinks files.
+
+    Content is *not* read. ``upper`` is typically a copy of ``lower`` (vfs) or a
+    snapshot (btrfs, devicemapper), so inode numbers and ctimes differ for every
+    file and cannot show what changed; reading content whenever size and mtime
+    agree would cost a full read of both trees. Like Docker and rsync's quick
+    check, a write that keeps the size and then forges the mtime back goes
+    unnoticed. Two paths with the same device and inode number are the same
+    file and are never compared further.
+    """
+    upper_s = os.fspath(upper)
+    if not os.path.isdir(upper_s):
+        raise NotFound(f"naive_changes: upper tree {upper_s} is not a directory")
+    lower_s = os.fspath(lower) if lower is not None else None
+    if lower_s is not None and not os.path.isdir(lower_s):
+        raise NotFound(f"naive_changes: lower tree {lower_s} is not a directory")
+
+    changes: list[Change] = []
+    # (dev, ino) -> paths, for non-directories with more than one link, per tree.
+    groups_lo: dict[tuple[int, int], list[str]] = {}
+    groups_up: dict[tuple[int, int], list[str]] = {}
+    # Paths present and unchanged in both trees whose link groups need comparing.
+    link_checks: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+
+    def note_links(groups: dict[tuple[int, int], list[str]], rel: str, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+
+    def add_tree(rel: str, path: str) -> None:
+        for name, st in _scan(path).items():
+            crel = f"{rel}/{name}"
+            changes.append(Change(crel, ChangeKind.ADD))
+            note_links(groups_up, crel, st)
+            if stat.S_ISDIR(st.st_mode):
+                add_tree(crel, f"{path}/{name}")
+
+    def note_lower_tree(rel: str, path: str) -> None:
+        # A deleted or replaced subtree still counts for the lower link groups:
+        # a surviving file linked to a deleted one has lost a partner.
+        for name, st in _scan(path).items():
+            note_links(groups_lo, f"{rel}/{name}", st)
+            if stat.S_ISDIR(st.st_mode):
+                note_lower_tree(f"{rel}/{name}", f"{path}/{name}")
+
+    def compare(rel: str, lpath: str, upath: str) -> None:
+        lo_entries = _scan(lpath)
+        for name, up in _scan(upath).items():
+            crel = f"{rel}/{name}"
+            cup = f"{upath}/{name}"
+            note_links(groups_up, crel, up)
+            lo = lo_entries.pop(name, None)
+            if lo is None:
+                changes.append(Change(crel, ChangeKind.ADD))
+                if stat.S_ISDIR(up.st_mode):
+                    add_tree(crel, cup)
+                continue
+            clo = f"{lpath}/{name}"
+            note_links(groups_lo, crel, lo)
+            if stat.S_IFMT(lo.st_mode) != stat.S_IFMT(up.st_mode):
+                changes.append(Change(crel, ChangeKind.MODIFY))
+                if stat.S_ISDIR(lo.st_mode):
+                    note_lower_tree(crel, clo)
+                if stat.S_ISDIR(up.st_mode):
+                    add_tree(crel, cup)
+                continue
+            if (lo.st_dev, lo.st_ino) == (up.st_dev, up.st_ino):
+                continue  # the very same file (e.g. a bind mount of one tree)
+            if (_stat_differs(lo, up)
+                    or (stat.S_ISLNK(up.st_mode) and os.readlink(clo) != os.readlink(cup))
+                    or not _same_xattrs(clo, cup)):
+                changes.append(Change(crel, ChangeKind.MODIFY))
+            elif (lo.st_nlink > 1 or up.st_nlink > 1) and not stat.S_ISDIR(up.st_mode):
+                link_checks.append((crel, (lo.st_dev, lo.st_ino), (up.st_dev, up.st_ino)))
+            if stat.S_ISDIR(up.st_mode):
+                compare(crel, clo, cup)
+        for name, lo in lo_entries.items():
+            crel = f"{rel}/{name}"
+            changes.append(Change(crel, ChangeKind.DELETE))
+            note_links(groups_lo, crel, lo)
+            if stat.S_ISDIR(lo.st_mode):
+                note_lower_tree(crel, f"{lpath}/{name}")
+
+    if lower_s is None:
+        add_tree("", upper_s)
+    else:
+        compare("", lower_s, upper_s)
+
+    for rel, lkey, ukey in link_checks:
+        if set(groups_lo.get(lkey, (rel,))) != set(groups_up.get(ukey, (rel,))):
+            changes.append(Change(rel, ChangeKind.MODIFY))
+    changes.sort()
+    return changes
+
+
+# ---------------------------------------------------------------------------
+# changes_from_diff_dir: union drivers
+
+
+def changes_from_diff_dir(diff_dir: Path, fmt: WhiteoutFormat,
+                          exists_below: Callable[[str], bool]) -> list[Change]:
+    """Changes recorded in a union driver's diff directory (overlay upper, aufs branch).
+
+    ``exists_below(path)`` says whether the absolute layer path exists in the
+    parent's merged view; it decides between ADD and MODIFY, since the diff
+    alone cannot tell a new file from a copied-up one.
+
+    * A whiteout (char device 0/0 for the overlay formats, ``.wh.NAME`` for aufs)
+      is a DELETE of the path it hides.
+    * Every other entry is MODIFY if ``exists_below`` else ADD. That includes
+      directories that are only in the diff because something below them
+      changed: unlike :func:`naive_changes` there is no parent metadata to
+      compare with, so they are reported as modified (the layer does carry a
+      copy of them).
+    * An opaque directory is reported like any directory (MODIFY if it existed
+      below, else ADD). What it hides in the layers below is *not* listed as
+      DELETEs: the diff does not record those names and listing them would mean
+      walking every lower layer. Docker's overlay2 and aufs drivers do not list
+      them either (overlay2 reports the opaque directory as deleted and then
+      re-added). Use :func:`naive_changes` when the exact set of deleted names
+      matters.
+    * aufs bookkeeping at the branch root (``.wh..wh.plnk`` etc.) is skipped.
+
+    Overlay directories using ``redirect_dir`` (renamed directories) or
+    ``metacopy`` (data still in a lower layer) cannot be read this way; such a
+    diff raises :class:`InvalidArgument` and the caller should fall back to
+    :func:`naive_changes` (Docker's overlay2 does the same).
+    """
+    if fmt is WhiteoutFormat.IN_PLACE:
+        raise InvalidArgument("changes_from_diff_dir: IN_PLACE layers are full trees; "
+                              "use naive_changes")
+    root = os.fspath(diff_dir)
+    if not os.path.isdir(root):
+        raise NotFound(f"changes_from_diff_dir: {root} is not a directory")
+    changes: list[Change] = []
+
+    def kind_of(rel: str) -> ChangeKind:
+        return ChangeKind.MODIFY if exists_below(rel) else ChangeKind.ADD
+
+    def walk(rel: str, path: str) -> None:
+        for name, st in sorted(_scan(path).items()):
+            crel = f"{rel}/{name}"
+            cpath = f"{path}/{name}"
+            if fmt is WhiteoutFormat.AUFS:
+                if not rel and name.startswith(AUFS_META_PREFIX) and name != WHITEOUT_OPAQUE:
+                    continue
+                if name == WHITEOUT_OPAQUE:
+                    continue  # the directory itself is reported by its own entry
+                if name.startswith(WHITEOUT_PREFIX):
+                    changes.append(Change(f"{rel}/{name[len(WHITEOUT_PREFIX):]}",
+                                          ChangeKind.DELETE))
+                    continue
+            else:
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    changes.append(Change(crel, ChangeKind.DELETE))
+                    continue
+                check_overlay_features(cpath, fmt)
+            changes.append(Change(crel, kind_of(crel)))
+            if stat.S_ISDIR(st.st_mode):
+                walk(crel, cpath)
+
+    walk("", root)
+    changes.sort()
+    return changes
+
+
+def check_overlay_features(path: str, fmt: WhiteoutFormat) -> None:
+    """Refuse overlay entries whose meaning depends on other layers.
+
+    ``redirect`` (a renamed directory) and ``metacopy`` (metadata copied up, data
+    left below) make the upper directory an incomplete description of the
+    layer; only a naive diff of the mounted tree is correct for them.
+    """
+    prefix = "user.overlay." if fmt is WhiteoutFormat.OVERLAY_USER else "trusted.overlay."
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in _NO_XATTR_SUPPORT:
+            return
+        raise
+    for feature in ("redirect", "metacopy"):
+        if prefix + feature in names:
+            raise InvalidArgument(
+                f"{path}: overlay {feature} xattr present; this diff directory cannot be "
+                f"exported on its own (mount with redirect_dir=off,metacopy=off or use the "
+                f"naive diff)")

@@ -1,0 +1,385 @@
+"""LayerStore: the public face of a layerfs root.
+
+A root is a directory laid out as::
+
+    ROOT/
+      layerfs.db      metadata store (sqlite, WAL): layers, mounts, driver state
+      <driver>/       the driver's own files (its "home"), e.g. ROOT/overlay2/
+      mnt/<id>/       default mount points
+      tmp/            scratch space (views for naive diffs, staging)
+
+Open one with :func:`layerfs.open_root`. Every operation checks what is
+allowed (parents exist, no children on remove, not mounted) inside a store
+transaction, records its intent, calls the driver, then records the result —
+so a process killed at any point leaves work that the next :meth:`open`
+finishes or rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from . import mount as mountlib
+from . import registry
+from .changes import Change
+from .driver import Driver, DriverOptions, Usage, parse_size, scratch_owner
+from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
+from .store import DriverState, LayerRecord, Store, now, process_alive, process_token
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def new_layer_id() -> str:
+    """A random 64-hex id, the shape Docker uses for cache ids."""
+    return secrets.token_hex(32)
+
+
+class LayerStore:
+    """Layers of one root, managed through one driver."""
+
+    def __init__(self, root: Path, driver: Driver, store: Store) -> None:
+        self.root = root
+        self.driver = driver
+        self.store = store
+        self.mnt_dir = root / "mnt"
+        self.mnt_dir.mkdir(exist_ok=True)
+
+    # --- opening ----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], driver: str | None = None,
+             options: dict[str, str] | list[str] | None = None, *,
+             recover: bool = True) -> LayerStore:
+        root_path = Path(root).absolute()
+        root_path.mkdir(parents=True, exist_ok=True)
+        opts = DriverOptions.parse(options)
+        store = Store(root_path / "layerfs.db")
+        try:
+            owner = store.get_setting("driver")
+            if driver and owner and driver != owner:
+                raise InvalidArgument(
+                    f"root {root_path} holds layers of driver {owner!r}, not {driver!r}; "
+                    f"use --driver {owner} or another --root")
+            name, _ = registry.select(root_path, driver or owner, opts)
+            cls_ = registry.load(name)
+            drv = cls_(registry.home_of(root_path, name), opts, DriverState(store, name))
+            if owner is None:
+                store.set_setting("driver", name)
+        except BaseException:
+            store.close()
+            raise
+        self = cls(root_path, drv, store)
+        if recover:
+            self.recover()
+        return self
+
+    def close(self) -> None:
+        self.driver.cleanup()
+        self.store.close()
+
+    def __enter__(self) -> LayerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- crash recovery -----------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish or roll back work whose process died; unmount leftovers. Returns actions.
+
+        Safe while other processes work on the same root: only rows whose owner
+        is dead are touched, and mounts are listed *before* the store is read —
+        a live process inserts its mount row before calling mount(2), so any
+        mount seen first has its row visible afterwards.
+        """
+        actions: list[str] = []
+        seen_mounts = [info.target for base in (self.mnt_dir, self.driver.scratch)
+                       for info in mountlib.mounts_under(base)]
+        known_targets = set()
+        for m in self.store.list_mounts():
+            known_targets.add(os.path.realpath(m.target))
+            if m.state == "mounting" and not process_alive(m.owner):
+                if mountlib.is_mounted(m.target):
+                    mountlib.unmount(m.target, lazy=True)
+                with self.store.transaction() as db:
+                    db.execute("DELETE FROM mounts WHERE target = ? AND state = 'mounting' "
+                               "AND owner = ?", (m.target, m.owner))
+                actions.append(f"rolled back half-done mount {m.target}")
+            elif m.state == "mounted" and not mountlib.is_mounted(m.target):
+                with self.store.transaction() as db:
+                    db.execute("DELETE FROM mounts WHERE target = ? AND state = 'mounted'",
+                               (m.target,))
+                actions.append(f"forgot vanished mount {m.target}")
+        # Mounts under mnt/ and tmp/ that the store does not know: a crash between
+        # mount(2) and the store write, or a dead process's naive-diff view.
+        for target in seen_mounts:
+            if target not in known_targets and self._orphan(target):
+                mountlib.unmount(target, lazy=True)
+                actions.append(f"unmounted leftover {target}")
+        for rec in self.store.list_layers(state=None):
+            if rec.state == "ready" or process_alive(rec.owner):
+                continue
+            if self.store.children(rec.id):
+                # Cannot happen through this API (children need a ready parent).
+                continue
+            self.driver.remove(rec.id)
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM mounts WHERE layer = ?", (rec.id,))
+                db.execute("DELETE FROM layers WHERE id = ? AND state = ?", (rec.id, rec.state))
+            verb = "rolled back creation of" if rec.state == "creating" else "finished removing"
+            actions.append(f"{verb} layer {rec.id}")
+        return actions
+
+    def _orphan(self, target: str) -> bool:
+        """Mount points under mnt/ that the store does not know are orphans; a scratch
+        view under tmp/ is one only when the process named in its name is dead."""
+        scratch = os.path.realpath(self.driver.scratch)
+        if target.startswith(scratch + "/"):
+            top = target[len(scratch) + 1:].split("/")[0]
+            return not process_alive(scratch_owner(top))
+        return True
+
+    # --- queries --------------------------------------------------------------------------------
+    def get(self, layer_id: str) -> LayerRecord:
+        rec = self.store.get_layer(layer_id)
+        if rec is None or rec.state != "ready":
+            raise NotFound(f"layer {layer_id} not found in {self.root}")
+        return rec
+
+    def exists(self, layer_id: str) -> bool:
+        rec = self.store.get_layer(layer_id)
+        return rec is not None and rec.state == "ready"
+
+    def layers(self) -> list[LayerRecord]:
+        return self.store.list_layers()
+
+    def chain(self, layer_id: str) -> list[str]:
+        self.get(layer_id)
+        return self.store.chain(layer_id)
+
+    def children(self, layer_id: str) -> list[str]:
+        return self.store.children(layer_id)
+
+    def status(self) -> dict[str, str]:
+        info = {"Storage Driver": self.driver.name, "Root": str(self.root)}
+        info.update(self.driver.status())
+        info["Layers"] = str(len(self.layers()))
+        return info
+
+    def usage(self, layer_id: str) -> Usage:
+        self.get(layer_id)
+        return self.driver.usage(layer_id)
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        self.get(layer_id)
+        return self.driver.metadata(layer_id)
+
+    # --- creating ---------------------------------------------------------------------------------
+    def _begin_create(self, layer_id: str | None, parent: str | None, readonly: bool,
+                      labels: dict[str, str] | None) -> LayerRecord:
+        layer_id = layer_id or new_layer_id()
+        if not _ID_RE.match(layer_id):
+            raise InvalidArgument(f"invalid layer id {layer_id!r}: use letters, digits, '_.-' "
+                                  "(at most 128, not starting with punctuation)")
+        with self.store.transaction() as db:
+            if self.store.get_layer(layer_id) is not None:
+                raise AlreadyExists(f"layer {layer_id} already exists")
+            depth = 1
+            if parent is not None:
+                prec = self.store.get_layer(parent)
+                if prec is None or prec.state != "ready":
+                    raise NotFound(f"parent layer {parent} not found")
+                depth = prec.depth + 1
+                limit = self.driver.capabilities.max_depth
+                if limit is not None and depth > limit:
+                    raise InvalidArgument(
+                        f"{self.driver.name} mounts at most {limit} layers; parent {parent} "
+                        f"is already {prec.depth} deep")
+            rec = LayerRecord(layer_id, parent, self.driver.name, readonly, "creating", depth,
+                              now(), None, dict(labels or {}), process_token())
+            self.store.insert_layer(db, rec)
+        return rec
+
+    def _finish_create(self, layer_id: str, size: int | None) -> LayerRecord:
+        rec = self.store.get_layer(layer_id)
+        if rec is not None and rec.readonly:
+            self.driver.seal(layer_id)
+        with self.store.transaction() as db:
+            db.execute("UPDATE layers SET state = 'ready', owner = NULL, size = ? WHERE id = ?",
+                       (size, layer_id))
+        return self.get(layer_id)
+
+    def _abort_create(self, layer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.driver.remove(layer_id)
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    def create(self, parent: str | None = None, *, layer_id: str | None = None,
+               readonly: bool = False, labels: dict[str, str] | None = None,
+               size: int | str | None = None) -> LayerRecord:
+        """Create a layer on ``parent``: read-write (a container layer) by default,
+        read-only for an image layer. ``size`` sets a quota where the driver has them."""
+        quota = parse_size(size) if isinstance(size, str) else size
+        if quota is not None and not self.driver.capabilities.quotas:
+            from .errors import DriverNotSupported
+            raise DriverNotSupported(self.driver.name, "per-layer size quotas are not supported")
+        rec = self._begin_create(layer_id, parent, readonly, labels)
+        try:
+            self.driver.create(rec.id, parent, readonly=readonly, size=quota)
+        except BaseException:
+            self._abort_create(rec.id)
+            raise
+        return self._finish_create(rec.id, 0 if parent is None else None)
+
+    def apply(self, stream: IO[bytes], parent: str | None = None, *,
+              layer_id: str | None = None, labels: dict[str, str] | None = None) -> LayerRecord:
+        """Create a read-only layer on ``parent`` from an OCI layer tar (any compression).
+
+        The layer becomes visible only once the whole tar applied; on any error
+        (hostile or corrupt tar, full disk) it is removed again.
+        """
+        rec = self._begin_create(layer_id, parent, True, labels)
+        try:
+            self.driver.create(rec.id, parent, readonly=True)
+            size = self.driver.apply_diff(rec.id, parent, stream)
+        except BaseException:
+            self._abort_create(rec.id)
+            raise
+        return self._finish_create(rec.id, size)
+
+    # --- removing -----------------------------------------------------------------------------------
+    def remove(self, layer_id: str) -> None:
+        """Remove a layer; refused while it has children or is mounted."""
+        with self.store.transaction() as db:
+            rec = self.store.get_layer(layer_id)
+            if rec is None or rec.state != "ready":
+                raise NotFound(f"layer {layer_id} not found")
+            kids = self.store.children(layer_id)
+            if kids:
+                raise InUse(f"layer {layer_id} has {len(kids)} child layer(s), e.g. {kids[0]}")
+            mounts = self.store.list_mounts(layer_id)
+            if mounts:
+                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+            db.execute("UPDATE layers SET state = 'removing', owner = ? WHERE id = ?",
+                       (process_token(), layer_id))
+        self.driver.remove(layer_id)
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+        with contextlib.suppress(OSError):
+            (self.mnt_dir / layer_id).rmdir()
+
+    # --- mounting ------------------------------------------------------------------------------------
+    def mount(self, layer_id: str, target: str | os.PathLike[str] | None = None, *,
+              readonly: bool = False) -> Path:
+        """Mount the layer's merged view (at ``ROOT/mnt/<id>`` unless ``target`` is given).
+
+        Mounting an already-mounted target again counts one more user; each
+        :meth:`unmount` drops one, and the last one really unmounts.
+        """
+        rec = self.get(layer_id)
+        if rec.readonly and not readonly:
+            readonly = True
+        tgt = Path(target) if target is not None else self.mnt_dir / layer_id
+        tgt.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(tgt)
+        with self.store.transaction() as db:
+            row = db.execute("SELECT layer, users FROM mounts WHERE target = ?", (key,)).fetchone()
+            if row is not None:
+                if row["layer"] != layer_id:
+                    raise InUse(f"{key} is already a mount of layer {row['layer']}")
+                db.execute("UPDATE mounts SET users = users + 1 WHERE target = ?", (key,))
+                return tgt
+            db.execute("INSERT INTO mounts (target, layer, state, owner, users, readonly) "
+                       "VALUES (?, ?, 'mounting', ?, 1, ?)",
+                       (key, layer_id, process_token(), int(readonly)))
+        try:
+            mountlib.mount_all(self.driver.mounts(layer_id, readonly=readonly), tgt)
+        except BaseException:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM mounts WHERE target = ?", (key,))
+            raise
+        with self.store.transaction() as db:
+            db.execute("UPDATE mounts SET state = 'mounted', owner = NULL WHERE target = ?",
+                       (key,))
+        return tgt
+
+    def unmount(self, layer_id: str, target: str | os.PathLike[str] | None = None, *,
+                force: bool = False) -> None:
+        """Drop one user of a mount; unmount when none is left (or at once with ``force``)."""
+        if target is None:
+            mounts = self.store.list_mounts(layer_id)
+            if not mounts:
+                raise NotFound(f"layer {layer_id} is not mounted")
+            key = mounts[0].target
+        else:
+            key = os.path.realpath(target)
+        with self.store.transaction() as db:
+            row = db.execute("SELECT layer, users FROM mounts WHERE target = ?", (key,)).fetchone()
+            if row is None or row["layer"] != layer_id:
+                raise NotFound(f"layer {layer_id} is not mounted at {key}")
+            if row["users"] > 1 and not force:
+                db.execute("UPDATE mounts SET users = users - 1 WHERE target = ?", (key,))
+                return
+            mountlib.unmount(key)
+            db.execute("DELETE FROM mounts WHERE target = ?", (key,))
+
+    @contextlib.contextmanager
+    def mounted(self, layer_id: str, target: str | os.PathLike[str] | None = None, *,
+                readonly: bool = False) -> Iterator[Path]:
+        """``with store.mounted(id) as path:`` — always unmounts, even on error."""
+        path = self.mount(layer_id, target, readonly=readonly)
+        try:
+            yield path
+        finally:
+            self.unmount(layer_id, path)
+
+    def unmount_all(self) -> list[str]:
+        """Unmount everything this root mounted (``layerfs layer umount --all``)."""
+        done = []
+        for m in self.store.list_mounts():
+            self.unmount(m.layer, m.target, force=True)
+            done.append(m.target)
+        return done
+
+    # --- diffs ----------------------------------------------------------------------------------------
+    def diff(self, layer_id: str, out: IO[bytes]) -> int:
+        """Write the layer's changes against its parent as an OCI layer tar; return its size."""
+        rec = self.get(layer_id)
+        return self.driver.diff(layer_id, rec.parent, out)
+
+    def changes(self, layer_id: str) -> list[Change]:
+        rec = self.get(layer_id)
+        return self.driver.changes(layer_id, rec.parent)
+
+    def diff_size(self, layer_id: str) -> int:
+        rec = self.get(layer_id)
+        return self.driver.diff_size(layer_id, rec.parent)
+
+    # --- maintenance ----------------------------------------------------------------------------------
+    def wipe(self) -> None:
+        """Remove every layer and the root's contents (tests and ``layerfs reset``)."""
+        self.unmount_all()
+        for rec in sorted(self.store.list_layers(state=None), key=lambda r: -r.depth):
+            with contextlib.suppress(LayerfsError):
+                self.driver.remove(rec.id)
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
+        self.driver.cleanup()
+        shutil.rmtree(self.mnt_dir, ignore_errors=True)
+
+
+def open_root(root: str | os.PathLike[str], driver: str | None = None,
+              options: dict[str, str] | list[str] | None = None) -> LayerStore:
+    """Open (creating if needed) a layerfs root with ``driver`` or auto-selection."""
+    return LayerStore.open(root, driver, options)
+
+
+def describe(store: LayerStore) -> dict[str, Any]:
+    return {"root": str(store.root), "driver": store.driver.name, **store.status()}

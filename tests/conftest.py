@@ -1,0 +1,101 @@
+"""Shared fixtures: a fresh layerfs root per test, for every registered driver.
+
+A driver the host can't run is skipped with its reason printed (``-rs``), but
+CI sets ``LAYERFS_REQUIRE_DRIVERS`` to the drivers that must run, so a skip can
+never hide a broken driver there (see tests/test_every_driver_runs.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from layerfs import mount as mountlib
+from layerfs import registry
+from layerfs.errors import DriverNotSupported
+from layerfs.layers import LayerStore
+
+ALL_DRIVERS = sorted(registry.registered())
+# Device-mapper needs a kernel with dm: it runs inside the qemu guest.
+NATIVE_DRIVERS = [d for d in ALL_DRIVERS if d != "devicemapper"]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    for probe in registry.probe_all(Path("/tmp")):
+        state = "supported" if probe.supported else f"NOT supported: {probe.reason}"
+        lines.append(f"layerfs driver {probe.name}: {state}")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def btrfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A loop-backed btrfs filesystem for the whole session (made like `layerfs pool create`)."""
+    from layerfs import pool
+
+    base = tmp_path_factory.mktemp("btrfs-pool")
+    try:
+        handle = pool.create_btrfs(base / "pool.img", base / "mnt", size=4 << 30)
+    except DriverNotSupported as e:
+        pytest.skip(f"btrfs: {e.reason}")
+    try:
+        yield handle.mountpoint
+    finally:
+        pool.destroy_btrfs(handle.mountpoint)
+
+
+def root_for(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    if driver == "btrfs":
+        pool_mnt: Path = request.getfixturevalue("btrfs_pool")
+        root = pool_mnt / tmp_path.name
+        root.mkdir()
+        return root
+    return tmp_path / "root"
+
+
+@pytest.fixture(params=ALL_DRIVERS)
+def driver_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def open_store_or_skip(driver: str, root: Path, options: list[str] | None = None) -> LayerStore:
+    try:
+        return LayerStore.open(root, driver, options)
+    except DriverNotSupported as e:
+        pytest.skip(f"{driver} not supported here: {e.reason}")
+
+
+def close_and_check(store: LayerStore) -> None:
+    root = store.root
+    store.wipe()
+    store.close()
+    leftovers = mountlib.mounts_under(root)
+    for m in leftovers:
+        mountlib.unmount(m.target, lazy=True)
+    assert not leftovers, f"mounts left under {root}: {[m.target for m in leftovers]}"
+
+
+@pytest.fixture
+def layer_root(driver_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    root = root_for(driver_name, tmp_path, request)
+    yield root
+    if driver_name == "btrfs":
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def store(driver_name: str, layer_root: Path) -> Iterator[LayerStore]:
+    """A fresh LayerStore on its own root; wiped and checked for leaked mounts afterwards."""
+    s = open_store_or_skip(driver_name, layer_root)
+    try:
+        yield s
+    finally:
+        close_and_check(s)
+
+
+def in_guest() -> bool:
+    return os.environ.get("LAYERFS_IN_GUEST") == "1"
