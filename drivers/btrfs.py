@@ -49,7 +49,7 @@ from layerfs.errors import (
 )
 from layerfs.mount import Mount
 
-from .btrfs_send import SendSummary, changed_paths
+from .btrfs_send import SendSummary, changed_paths, send_no_data
 
 
 class BtrfsDriver(Driver):
@@ -121,8 +121,27 @@ class BtrfsDriver(Driver):
                 btrfsutil.set_subvolume_read_only(path / sub_path, False)
         btrfsutil.delete_subvolume(path, recursive=True)
         if subvol_id is not None and self._quota_enabled():
-            subprocess.run(["btrfs", "qgroup", "destroy", f"0/{subvol_id}", str(self.home)],
-                           capture_output=True)
+            self._destroy_qgroup(subvol_id)
+
+    def _destroy_qgroup(self, subvol_id: int) -> None:
+        """Docker left a qgroup behind for every removed layer (moby#29325). The
+        kernel refuses to destroy it until the deleted subvolume is cleaned up,
+        so wait for that first."""
+        # A filesystem sync commits the deletion and wakes the cleaner; without
+        # it `subvolume sync` can wait a whole commit interval or more.
+        btrfsutil.sync(self.home)
+        try:
+            subprocess.run(["btrfs", "subvolume", "sync", str(self.home), str(subvol_id)],
+                           capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired as err:
+            raise LayerfsError(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
+                               f"its qgroup 0/{subvol_id} remains") from err
+        proc = subprocess.run(["btrfs", "qgroup", "destroy", f"0/{subvol_id}", str(self.home)],
+                              capture_output=True, text=True)
+        # Linux >= 6.8 deletes a cleaned subvolume's qgroup by itself: ENOENT is fine.
+        if proc.returncode != 0 and "No such file" not in proc.stderr:
+            raise LayerfsError(f"btrfs: could not destroy qgroup 0/{subvol_id}: "
+                               f"{proc.stderr.strip()}")
 
     def exists(self, layer_id: str) -> bool:
         return self._path(layer_id).is_dir()
@@ -169,8 +188,7 @@ class BtrfsDriver(Driver):
         try:
             yield snap
         finally:
-            btrfsutil.set_subvolume_read_only(snap, False)
-            btrfsutil.delete_subvolume(snap)
+            btrfsutil.delete_subvolume(snap)  # root may delete a read-only snapshot
             tmp.rmdir()
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
@@ -180,12 +198,7 @@ class BtrfsDriver(Driver):
 
     def _send_changes(self, layer_id: str, parent: str) -> list[Change]:
         with self._readonly_snapshot(parent) as psnap, self._readonly_snapshot(layer_id) as csnap:
-            proc = subprocess.run(["btrfs", "send", "--no-data", "-q", "-p", str(psnap),
-                                   str(csnap)], capture_output=True)
-            if proc.returncode != 0:
-                raise LayerfsError(f"btrfs send for layer {layer_id}: "
-                                   f"{proc.stderr.decode(errors='replace').strip()}")
-            candidates = changed_paths(proc.stdout)
+            candidates = changed_paths(send_no_data(str(csnap), str(psnap)))
         return classify(self._path(parent), self._path(layer_id), candidates)
 
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:

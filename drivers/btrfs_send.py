@@ -80,3 +80,52 @@ def parse(stream: bytes) -> SendSummary:
 def changed_paths(stream: bytes) -> SendSummary:
     """Paths touched by a ``btrfs send --no-data`` stream."""
     return parse(stream)
+
+
+# --- running a send without a subprocess --------------------------------------------------------
+# BTRFS_IOC_SEND = _IOW(0x94, 38, struct btrfs_ioctl_send_args), 72 bytes:
+#   s64 send_fd; u64 clone_sources_count; u64 *clone_sources; u64 parent_root;
+#   u64 flags; u32 version; u8 reserved[28]
+# Calling the ioctl directly saves the fork/exec of `btrfs send` (about a third
+# of the time of a small diff).
+BTRFS_IOC_SEND = 0x40489426
+BTRFS_SEND_FLAG_NO_FILE_DATA = 0x1
+
+
+def send_no_data(child: str, parent: str) -> bytes:
+    """The ``btrfs send --no-data -p parent child`` stream, both read-only subvolumes."""
+    import ctypes
+    import fcntl
+    import os
+    import threading
+
+    import btrfsutil
+
+    parent_id = btrfsutil.subvolume_id(parent)
+    sources = (ctypes.c_uint64 * 1)(parent_id)
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            data = os.read(read_fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    args = struct.pack("<qQQQQI28x", write_fd, 1, ctypes.addressof(sources), parent_id,
+                       BTRFS_SEND_FLAG_NO_FILE_DATA, 0)
+    buf = ctypes.create_string_buffer(args, len(args))
+    fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_SEND, buf)  # type: ignore[call-overload]
+    except OSError as err:
+        raise LayerfsError(f"btrfs send of {child} against {parent}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+        os.close(write_fd)
+        reader.join()
+        os.close(read_fd)
+    return b"".join(chunks)
