@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import IO
 
 import btrfsutil
-from layerfs.tarlayer import export_changes
 
 from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, naive_changes
-from layerfs.driver import (Capabilities, Driver, DriverOptions, Usage, backing_filesystem,
-                            layer_dir_usage)
+from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, backing_filesystem, layer_dir_usage
 from layerfs.errors import (
     DriverNotSupported,
     LayerfsError,
@@ -48,6 +46,7 @@ from layerfs.errors import (
     translate_errors,
 )
 from layerfs.mount import Mount
+from layerfs.tarlayer import export_changes
 
 from .btrfs_send import SendSummary, changed_paths, send_no_data
 

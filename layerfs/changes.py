@@ -238,23 +238,18 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
 
-    def add_tree(rel: str, path: str) -> None:
-        for name, st in _scan(path).items():
-            crel = f"{rel}/{name}"
-            changes.append(Change(crel, ChangeKind.ADD))
-            note_links(groups_up, crel, st)
-            if stat.S_ISDIR(st.st_mode):
-                add_tree(crel, f"{path}/{name}")
+    # Explicit stacks, not recursion: a layer may nest deeper than Python's
+    # recursion limit (PATH_MAX allows ~2000 levels).
+    to_add: list[tuple[str, str]] = []       # (rel, upper path): everything below is ADD
+    to_note: list[tuple[str, str]] = []      # (rel, lower path): gone, but count its links
+    to_compare: list[tuple[str, str, str]] = []  # (rel, lower path, upper path)
+    if lower_s is None:
+        to_add.append(("", upper_s))
+    else:
+        to_compare.append(("", lower_s, upper_s))
 
-    def note_lower_tree(rel: str, path: str) -> None:
-        # A deleted or replaced subtree still counts for the lower link groups:
-        # a surviving file linked to a deleted one has lost a partner.
-        for name, st in _scan(path).items():
-            note_links(groups_lo, f"{rel}/{name}", st)
-            if stat.S_ISDIR(st.st_mode):
-                note_lower_tree(f"{rel}/{name}", f"{path}/{name}")
-
-    def compare(rel: str, lpath: str, upath: str) -> None:
+    while to_compare:
+        rel, lpath, upath = to_compare.pop()
         lo_entries = _scan(lpath)
         for name, up in _scan(upath).items():
             crel = f"{rel}/{name}"
@@ -264,16 +259,16 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
             if lo is None:
                 changes.append(Change(crel, ChangeKind.ADD))
                 if stat.S_ISDIR(up.st_mode):
-                    add_tree(crel, cup)
+                    to_add.append((crel, cup))
                 continue
             clo = f"{lpath}/{name}"
             note_links(groups_lo, crel, lo)
             if stat.S_IFMT(lo.st_mode) != stat.S_IFMT(up.st_mode):
                 changes.append(Change(crel, ChangeKind.MODIFY))
                 if stat.S_ISDIR(lo.st_mode):
-                    note_lower_tree(crel, clo)
+                    to_note.append((crel, clo))
                 if stat.S_ISDIR(up.st_mode):
-                    add_tree(crel, cup)
+                    to_add.append((crel, cup))
                 continue
             if (lo.st_dev, lo.st_ino) == (up.st_dev, up.st_ino):
                 continue  # the very same file (e.g. a bind mount of one tree)
@@ -284,18 +279,31 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
             elif (lo.st_nlink > 1 or up.st_nlink > 1) and not stat.S_ISDIR(up.st_mode):
                 link_checks.append((crel, (lo.st_dev, lo.st_ino), (up.st_dev, up.st_ino)))
             if stat.S_ISDIR(up.st_mode):
-                compare(crel, clo, cup)
+                to_compare.append((crel, clo, cup))
         for name, lo in lo_entries.items():
             crel = f"{rel}/{name}"
             changes.append(Change(crel, ChangeKind.DELETE))
             note_links(groups_lo, crel, lo)
             if stat.S_ISDIR(lo.st_mode):
-                note_lower_tree(crel, f"{lpath}/{name}")
+                to_note.append((crel, f"{lpath}/{name}"))
 
-    if lower_s is None:
-        add_tree("", upper_s)
-    else:
-        compare("", lower_s, upper_s)
+    while to_add:
+        rel, path = to_add.pop()
+        for name, st in _scan(path).items():
+            crel = f"{rel}/{name}"
+            changes.append(Change(crel, ChangeKind.ADD))
+            note_links(groups_up, crel, st)
+            if stat.S_ISDIR(st.st_mode):
+                to_add.append((crel, f"{path}/{name}"))
+
+    # A deleted or replaced subtree still counts for the lower link groups: a
+    # surviving file linked to a deleted one has lost a partner.
+    while to_note:
+        rel, path = to_note.pop()
+        for name, st in _scan(path).items():
+            note_links(groups_lo, f"{rel}/{name}", st)
+            if stat.S_ISDIR(st.st_mode):
+                to_note.append((f"{rel}/{name}", f"{path}/{name}"))
 
     for rel, lkey, ukey in link_checks:
         if set(groups_lo.get(lkey, (rel,))) != set(groups_up.get(ukey, (rel,))):
@@ -348,8 +356,10 @@ def changes_from_diff_dir(diff_dir: Path, fmt: WhiteoutFormat,
     def kind_of(rel: str) -> ChangeKind:
         return ChangeKind.MODIFY if exists_below(rel) else ChangeKind.ADD
 
-    def walk(rel: str, path: str) -> None:
-        for name, st in sorted(_scan(path).items()):
+    stack = [("", root)]
+    while stack:
+        rel, path = stack.pop()
+        for name, st in _scan(path).items():
             crel = f"{rel}/{name}"
             cpath = f"{path}/{name}"
             if fmt is WhiteoutFormat.AUFS:
@@ -368,9 +378,8 @@ def changes_from_diff_dir(diff_dir: Path, fmt: WhiteoutFormat,
                 check_overlay_features(cpath, fmt)
             changes.append(Change(crel, kind_of(crel)))
             if stat.S_ISDIR(st.st_mode):
-                walk(crel, cpath)
+                stack.append((crel, cpath))
 
-    walk("", root)
     changes.sort()
     return changes
 

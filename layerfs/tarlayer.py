@@ -54,13 +54,12 @@ import gzip
 import io
 import logging
 import os
-import shutil
 import stat
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import zstandard
 
@@ -133,7 +132,7 @@ class _Prefixed(io.RawIOBase):
     the caller owns that.
     """
 
-    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
         self._head = head
         self._raw = raw
 
@@ -154,7 +153,7 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def open_layer_stream(raw: BinaryIO) -> BinaryIO:
+def open_layer_stream(raw: IO[bytes]) -> BinaryIO:
     """The uncompressed tar inside ``raw``: gzip and zstd are detected by magic.
 
     Anything else is returned as is and must then parse as a tar. bzip2 and xz
@@ -165,7 +164,7 @@ def open_layer_stream(raw: BinaryIO) -> BinaryIO:
     return _open_layer_stream(raw)[0]
 
 
-def _open_layer_stream(raw: BinaryIO) -> tuple[BinaryIO, str]:
+def _open_layer_stream(raw: IO[bytes]) -> tuple[BinaryIO, str]:
     """:func:`open_layer_stream`, also naming the compression found ("" for none)."""
     head = b""
     while len(head) < 6:
@@ -182,12 +181,12 @@ def _open_layer_stream(raw: BinaryIO) -> tuple[BinaryIO, str]:
         # reader does, because the end-of-archive marker is then missing.
         reader = zstandard.ZstdDecompressor().stream_reader(
             buffered, read_size=COPY_BUFSIZE, read_across_frames=True, closefd=False)
-        return io.BufferedReader(reader, buffer_size=COPY_BUFSIZE), "zstd"  # type: ignore[arg-type]
+        return io.BufferedReader(reader, buffer_size=COPY_BUFSIZE), "zstd"
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise InvalidArgument(f"layer stream is {name}-compressed; only gzip, zstd and "
                                   f"uncompressed tars are supported")
-    return buffered, ""  # type: ignore[return-value]
+    return buffered, ""
 
 
 # ---------------------------------------------------------------------------
@@ -234,9 +233,13 @@ def _parse_number(field: bytes, what: str) -> int:
     digits = _nts(field).strip(b" ")
     if not digits:
         return 0
-    if not digits.isdigit() or b"8" in digits or b"9" in digits:
+    # isdigit() first: int() alone would also take "+7", "1_0" and spaces inside.
+    if not digits.isdigit():
         raise _corrupt(f"bad octal {what} field {field!r}")
-    return int(digits, 8)
+    try:
+        return int(digits, 8)
+    except ValueError:
+        raise _corrupt(f"bad octal {what} field {field!r}") from None
 
 
 def _parse_decimal(value: bytes, what: str) -> int:
@@ -423,7 +426,7 @@ class _TarReader:
                     raise InvalidArgument("layer stream is not a tar archive (no valid "
                                           "header checksum)") from None
                 raise
-            unsigned = sum(block[:148]) + sum(block[156:]) + 8 * 0x20
+            unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
             if stored != unsigned:
                 # Some old writers summed signed chars.
                 high = sum(1 for b in block[:148] + block[156:] if b > 127)
@@ -547,6 +550,27 @@ def _split_name(name: str, what: str = "entry") -> tuple[str, ...]:
 # Applying
 
 
+def _rmtree(path: str) -> None:
+    """Remove a directory tree without following symlinks and without recursion.
+
+    :func:`shutil.rmtree` recurses once per level, and a layer may nest deeper
+    (up to PATH_MAX, ~2000 levels) than Python's recursion limit.
+    """
+    stack = [(path, False)]
+    while stack:
+        current, emptied = stack.pop()
+        if emptied:
+            os.rmdir(current)
+            continue
+        stack.append((current, True))
+        with os.scandir(current) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, False))
+                else:
+                    os.unlink(e.path)
+
+
 class _Applier:
     """State of one :func:`apply_layer` run. Paths are relative ("a/b"), "" is dest."""
 
@@ -630,7 +654,7 @@ class _Applier:
             except FileNotFoundError:
                 return
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
+            _rmtree(path)
         else:
             os.unlink(path)
         self.forget(rel)
@@ -890,15 +914,19 @@ class _Applier:
     def finish(self) -> None:
         if self.opaque:
             self.entry_name = ""
+            # What the tar wrote, and every directory above it.
             keep = set(self.written)
+            done: set[str] = set()
             for rel in self.written:
-                parts = rel.split("/")
-                for i in range(1, len(parts)):
-                    keep.add("/".join(parts[:i]))
+                cur = rel
+                while cur and cur not in done:
+                    done.add(cur)
+                    cur = cur.rpartition("/")[0]
+                    keep.add(cur)
             for rel in self.opaque:
-                parts = tuple(rel.split("/")) if rel else ()
+                dir_parts = tuple(rel.split("/")) if rel else ()
                 self.entry_name = f"{rel}/{WHITEOUT_OPAQUE}" if rel else WHITEOUT_OPAQUE
-                if self.ensure_dir(parts, create=False):
+                if self.ensure_dir(dir_parts, create=False):
                     self.prune(rel, keep)
         for rel, (mode, atime, mtime) in self.dir_meta.items():
             path = self.path(rel)
@@ -911,18 +939,21 @@ class _Applier:
 
     def prune(self, rel: str, keep: set[str]) -> None:
         """Remove everything below the opaque directory ``rel`` that this tar did not write."""
-        with os.scandir(self.path(rel)) as it:
-            entries = list(it)
-        for e in entries:
-            crel = f"{rel}/{e.name}" if rel else e.name
-            if crel in keep:
-                if e.is_dir(follow_symlinks=False):
-                    self.prune(crel, keep)
-            else:
-                self.remove(crel)
+        stack = [rel]
+        while stack:
+            cur = stack.pop()
+            with os.scandir(self.path(cur)) as it:
+                entries = list(it)
+            for e in entries:
+                crel = f"{cur}/{e.name}" if cur else e.name
+                if crel in keep:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(crel)
+                else:
+                    self.remove(crel)
 
 
-def apply_layer(dest: Path, stream: BinaryIO, fmt: WhiteoutFormat) -> int:
+def apply_layer(dest: Path, stream: IO[bytes], fmt: WhiteoutFormat) -> int:
     """Extract the layer tar ``stream`` into ``dest``; return its size.
 
     ``stream`` may be gzip or zstd compressed (see :func:`open_layer_stream`).
@@ -1014,7 +1045,7 @@ class _TarWriter:
     large pieces; big files go straight from the file to ``out``.
     """
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: IO[bytes]) -> None:
         self._out = out
         self._buf = bytearray()
 
@@ -1107,7 +1138,7 @@ class _TarWriter:
 class _Exporter:
     """Writes tree entries into a tar, once each, tracking hardlinks and the size."""
 
-    def __init__(self, root: str, out: BinaryIO, fmt: WhiteoutFormat | None = None) -> None:
+    def __init__(self, root: str, out: IO[bytes], fmt: WhiteoutFormat | None = None) -> None:
         self.root = root
         self.fmt = fmt
         self.w = _TarWriter(out)
@@ -1120,15 +1151,18 @@ class _Exporter:
         return f"{self.root}/{rel}" if rel else self.root
 
     def ancestors(self, rel: str) -> None:
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent not in self.emitted:
-                st = self.lstat(parent)
-                if not stat.S_ISDIR(st.st_mode):
-                    raise InvalidArgument(f"exporting layer: /{parent} is not a directory in "
-                                          f"{self.root}, but /{rel} is below it")
-                self.entry(parent, st)
+        """Emit the directories above ``rel`` that are not in the tar yet, top-down."""
+        missing: list[str] = []
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in self.emitted:
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        for parent in reversed(missing):
+            st = self.lstat(parent)
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(f"exporting layer: /{parent} is not a directory in "
+                                      f"{self.root}, but /{rel} is below it")
+            self.entry(parent, st)
 
     def lstat(self, rel: str) -> os.stat_result:
         try:
@@ -1215,7 +1249,7 @@ def _change_rel(change: Change) -> str:
     return "/".join(parts)
 
 
-def export_changes(tree: Path, changes: Iterable[Change], out: BinaryIO) -> int:
+def export_changes(tree: Path, changes: Iterable[Change], out: IO[bytes]) -> int:
     """Write the changeset ``changes`` of the full tree ``tree`` to ``out`` as a PAX tar.
 
     ADD and MODIFY entries are copied from ``tree``; a DELETE becomes an empty
@@ -1252,7 +1286,7 @@ def export_changes(tree: Path, changes: Iterable[Change], out: BinaryIO) -> int:
     return ex.size
 
 
-def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: BinaryIO) -> int:
+def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> int:
     """Tar a union driver's diff directory, translating its whiteouts to OCI ones.
 
     * OVERLAY / OVERLAY_USER: a char device 0/0 becomes ``.wh.NAME``; a
@@ -1276,37 +1310,44 @@ def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: BinaryIO) -> int:
     ex = _Exporter(root, out, fmt)
     opaque_key = fmt.opaque_xattr
 
-    def walk(rel: str) -> None:
+    # Pre-order, sorted, without recursion: a stack of iterators over sorted listings.
+    def listing(rel: str) -> Iterator[tuple[str, os.stat_result]]:
         with os.scandir(ex.path(rel)) as it:
-            entries = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
-        for name, st in entries:
-            crel = f"{rel}/{name}" if rel else name
-            if fmt is WhiteoutFormat.AUFS:
-                if not rel and name.startswith(AUFS_META_PREFIX) and name != WHITEOUT_OPAQUE:
-                    continue
-                if name.startswith(WHITEOUT_PREFIX):
-                    ex.whiteout(crel, name=crel, mtime_ns=st.st_mtime_ns)
-                    continue
-                ex.entry(crel, st)
-            else:
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    ex.whiteout(crel, mtime_ns=st.st_mtime_ns)
-                    continue
-                check_overlay_features(ex.path(crel), fmt)
-                ex.entry(crel, st)
-                if stat.S_ISDIR(st.st_mode):
-                    assert opaque_key is not None
-                    try:
-                        value = os.getxattr(ex.path(crel), opaque_key, follow_symlinks=False)
-                    except OSError:
-                        value = b""
-                    if value == b"y":
-                        ex.w.header(f"{crel}/{WHITEOUT_OPAQUE}", REG,
-                                    mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
-                                    gid=st.st_gid, mtime_ns=st.st_mtime_ns)
-            if stat.S_ISDIR(st.st_mode):
-                walk(crel)
+            return iter(sorted((e.name, e.stat(follow_symlinks=False)) for e in it))
 
-    walk("")
+    stack = [("", listing(""))]
+    while stack:
+        rel, entries = stack[-1]
+        item = next(entries, None)
+        if item is None:
+            stack.pop()
+            continue
+        name, st = item
+        crel = f"{rel}/{name}" if rel else name
+        if fmt is WhiteoutFormat.AUFS:
+            if not rel and name.startswith(AUFS_META_PREFIX) and name != WHITEOUT_OPAQUE:
+                continue
+            if name.startswith(WHITEOUT_PREFIX):
+                ex.whiteout(crel, name=crel, mtime_ns=st.st_mtime_ns)
+                continue
+            ex.entry(crel, st)
+        else:
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                ex.whiteout(crel, mtime_ns=st.st_mtime_ns)
+                continue
+            check_overlay_features(ex.path(crel), fmt)
+            ex.entry(crel, st)
+            if stat.S_ISDIR(st.st_mode):
+                assert opaque_key is not None
+                try:
+                    value = os.getxattr(ex.path(crel), opaque_key, follow_symlinks=False)
+                except OSError:
+                    value = b""
+                if value == b"y":
+                    ex.w.header(f"{crel}/{WHITEOUT_OPAQUE}", REG, mode=stat.S_IMODE(st.st_mode),
+                                uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((crel, listing(crel)))
+
     ex.w.close()
     return ex.size

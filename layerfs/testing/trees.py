@@ -86,7 +86,9 @@ def tree_manifest(path: Path | str) -> dict[str, Entry]:
     raw: dict[str, tuple[os.stat_result, Entry]] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
 
-    def walk(rel: str) -> None:
+    stack = [""]  # iterative: trees may nest deeper than the recursion limit
+    while stack:
+        rel = stack.pop()
         with os.scandir(f"{root}/{rel}" if rel else root) as it:
             entries = list(it)
         for e in entries:
@@ -108,9 +110,8 @@ def tree_manifest(path: Path | str) -> dict[str, Entry]:
             if kind != "dir" and st.st_nlink > 1:
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(crel)
             if kind == "dir":
-                walk(crel)
+                stack.append(crel)
 
-    walk("")
     out: dict[str, Entry] = {}
     for rel, (st, entry) in raw.items():
         group = inodes.get((st.st_dev, st.st_ino), ())

@@ -85,12 +85,11 @@ def test_quota_limits_writes_and_qgroup_is_removed(bt_quota: LayerStore) -> None
         with open(path / "ok", "wb") as f:
             for _ in range(25):
                 f.write(chunk)
-        with pytest.raises(OSError) as exc:
-            with open(path / "too-much", "wb") as f:
-                for _ in range(60):
-                    f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
+        with pytest.raises(OSError) as exc, open(path / "too-much", "wb") as f:
+            for _ in range(60):
+                f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
         assert exc.value.errno in (errno.EDQUOT, errno.ENOSPC)
     referenced, exclusive = bt.driver.qgroup_usage(layer)
     assert 25 << 20 <= referenced <= 51 << 20 and exclusive > 0
