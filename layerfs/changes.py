@@ -88,18 +88,18 @@ class WhiteoutFormat(Enum):
         return self in (WhiteoutFormat.OVERLAY, WhiteoutFormat.OVERLAY_USER)
 
 
-def is_private_xattr(name: str, fmt: WhiteoutFormat | None = None) -> bool:
-    """True for xattrs that belong to the storage driver, not to the layer's content.
+def is_private_xattr(name: str) -> bool:
+    """True for xattrs that belong to overlayfs, not to the layer's content.
 
-    ``trusted.overlay.*`` is overlayfs's own bookkeeping (opaque markers, but also
-    ``redirect``, ``origin`` and ``metacopy``, which make the kernel look up other
-    paths). It never goes into a tar, never comes out of one, and is ignored when
-    comparing trees. With ``fmt`` = OVERLAY_USER the ``user.overlay.*`` names
-    are the driver's too.
+    ``trusted.overlay.*`` (and ``user.overlay.*`` on ``userxattr`` mounts) is
+    overlayfs's own bookkeeping: opaque markers, but also ``redirect``,
+    ``origin`` and ``metacopy``, which make the kernel look up *other* paths.
+    Such names never go into a tar, are never taken from one (a layer carrying
+    them could steer whichever overlay mount later uses it as a lower layer),
+    and are ignored when comparing trees. The opaque markers are produced and
+    consumed only as whiteout translations.
     """
-    if name.startswith("trusted.overlay."):
-        return True
-    return fmt is WhiteoutFormat.OVERLAY_USER and name.startswith("user.overlay.")
+    return name.startswith(("trusted.overlay.", "user.overlay."))
 
 
 class ChangeKind(StrEnum):
@@ -128,7 +128,7 @@ class Change:
 # naive_changes: compare two full trees
 
 
-def read_xattrs(path: str, fmt: WhiteoutFormat | None = None) -> dict[str, bytes]:
+def read_xattrs(path: str) -> dict[str, bytes]:
     """All xattrs of ``path`` (not following a final symlink), minus private ones."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -138,7 +138,7 @@ def read_xattrs(path: str, fmt: WhiteoutFormat | None = None) -> dict[str, bytes
         raise
     out: dict[str, bytes] = {}
     for name in names:
-        if is_private_xattr(name, fmt):
+        if is_private_xattr(name):
             continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)
@@ -201,6 +201,7 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
     * MODIFY: the path exists in both and its type, permission bits, owner,
       device number or xattrs (except ``trusted.overlay.*``) differ; for
       non-directories also its size, mtime (to the nanosecond) or symlink target.
+      (``user.overlay.*`` is ignored too, see :func:`is_private_xattr`.)
       A directory is MODIFY only for its own metadata: adding a file to
       ``/etc`` reports ``A /etc/new``, not ``C /etc``. A change of type
       (file to directory, directory to symlink, ...) is a MODIFY of the path;

@@ -673,7 +673,7 @@ class _Applier:
         """Set the entry's xattrs; with ``merge`` also drop ones it does not list."""
         fd_mode = isinstance(target, int)
         for key, value in h.xattrs.items():
-            if is_private_xattr(key, WhiteoutFormat.OVERLAY_USER):
+            if is_private_xattr(key):
                 # overlay's own xattrs (redirect, origin, metacopy, opaque) would make
                 # the kernel look elsewhere; only this module writes them, from whiteouts.
                 log.warning("layer tar: dropping xattr %s on %r", key, h.name)
@@ -697,7 +697,7 @@ class _Applier:
             assert isinstance(target, str)
             for key in os.listxattr(target, follow_symlinks=False):
                 if (key not in h.xattrs and key != "security.selinux"
-                        and not is_private_xattr(key, WhiteoutFormat.OVERLAY_USER)):
+                        and not is_private_xattr(key)):
                     os.removexattr(target, key, follow_symlinks=False)
 
     # -- entries -------------------------------------------------------------
@@ -987,8 +987,10 @@ def apply_layer(dest: Path, stream: IO[bytes], fmt: WhiteoutFormat) -> int:
     :class:`InvalidArgument` for corrupt, truncated or unsupported archives,
     both naming the entry. On error ``dest`` may hold part of the layer.
     """
-    dest_s = os.path.abspath(os.fspath(dest))
-    os.makedirs(dest_s, exist_ok=True)
+    os.makedirs(dest, exist_ok=True)
+    # dest itself is the caller's and may sit behind symlinks; resolve it once so
+    # that the root entry's lchown/xattrs act on the directory, not on a link.
+    dest_s = os.path.realpath(dest)
     reader = _TarReader(*_open_layer_stream(stream))
     applier = _Applier(dest_s, fmt, reader)
     try:
@@ -1138,9 +1140,8 @@ class _TarWriter:
 class _Exporter:
     """Writes tree entries into a tar, once each, tracking hardlinks and the size."""
 
-    def __init__(self, root: str, out: IO[bytes], fmt: WhiteoutFormat | None = None) -> None:
+    def __init__(self, root: str, out: IO[bytes]) -> None:
         self.root = root
-        self.fmt = fmt
         self.w = _TarWriter(out)
         self.size = 0
         self.emitted: set[str] = set()
@@ -1185,7 +1186,7 @@ class _Exporter:
         if kind is None:
             log.warning("exporting layer: skipping socket /%s (tar cannot hold sockets)", rel)
             return
-        xattrs = read_xattrs(path, self.fmt)
+        xattrs = read_xattrs(path)
         if kind == DIR:
             self.dir_mtimes[rel] = st.st_mtime_ns
             self.header(rel + "/", DIR, st, xattrs)
@@ -1262,7 +1263,7 @@ def export_changes(tree: Path, changes: Iterable[Change], out: IO[bytes]) -> int
     Hardlinks: the first path of an inode is written with its content, later
     ones as hardlink members pointing at it. xattrs go in ``SCHILY.xattr.*``
     PAX records (binary values kept byte for byte), except overlay's private
-    ``trusted.overlay.*``. mtimes keep nanoseconds. Sockets are skipped (tar
+    ``trusted.overlay.*`` and ``user.overlay.*``. mtimes keep nanoseconds. Sockets are skipped (tar
     cannot hold them). Owner names are left empty: ids are what counts.
 
     Returns the layer size: the sum of ``st_size`` of the regular files whose
@@ -1307,7 +1308,7 @@ def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> int:
     root = os.fspath(diff_dir)
     if not os.path.isdir(root):
         raise NotFound(f"export_native: {root} is not a directory")
-    ex = _Exporter(root, out, fmt)
+    ex = _Exporter(root, out)
     opaque_key = fmt.opaque_xattr
 
     # Pre-order, sorted, without recursion: a stack of iterators over sorted listings.

@@ -34,6 +34,7 @@ __all__ = [
     "Fifo",
     "File",
     "Hardlink",
+    "Spec",
     "Symlink",
     "apply_edit",
     "list_paths",
