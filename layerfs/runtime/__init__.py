@@ -10,38 +10,34 @@
     status = c.wait()                            # ExitStatus(code=0, signal=None, oom_killed=False)
 
 Modules: :mod:`.spec` (what to run), :mod:`.engine` (lifecycle and state),
-:mod:`.init` (PID 1), :mod:`.namespaces` (mounts, pivot_root, setns),
+:mod:`.state` (records, ``ps``, crash cleanup), :mod:`.init` (PID 1),
+:mod:`.namespaces` (mounts, pivot_root, setns),
 :mod:`.security` (capabilities, fds), :mod:`.cgroups` (v1 and v2 limits),
 :mod:`.network` (bridge, veth, IPAM, nftables). docs/runtime.md has the design.
 """
 
 from .engine import (
-                     ContainerInfo,
-                     ExecProcess,
-                     ExitStatus,
-                     RunningContainer,
-                     RuntimeConfig,
-                     cleanup_stale,
-                     exec_in,
-                     inspect,
-                     kill,
-                     list_containers,
-                     remove,
-                     run_detached,
-                     running,
-                     start,
+    ExecProcess,
+    ExitStatus,
+    RunningContainer,
+    RuntimeConfig,
+    exec_in,
+    run_detached,
+    running,
+    start,
 )
 from .spec import (
-                     ContainerSpec,
-                     IdMap,
-                     PortMapping,
-                     Volume,
-                     parse_env,
-                     parse_port,
-                     parse_size,
-                     parse_user,
-                     parse_volume,
+    ContainerSpec,
+    IdMap,
+    PortMapping,
+    Volume,
+    parse_env,
+    parse_port,
+    parse_size,
+    parse_user,
+    parse_volume,
 )
+from .state import ContainerInfo, cleanup_stale, inspect, kill, list_containers, remove
 
 __all__ = [
     "ContainerInfo", "ContainerSpec", "ExecProcess", "ExitStatus", "IdMap", "PortMapping",
