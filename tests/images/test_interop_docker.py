@@ -1,0 +1,127 @@
+"""Interop with Docker 20.10 (Debian's docker.io), one private dockerd per session.
+
+* An image built by ``docker build`` (deletions, an opaque re-created directory,
+  Env, WorkingDir, Cmd) and ``docker save``d loads into layerfs on every driver,
+  keeps its id, and runs with the same output.
+* What ``layerfs save`` writes, ``docker load`` takes (it re-checks every diff id)
+  and runs, with the image id unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from layerfs.images import ImageStore
+from layerfs.testing import images as timg
+from layerfs.testing.peers import DockerDaemon
+
+from .conftest import Archives, run_image
+
+DOCKERFILE = """\
+FROM lfs-test/busybox:base
+RUN mkdir -p /data/keep /data/replace /data/tree/sub \\
+ && echo one > /data/keep/a && echo old > /data/replace/old && echo bye > /data/gone \\
+ && echo deep > /data/tree/sub/deep && echo t > /data/tree/t
+RUN rm /data/gone && rm -rf /data/replace /data/tree/sub && mkdir /data/replace \\
+ && echo new > /data/replace/new && echo two >> /data/keep/a
+ENV GREETING=hi
+WORKDIR /data
+COPY show.sh /usr/local/bin/show
+CMD ["/bin/sh", "/usr/local/bin/show"]
+"""
+SHOW = """\
+ls -R /data
+cat /data/keep/a /data/replace/*
+test -e /data/gone || echo gone
+echo "$GREETING from $(pwd)"
+"""
+BUILT = "lfs-test/built:1"
+
+
+@dataclass(frozen=True)
+class DockerBuilt:
+    archive: Path
+    id: str
+    output: str
+
+
+def docker_run(daemon: DockerDaemon, ref: str) -> str:
+    return str(daemon.docker("run", "--rm", "--network", "none", ref).stdout)
+
+
+@pytest.fixture(scope="module")
+def docker_built(docker_daemon: DockerDaemon, archives: Archives,
+                 scratch: Path) -> Iterator[DockerBuilt]:
+    d = docker_daemon
+    d.docker("import", str(archives.busybox_layer), "lfs-test/busybox:base")
+    ctx = scratch / "docker-context"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    (ctx / "show.sh").write_text(SHOW)
+    d.docker("build", "--network", "none", "-q", "-t", BUILT, str(ctx))
+    archive = scratch / "docker-built.tar"
+    d.docker("save", "-o", str(archive), BUILT)
+    try:
+        yield DockerBuilt(archive, d.image_id(BUILT), docker_run(d, BUILT))
+    finally:
+        d.docker("rmi", "-f", BUILT, "lfs-test/busybox:base", check=False)
+        archive.unlink(missing_ok=True)
+
+
+def test_docker_saved_image_loads_and_runs_the_same(images_on: ImageStore,
+                                                    docker_built: DockerBuilt) -> None:
+    loaded = images_on.load(docker_built.archive)
+    assert [i.id for i in loaded] == [docker_built.id]
+    assert loaded[0].names == [BUILT]
+    assert "gone\n" in docker_built.output and "hi from /data" in docker_built.output
+    assert run_image(images_on, BUILT) == docker_built.output
+    image = images_on.get(BUILT)
+    with images_on.layers.mounted(image.top_layer, readonly=True) as root:
+        assert not (root / "data/gone").exists()
+        assert sorted(p.name for p in (root / "data/replace").iterdir()) == ["new"]
+        assert sorted(p.name for p in (root / "data/tree").iterdir()) == ["t"]
+
+
+def test_layerfs_saved_images_load_and_run_in_docker(images: ImageStore, archives: Archives,
+                                                     docker_daemon: DockerDaemon,
+                                                     tmp_path: Path) -> None:
+    d = docker_daemon
+    images.load(archives.sample.path)
+    images.tag("sample", "lfs-test/sample:1")
+    tree = timg.busybox_rootfs(tmp_path / "tree")
+    (tree / "etc/motd").write_text("imported by layerfs\n")
+    imported = images.import_rootfs(tree, "lfs-test/imported:1", changes=["CMD cat /etc/motd"])
+    out = tmp_path / "from-layerfs.tar"
+    images.save(["lfs-test/sample:1", "lfs-test/imported:1"], out)
+    try:
+        loaded = d.docker("load", "-i", str(out)).stdout
+        assert "lfs-test/sample:1" in loaded and "lfs-test/imported:1" in loaded
+        assert d.image_id("lfs-test/sample:1") == archives.sample.id
+        assert d.image_id("lfs-test/imported:1") == imported.id
+        assert docker_run(d, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
+        assert run_image(images, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
+        assert docker_run(d, "lfs-test/imported:1") == "imported by layerfs\n"
+        assert run_image(images, "lfs-test/imported:1") == "imported by layerfs\n"
+    finally:
+        d.docker("rmi", "-f", "lfs-test/sample:1", "lfs-test/imported:1", check=False)
+
+
+def test_round_trip_keeps_dockers_image_id(images: ImageStore, docker_daemon: DockerDaemon,
+                                           docker_built: DockerBuilt, tmp_path: Path) -> None:
+    """docker save -> layerfs load -> layerfs save -> docker load: Docker re-hashes every
+    layer tar and gets its own diff ids and image id back."""
+    d = docker_daemon
+    images.load(docker_built.archive)
+    images.tag(BUILT, "lfs-test/roundtrip:1")
+    out = tmp_path / "roundtrip.tar"
+    images.save(["lfs-test/roundtrip:1"], out)
+    try:
+        d.docker("load", "-i", str(out))
+        assert d.image_id("lfs-test/roundtrip:1") == docker_built.id
+        assert docker_run(d, "lfs-test/roundtrip:1") == docker_built.output
+    finally:
+        d.docker("rmi", "lfs-test/roundtrip:1", check=False)
