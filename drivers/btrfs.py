@@ -275,13 +275,23 @@ def classify(lower: Path, upper: Path, summary: SendSummary) -> list[Change]:
     """Turn the paths a send stream named into exactly the changes the naive walk reports.
 
     Each candidate is compared between the two trees with the naive walk's rules
-    (:func:`entry_differs`); new directories, and directories a
-    rename put in place, are compared as whole subtrees by the naive walk itself.
+    (:func:`entry_differs`); everything below a directory a rename or mkdir put in
+    place is a candidate too, and new directories are listed whole, as the naive
+    walk lists them.
     Hardlinked candidates pull in their link partners (found through the inode),
     so a changed link group is reported as the naive walk does.
     """
     lo_root, up_root = str(lower), str(upper)
     candidates = set(summary.paths)
+    # A directory renamed into place (or re-created) may hold anything: every entry
+    # below it, in either tree, becomes a candidate. Compared one by one (not by a
+    # sub-walk) so that hardlink groups crossing the subtree's border are seen.
+    for path in summary.subtrees:
+        for root in (lo_root, up_root):
+            if os.path.isdir(root + path) and not os.path.islink(root + path):
+                for dirpath, dirs, files in os.walk(root + path):
+                    rel = dirpath[len(root):]
+                    candidates.update(f"{rel}/{name}" for name in (*dirs, *files))
     for path in list(candidates):
         for root in (lower, upper):
             st = _lstat(str(root) + path)
@@ -320,8 +330,4 @@ def classify(lower: Path, upper: Path, summary: SendSummary) -> list[Change]:
         if entry_differs(lo_root + path, up_root + path, lo, up) or (
                 linked and _link_group(lower, lo) != _link_group(upper, up)):
             result[path] = ChangeKind.MODIFY
-        if stat.S_ISDIR(up.st_mode) and path in summary.subtrees:
-            for change in naive_changes(Path(lo_root + path), Path(up_root + path)):
-                result[path + change.path] = change.kind
-            covered.append(path)
     return sorted(Change(p, k) for p, k in result.items())

@@ -17,26 +17,54 @@ See :class:`layerfs.layers.LayerStore` for every operation, and
 :mod:`layerfs.driver` for writing a driver.
 """
 
-from .changes import Change, ChangeKind
-from .driver import Capabilities, Driver, DriverOptions, Usage
-from .errors import (
-                     AlreadyExists,
-                     CorruptState,
-                     DriverNotSupported,
-                     InUse,
-                     InvalidArgument,
-                     LayerfsError,
-                     NotFound,
-                     UnsafeArchive,
-)
-from .layers import LayerStore, open_root
-from .mount import Mount
-from .store import LayerRecord
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Names are imported on first use: `layerfs run` and other short-lived commands
+# should not pay for modules they never touch.
+_EXPORTS = {
+    "Change": "changes", "ChangeKind": "changes",
+    "Capabilities": "driver", "Driver": "driver", "DriverOptions": "driver", "Usage": "driver",
+    "AlreadyExists": "errors", "CorruptState": "errors", "DriverNotSupported": "errors",
+    "InUse": "errors", "InvalidArgument": "errors", "LayerfsError": "errors",
+    "NotFound": "errors", "UnsafeArchive": "errors",
+    "LayerStore": "layers", "open_root": "layers",
+    "Mount": "mount",
+    "LayerRecord": "store",
+}
 
 __all__ = [
     "AlreadyExists", "Capabilities", "Change", "ChangeKind", "CorruptState", "Driver",
     "DriverNotSupported", "DriverOptions", "InUse", "InvalidArgument", "LayerRecord",
     "LayerStore", "LayerfsError", "Mount", "NotFound", "UnsafeArchive", "Usage", "open_root",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'layerfs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .changes import Change, ChangeKind
+    from .driver import Capabilities, Driver, DriverOptions, Usage
+    from .errors import (
+        AlreadyExists,
+        CorruptState,
+        DriverNotSupported,
+        InUse,
+        InvalidArgument,
+        LayerfsError,
+        NotFound,
+        UnsafeArchive,
+    )
+    from .layers import LayerStore, open_root
+    from .mount import Mount
+    from .store import LayerRecord

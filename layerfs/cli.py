@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LayerfsError as e:
-        err.print(f"[red]layerfs: error:[/] {e}", highlight=False)
+        err.print(f"[red]layerfs: error:[/] {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("layerfs: interrupted")
@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 141
     except PermissionError as e:
-        err.print(f"[red]layerfs: error:[/] {e} (most commands need root)", highlight=False)
+        err.print(f"[red]layerfs: error:[/] {e} (most commands need root)", highlight=False,
+                  soft_wrap=True)
         return 1
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import InvalidArgument, LayerfsError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+FUSE_HELPER_TIMEOUT = 60  # seconds a FUSE helper may take to report its mount live
 
 # mount(2) flags (linux/mount.h)
 MS_RDONLY = 0x1
@@ -236,10 +237,15 @@ def mount(m: Mount, target: str | os.PathLike[str]) -> None:
         if m.type.startswith("fuse.") or m.helper:
             if not m.helper:
                 raise InvalidArgument(f"FUSE mount {m.source} has no helper command")
-            proc = subprocess.run([*m.helper, tgt], capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
+            try:
+                proc = subprocess.run([*m.helper, tgt], capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL, timeout=FUSE_HELPER_TIMEOUT)
+            except subprocess.TimeoutExpired as err:
+                raise LayerfsError(f"mount {m.type} on {tgt}: helper did not report a live "
+                                   f"mount within {FUSE_HELPER_TIMEOUT} s") from err
             if proc.returncode != 0:
-                raise LayerfsError(f"mount {m.type} on {tgt}: {proc.stderr.strip() or proc.returncode}")
+                detail = proc.stderr.strip() or f"exit {proc.returncode}"
+                raise LayerfsError(f"mount {m.type} on {tgt}: {detail}")
         elif m.type == "overlay":
             mount_overlay(m.options, tgt)
         elif m.type == "bind" or "bind" in m.options or "rbind" in m.options:

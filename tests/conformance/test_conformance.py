@@ -15,11 +15,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from layerfs.testing.trees import tree_manifest
 
 from layerfs.changes import ChangeKind
 from layerfs.errors import InUse, InvalidArgument, LayerfsError, NotFound
 from layerfs.layers import LayerStore
+from layerfs.testing.trees import tree_manifest
 
 # --- helpers ----------------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ def test_usage_shows_shared_and_exclusive_bytes(bt: LayerStore) -> None:
 
 EDITS = st.lists(st.tuples(st.sampled_from(["write", "append", "add", "rm", "rmdir", "mkdir",
                                             "chmod", "chown", "xattr", "symlink", "link",
-                                            "rename", "rename_dir", "replace_dir"]),
+                                            "rename", "rename_dir", "replace_dir", "link_into_sub"]),
                            st.integers(0, 10_000)), min_size=1, max_size=12)
 
 
@@ -166,6 +166,8 @@ def apply_edits(path: Path, edits: list[tuple[str, int]]) -> None:
                 os.link(f, d / f"hl{n}")
             elif op == "rename":
                 os.rename(f, d / f"renamed{n}")
+            elif op == "link_into_sub":  # a link group that crosses a renamed dir's border
+                os.link(f, d / "sub" / f"hl{n}")
             elif op == "rename_dir":
                 os.rename(d / "sub", path / f"moved{n}")
             elif op == "replace_dir":
@@ -176,7 +178,7 @@ def apply_edits(path: Path, edits: list[tuple[str, int]]) -> None:
             pass  # an edit made impossible by an earlier one
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=EDITS, seed=st.integers(0, 2**16))
 def test_send_changes_equal_naive_walk(bt: LayerStore, edits: list[tuple[str, int]],
