@@ -29,6 +29,11 @@ directly, converting whiteouts at the edge. That stops being true with
 (an upper file may hold only metadata): with either on, the driver falls back
 to the naive tree walk — the ``Native Overlay Diff`` line of ``layerfs info``.
 
+Quotas: the ``size`` option (per layer, or driver-wide) works where the home is
+on xfs mounted with ``prjquota``: each layer's diff/ gets its own project id and
+a hard block limit (``xfs_quota``), as Docker's overlay2 does. Elsewhere it is a
+clear DriverNotSupported.
+
 Layers: the kernel stacks at most 500 lowers (Docker stops at 128). Above one
 page of options the shared mount module switches to the new mount API
 (``lowerdir+``), or to paths relative to this home from a chdir'd child.
@@ -41,10 +46,9 @@ import os
 import secrets
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 from typing import IO
-
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
 
 from layerfs.changes import Change, changes_from_diff_dir
 from layerfs.driver import (
@@ -56,11 +60,36 @@ from layerfs.driver import (
     layer_dir_usage,
 )
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
-from layerfs.mount import Mount
+from layerfs.mount import Mount, mountinfo
+from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
 
 MAX_LOWERS = 500  # OVL_MAX_STACK in fs/overlayfs
+
+
+def mount_point_of(path: Path) -> str:
+    """The mount point of the filesystem holding ``path`` (longest matching mount)."""
+    real = os.path.realpath(path)
+    best = "/"
+    for info in mountinfo():
+        if (real == info.target or real.startswith(info.target.rstrip("/") + "/")) and \
+                len(info.target) > len(best):
+            best = info.target
+    return best
+
+
+def xfs_project_quotas(path: Path) -> bool:
+    """Whether the xfs filesystem holding ``path`` enforces project quotas."""
+    target = mount_point_of(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                opts = line.split(" - ", 1)[1].split()[-1].split(",")
+                if {"prjquota", "pquota"} & set(opts):
+                    return True
+    return False
 
 
 def _short_id() -> str:
@@ -151,6 +180,8 @@ class Overlay2Driver(Driver):
         short = _short_id()
         (self.home / "l" / short).symlink_to(f"../{layer_id}/diff")
         (d / "link").write_text(short)
+        if size is not None:
+            self._set_quota(layer_id, size)
         if parent is not None:
             pdir = self._dir(parent)
             if not (pdir / "link").exists():
@@ -169,12 +200,36 @@ class Overlay2Driver(Driver):
 
     def _check_quota_support(self) -> None:
         fs = backing_filesystem(self.home)
-        raise DriverNotSupported(
-            self.name, f"per-layer size needs xfs with project quotas (prjquota); "
-                       f"{self.home} is on {fs}")
+        if fs != "xfs" or not xfs_project_quotas(self.home):
+            raise DriverNotSupported(
+                self.name, f"per-layer size needs xfs mounted with project quotas (prjquota); "
+                           f"{self.home} is on {fs}" + ("" if fs != "xfs" else " without prjquota"))
+
+    def _set_quota(self, layer_id: str, size: int) -> None:
+        """Give the layer's diff/ its own xfs project and a hard block limit on it,
+        as Docker's overlay2 did (the project id is inherited by everything below)."""
+        assert self.state is not None
+        with self.state.transaction():
+            projid = int(self.state.get("next_projid", 100_000))
+            self.state.set("next_projid", projid + 1)
+            self.state.set(f"projid:{layer_id}", projid)
+        mnt = mount_point_of(self.home)
+        diff = self._diff(layer_id)
+        for command in (f"project -s -p {diff} {projid}", f"limit -p bhard={size} {projid}"):
+            subprocess.run(["xfs_quota", "-x", "-c", command, mnt], check=True,
+                           capture_output=True)
+
+    def _clear_quota(self, layer_id: str) -> None:
+        projid = self.state.get(f"projid:{layer_id}") if self.state else None
+        if projid is None:
+            return
+        subprocess.run(["xfs_quota", "-x", "-c", f"limit -p bhard=0 {projid}",
+                        mount_point_of(self.home)], capture_output=True)
+        self.state.delete(f"projid:{layer_id}")
 
     @translate_errors("overlay2 remove")
     def remove(self, layer_id: str) -> None:
+        self._clear_quota(layer_id)
         d = self._dir(layer_id)
         link = d / "link"
         if link.exists():

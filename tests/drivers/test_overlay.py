@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from layerfs import mount as mountlib
+from layerfs.errors import LayerfsError
 from layerfs.layers import LayerStore
 
 from ..conformance.test_conformance import BASE_ENTRIES, tar_of
@@ -211,6 +212,56 @@ def test_quota_not_supported_off_xfs(ov2: LayerStore) -> None:
     from layerfs.errors import DriverNotSupported
     with pytest.raises(DriverNotSupported, match="xfs"):
         ov2.create(size="10M")
+
+
+@pytest.fixture
+def xfs_prjquota(tmp_path: Path):
+    """A loop-mounted xfs with project quotas, made and removed by exact name."""
+    import subprocess
+    image, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        try:
+            mountlib.mount(mountlib.Mount("xfs", loop, ("prjquota",)), mnt)
+        except LayerfsError:
+            if os.environ.get("LAYERFS_IN_GUEST") == "1":
+                raise
+            pytest.skip("this kernel's xfs has no quota support (CONFIG_XFS_QUOTA); "
+                        "the test runs in the qemu guest: tests/vm/test_overlay_quota_in_guest.py")
+        try:
+            yield mnt
+        finally:
+            mountlib.unmount_all_under(mnt)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_quota_on_xfs_with_project_quotas(xfs_prjquota: Path) -> None:
+    store = open_store_or_skip("overlay2", xfs_prjquota / "root")
+    try:
+        base = store.create().id
+        box = store.create(base, size="10M").id
+        with store.mounted(box) as path:
+            (path / "fits").write_bytes(b"x" * (5 << 20))
+            with pytest.raises(OSError) as exc, open(path / "too-big", "wb") as f:
+                for _ in range(20):
+                    f.write(b"y" * (1 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+            assert exc.value.errno in (errno.EDQUOT, errno.ENOSPC)
+        # an unlimited sibling can write past 10M
+        free = store.create(base).id
+        with store.mounted(free) as path:
+            (path / "big").write_bytes(b"z" * (12 << 20))
+        for layer in (free, box, base):
+            store.remove(layer)
+    finally:
+        close_and_check(store)
 
 
 def test_info_shows_features(ov2: LayerStore) -> None:
