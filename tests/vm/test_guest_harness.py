@@ -148,13 +148,14 @@ CHECKS = {
     "thin-pool": 'dmsetup targets | grep -q "^thin-pool "',
     "dm-node": 'dmsetup create lfs-harness --table "0 2048 linear /dev/vda 0"'
                ' && [ -b /dev/mapper/lfs-harness ] && dmsetup remove lfs-harness',
-    "loop": 'truncate -s 8M /tmp/img && dev=$(losetup --find --show /tmp/img) && losetup -d $dev',
-    "xfs-on-demand": 'truncate -s 300M /tmp/x && mkfs.xfs -q /tmp/x && mkdir /tmp/xm'
-                     ' && mount -o loop /tmp/x /tmp/xm && umount /tmp/xm',
+    "loop": 'f=$(mktemp) && truncate -s 8M $f && dev=$(losetup --find --show $f) && losetup -d $dev'
+            ' && rm $f',
+    "xfs-on-demand": 'd=$(mktemp -d) && truncate -s 300M $d/x && mkfs.xfs -q $d/x'
+                     ' && mkdir $d/m && mount -o loop $d/x $d/m && umount $d/m && rm -r $d',
     "cgroup2-root": '[ "$LAYERFS_CGROUP2" = /sys/fs/cgroup ]'
                     ' && [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]',
-    "cgroup2-mount": 'mkdir /tmp/cg && mount -t cgroup2 none /tmp/cg'
-                     ' && [ -f /tmp/cg/cgroup.controllers ] && umount /tmp/cg',
+    "cgroup2-mount": 'd=$(mktemp -d) && mount -t cgroup2 none $d'
+                     ' && [ -f $d/cgroup.controllers ] && umount $d && rmdir $d',
     "cgroup2-child": 'echo +pids +memory > /sys/fs/cgroup/cgroup.subtree_control'
                      ' && mkdir /sys/fs/cgroup/lfs && echo $$ > /sys/fs/cgroup/lfs/cgroup.procs'
                      ' && grep -qx "0::/lfs" /proc/self/cgroup',
