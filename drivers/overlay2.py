@@ -249,7 +249,12 @@ class Overlay2Driver(Driver):
             if on:
                 opts.extend(FEATURE_OPTIONS[feature])
             elif feature in FEATURE_OFF and self.features.get(feature, False):
-                opts.extend(FEATURE_OFF[feature])
+                if feature == "redirect_dir" and self.enabled["userxattr"]:
+                    # "off" means "follow" when the overlay module's
+                    # redirect_always_follow is set, and userxattr refuses to follow.
+                    opts.append("redirect_dir=nofollow")
+                else:
+                    opts.extend(FEATURE_OFF[feature])
         return opts
 
     def mounts(self, layer_id: str, *, readonly: bool = False) -> list[Mount]:

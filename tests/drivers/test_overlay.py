@@ -322,3 +322,50 @@ def test_overlay_image_layers_are_hardlinked_trees(tmp_path: Path) -> None:
         assert (home / top / "root" / "etc" / "passwd").read_text().startswith("root:")
     finally:
         close_and_check(store)
+
+
+# --- rootless building blocks ----------------------------------------------------------------
+
+
+def test_userxattr_uses_user_overlay_namespace(tmp_path: Path) -> None:
+    store = overlay2_with(tmp_path, "userxattr=true")
+    try:
+        base = store.apply(tar_of(BASE_ENTRIES)).id
+        child = store.create(base).id
+        with store.mounted(child) as path:
+            import shutil
+            shutil.rmtree(path / "data")
+            (path / "data").mkdir()
+            (path / "data" / "new").write_text("n")
+        diff = store.driver.home / child / "diff"
+        assert os.getxattr(diff / "data", "user.overlay.opaque") == b"y"
+        buf = io.BytesIO()
+        store.diff(child, buf)
+        buf.seek(0)
+        copy = store.apply(buf, base).id
+        with store.mounted(copy, readonly=True) as path:
+            assert os.listdir(path / "data") == ["new"]
+    finally:
+        close_and_check(store)
+
+
+def test_fuse_overlayfs_as_mount_program(tmp_path: Path) -> None:
+    import shutil
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs not installed (scripts/setup installs it)")
+    store = overlay2_with(tmp_path, "mount_program=fuse-overlayfs")
+    try:
+        base = store.apply(tar_of(BASE_ENTRIES)).id
+        child = store.create(base).id
+        with store.mounted(child) as path:
+            assert any(m.fstype == "fuse.fuse-overlayfs" and m.target == str(path)
+                       for m in mountlib.mountinfo())
+            (path / "etc" / "hostname").write_text("fuse\n")
+            os.unlink(path / "etc" / "shadow")
+        changes = {(c.kind.value, c.path) for c in store.changes(child)}
+        assert ("D", "/etc/shadow") in changes and ("C", "/etc/hostname") in changes
+        with store.mounted(child, readonly=True) as path:
+            assert (path / "etc" / "hostname").read_text() == "fuse\n"
+            assert not (path / "etc" / "shadow").exists()
+    finally:
+        close_and_check(store)
