@@ -680,8 +680,30 @@ class ImageStore:
             shutil.rmtree(staging, ignore_errors=True)
         return [self.get(image.id) for image in todo]
 
+    def load_images(self, src: oci.Source, todo: Sequence[oci.ImageToLoad], *,
+                    verify_present: bool = True,
+                    progress: Progress | None = None) -> list[Image]:
+        """Load images already described (``todo``) from a source that is not an archive
+        (the registry client's downloads): the same checks, sharing and all-or-nothing
+        publication as :meth:`load`. Blobs are opened through ``src.open(layer.path)``.
+        With ``verify_present=False`` blobs of layers already stored are not read at all
+        (a pull does not download them)."""
+        if not todo:
+            raise InvalidArgument(f"{src.description}: no image to load")
+        with self._operation() as op:
+            tops = [self._unpack(src, image, op, progress, verify_present=verify_present)
+                    for image in todo]
+            self._publish(todo, tops, op)
+        return [self.get(image.id) for image in todo]
+
+    def layer_chain_ready(self, chain_id: str) -> bool:
+        """Whether the layer for ``chain_id`` is stored and complete (a pull skips it)."""
+        return bool(self._query("SELECT 1 FROM image_layers WHERE chain_id = ? AND "
+                                "state = 'ready'", (chain_id,)))
+
     def _unpack(self, src: oci.Source, image: oci.ImageToLoad, op: _Operation,
-                progress: Progress | None) -> tuple[str | None, int]:
+                progress: Progress | None, *,
+                verify_present: bool = True) -> tuple[str | None, int]:
         diff_ids = [layer.diff_id for layer in image.layers]
         chains = oci.chain_ids(diff_ids)
         parent_layer: str | None = None
@@ -697,7 +719,7 @@ class ImageStore:
                 except BaseException:
                     self._abandon(chain, op)
                     raise
-            else:
+            elif verify_present:
                 self._verify_blob(src, layer, progress)
             total += size or 0
             parent_layer, parent_chain = layer_id, chain
@@ -893,6 +915,63 @@ class ImageStore:
             image = oci.ImageToLoad(config_bytes, config, [], [target] if target else [],
                                     "import")
             self._publish([image], [(diff_id, size)], op)
+        return self.get(image.id)
+
+    # --- committing a container's changes -------------------------------------------------------
+    def commit(self, ref: str, diff: str | os.PathLike[str], name: str | None = None, *,
+               run_config: dict[str, Any] | None = None, changes: Iterable[str] = (),
+               message: str | None = None, author: str | None = None,
+               created_by: str = "") -> Image:
+        """A new image: ``ref``'s layers plus one layer from the tar file ``diff`` (a
+        container's changes, as ``LayerStore.diff`` writes them), like ``docker commit``.
+
+        ``run_config`` keys (``Cmd``, ``Env``, ...) replace the base image's, then
+        ``changes`` (Dockerfile instructions, as for :meth:`import_rootfs`) apply.
+        The layer is applied on the base's top layer under its chain id, through the
+        same reservation and rollback as :meth:`load`.
+        """
+        target = oci.parse_reference(name) if name else None
+        base = self.get(ref)
+        path = Path(diff)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        diff_id = f"sha256:{digest.hexdigest()}"
+        parent_chain = base.layers[-1].chain_id if base.layers else None
+        chain = diff_id if parent_chain is None else \
+            oci.sha256_digest(f"{parent_chain} {diff_id}".encode())
+        with self._operation() as op:
+            layer_id, size, fresh = self._acquire(chain, diff_id, parent_chain, op, None)
+            if fresh:
+                blob = oci.LayerToLoad(path.name, diff_id, None, path.stat().st_size)
+                try:
+                    size = self._apply_blob(oci.DirSource(path.parent), blob, base.top_layer,
+                                            layer_id, chain, op, None)
+                except BaseException:
+                    self._abandon(chain, op)
+                    raise
+            config: dict[str, Any] = json.loads(json.dumps(base.config))
+            run = dict(config.get("config") or {})
+            run.update(run_config or {})
+            for change in changes:
+                apply_change(run, change)
+            created = _rfc3339()
+            config["config"] = run
+            config["created"] = created
+            if author:
+                config["author"] = author
+            config["rootfs"] = {"type": "layers",
+                                "diff_ids": [la.diff_id for la in base.layers] + [diff_id]}
+            entry = {"created": created, "created_by": created_by}
+            if message:
+                entry["comment"] = message
+            if author:
+                entry["author"] = author
+            config["history"] = [*(config.get("history") or []), entry]
+            image = oci.ImageToLoad(oci.canonical_json(config), config, [],
+                                    [target] if target else [], "commit")
+            self._publish([image], [(chain, base.size + (size or 0))], op)
         return self.get(image.id)
 
     @contextlib.contextmanager
@@ -1095,6 +1174,25 @@ class ImageStore:
         else:
             writer.add_bytes("index.json", oci.canonical_json({
                 "schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": index}))
+
+    @contextlib.contextmanager
+    def open_layer_tar(self, layer: ImageLayer) -> Iterator[IO[bytes]]:
+        """The layer's tar byte for byte as loaded (its sha256 is the diff id), re-created
+        from the layer's files and its tar-split record; reading it to the end fails if
+        the result does not hash to the diff id. For pushing a layer to a registry."""
+        rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
+                           (layer.chain_id,))
+        if not rows or rows[0]["tar_split"] is None:
+            raise CorruptState(f"image layer {layer.chain_id} has no tar-split record; it "
+                               f"cannot be exported with its original digest")
+        record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
+        with self.layers.mounted(layer.layer_id, readonly=True) as root:
+            reader = oci.TarSplitAssembler(record, root, layer.diff_id, tar_size,
+                                           f"layer {oci.short_id(layer.diff_id)}")
+            try:
+                yield reader  # type: ignore[misc]
+            finally:
+                reader.close()
 
     def _write_layer(self, layer: ImageLayer, writer: Any, format: str, compression: str,
                      progress: Progress | None) -> tuple[str, int]:
