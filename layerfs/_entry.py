@@ -1,0 +1,42 @@
+"""The ``layerfs`` executable's entry point.
+
+Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
+timed against runc), so they go straight to :mod:`layerfs.cli_run` without
+importing rich and every other command group; everything else goes to
+:mod:`layerfs.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_FAST = {"run", "exec"}
+_GLOBAL_WITH_VALUE = {"--root", "--driver", "-s", "--storage-opt"}
+
+
+def _command(argv: list[str]) -> str | None:
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return arg
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if _command(args) in _FAST and not {"-h", "--help"} & set(args):
+        from .cli_run import main as run_main
+
+        return run_main(args)
+    from .cli import main as cli_main
+
+    return cli_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
