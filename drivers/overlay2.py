@@ -109,6 +109,10 @@ class Overlay2Driver(Driver):
         (self.home / "l").mkdir(exist_ok=True)
         opts = self.options
         self.enabled = {f: opts.get_bool(f, False) for f in FEATURE_OPTIONS}
+        if self.enabled["metacopy"] and "redirect_dir" not in opts.values:
+            # The kernel refuses metacopy=on with redirect_dir=off ("conflicting
+            # options"): a metacopy upper file must be able to point at its lower.
+            self.enabled["redirect_dir"] = True
         if os.geteuid() != 0 and "userxattr" not in opts.values:
             self.enabled["userxattr"] = True
         self.mount_program = opts.get_str("mount_program")

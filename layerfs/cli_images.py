@@ -86,6 +86,8 @@ def _age(created: Any) -> str:
             when = datetime.datetime.fromisoformat(text)
     except ValueError:
         return str(created)
+    if when.tzinfo is None:  # a config without a zone: RFC 3339 says UTC is meant
+        when = when.replace(tzinfo=datetime.UTC)
     seconds = (datetime.datetime.now(tz=datetime.UTC) - when).total_seconds()
     for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
                        ("day", 86400), ("hour", 3600), ("minute", 60)):

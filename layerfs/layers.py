@@ -18,6 +18,7 @@ finishes or rolls back.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -58,9 +59,15 @@ class LayerStore:
              recover: bool = True) -> LayerStore:
         root_path = Path(root).absolute()
         root_path.mkdir(parents=True, exist_ok=True)
-        opts = DriverOptions.parse(options)
         store = Store(root_path / "layerfs.db")
         try:
+            # Driver options are part of the root: given once (first open, or
+            # again to change them), they apply to every later open without -s.
+            if options:
+                opts = DriverOptions.parse(options)
+            else:
+                saved = store.get_setting("driver_options")
+                opts = DriverOptions(json.loads(saved) if saved else {})
             owner = store.get_setting("driver")
             if driver and owner and driver != owner:
                 raise InvalidArgument(
@@ -71,6 +78,8 @@ class LayerStore:
             drv = cls_(registry.home_of(root_path, name), opts, DriverState(store, name))
             if owner is None:
                 store.set_setting("driver", name)
+            if options:
+                store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
         except BaseException:
             store.close()
             raise

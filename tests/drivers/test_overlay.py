@@ -369,3 +369,15 @@ def test_fuse_overlayfs_as_mount_program(tmp_path: Path) -> None:
             assert not (path / "etc" / "shadow").exists()
     finally:
         close_and_check(store)
+
+
+def test_options_are_kept_with_the_root(tmp_path: Path) -> None:
+    store = overlay2_with(tmp_path, "metacopy=true")  # redirect_dir comes with it
+    assert store.driver.enabled["metacopy"] and store.driver.enabled["redirect_dir"]
+    store.close()
+    again = LayerStore.open(tmp_path / "root")  # no options: the root's own apply
+    try:
+        assert again.driver.enabled["metacopy"]
+        assert "metacopy" in again.status()["Enabled"]
+    finally:
+        close_and_check(again)
