@@ -63,6 +63,9 @@ def driver_name(request: pytest.FixtureRequest) -> str:
 
 
 def open_store_or_skip(driver: str, root: Path, options: list[str] | None = None) -> LayerStore:
+    from .dm_fixtures import options_for  # devicemapper: a small loopback pool
+
+    options = options_for(driver, options)
     try:
         return LayerStore.open(root, driver, options)
     except DriverNotSupported as e:

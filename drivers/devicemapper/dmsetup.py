@@ -6,12 +6,16 @@ or a more precise error when the kernel's answer says what went wrong
 (``File exists`` -> AlreadyExists, ``No data available``/``No such device`` ->
 NotFound, ``Device or resource busy`` -> InUse).
 
-udev. On a normal host udevd creates ``/dev/mapper/NAME`` and dmsetup waits for
-it (udev sync). Without udevd -- containers, the qemu test guest -- that wait
-never ends, so when no udevd is running every call gets ``DM_DISABLE_UDEV=1``
-(dmsetup then makes the nodes itself) and the node-changing commands get
-``--noudevsync``; :func:`wait_for_node` falls back to ``dmsetup mknodes``.
-With udevd running, :func:`wait_for_node` waits for udev's event via pyudev.
+Two backends, one API. Without udevd -- containers, the qemu test guest --
+every call goes straight to the kernel through :mod:`.dmioctl` (the ioctls
+dmsetup itself makes, without a process per call: ~100 ms each under TCG),
+which makes and removes the ``/dev/mapper/NAME`` nodes as libdevmapper does
+with ``DM_DISABLE_UDEV=1``. With udevd running, the ``dmsetup`` command is
+used, with its udev cookies, and :func:`wait_for_node` waits for udev's event
+through pyudev. ``LAYERFS_DM_BACKEND=dmsetup`` (or ``ioctl``) forces one;
+with ``dmsetup`` and no udevd every call gets ``DM_DISABLE_UDEV=1`` and the
+node-changing commands ``--noudevsync``, so nothing waits for a udev that
+never answers.
 
 Status lines (Documentation/admin-guide/device-mapper/thin-provisioning.rst)::
 
@@ -26,6 +30,7 @@ Metadata blocks are always 4 KiB; data blocks are the pool's block size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import AlreadyExists, ExternalCommandFailed, InUse, NotFound, command_error
+
+from . import dmioctl
 
 DMSETUP = "dmsetup"
 MAPPER_DIR = Path("/dev/mapper")
@@ -258,6 +265,44 @@ def udev_running() -> bool:
     return Path("/run/udev/control").exists()
 
 
+def use_ioctl() -> bool:
+    """Whether calls go to the kernel directly (no udevd) rather than through dmsetup."""
+    choice = os.environ.get("LAYERFS_DM_BACKEND", "auto")
+    if choice in ("dmsetup", "ioctl"):
+        return choice == "ioctl"
+    return not udev_running() and os.access(dmioctl.CONTROL, os.W_OK)
+
+
+def backend() -> str:
+    return "ioctl" if use_ioctl() else "dmsetup"
+
+
+def _lines(table: str | TableLine | Sequence[TableLine]) -> list[tuple[int, int, str, str]]:
+    if isinstance(table, str):
+        parsed = parse_table(table)
+    elif isinstance(table, TableLine):
+        parsed = [table]
+    else:
+        parsed = list(table)
+    return [(t.start, t.length, t.target, t.args) for t in parsed]
+
+
+def _to_lines(raw: list[tuple[int, int, str, str]]) -> list[TableLine]:
+    return [TableLine(*t) for t in raw]
+
+
+def _info_of(reply: dmioctl.Reply) -> DeviceInfo:
+    return DeviceInfo(
+        name=reply.name, major=reply.major, minor=reply.minor,
+        state="SUSPENDED" if reply.flags & dmioctl.DM_SUSPEND_FLAG else "ACTIVE",
+        read_only=bool(reply.flags & dmioctl.DM_READONLY_FLAG),
+        deferred_remove=bool(reply.flags & dmioctl.DM_DEFERRED_REMOVE),
+        live_table=bool(reply.flags & dmioctl.DM_ACTIVE_PRESENT_FLAG),
+        inactive_table=bool(reply.flags & dmioctl.DM_INACTIVE_PRESENT_FLAG),
+        open_count=reply.open_count, event_number=reply.event_nr,
+        target_count=reply.target_count, uuid=reply.uuid or None)
+
+
 def _env() -> Mapping[str, str]:
     env = dict(os.environ)
     if not udev_running():
@@ -314,6 +359,9 @@ def node_path(name: str) -> Path:
 def create(name: str, table: str | TableLine | Sequence[TableLine], *, uuid: str | None = None,
            readonly: bool = False, wait: bool = True) -> Path:
     """``dmsetup create NAME`` with ``table``; returns /dev/mapper/NAME once it exists."""
+    if use_ioctl():
+        dmioctl.create(name, _lines(table), uuid=uuid, readonly=readonly)
+        return node_path(name)
     args = ["create", name, *_udev_flags()]
     if uuid:
         args += ["--uuid", uuid]
@@ -332,6 +380,9 @@ def create(name: str, table: str | TableLine | Sequence[TableLine], *, uuid: str
 
 def reload(name: str, table: str | TableLine | Sequence[TableLine]) -> None:
     """Load ``table`` as the inactive table of NAME (``resume`` swaps it in)."""
+    if use_ioctl():
+        dmioctl.load(name, _lines(table))
+        return
     run(["reload", name], what=f"reload {name}", input=_table_text(table) + "\n")
 
 
@@ -351,7 +402,14 @@ def remove(name: str, *, force: bool = False, deferred: bool = False,
     args.append(name)
     for attempt in range(retries + 1):
         try:
-            run(args, what=f"remove {name}")
+            if use_ioctl():
+                if force:  # what dmsetup --force does first: an error table, so I/O fails
+                    with contextlib.suppress(InUse):
+                        dmioctl.load(name, [(0, _length(name), "error", "")])
+                        dmioctl.resume(name)
+                dmioctl.remove(name, deferred=deferred)
+            else:
+                run(args, what=f"remove {name}")
             return
         except InUse:
             if deferred or attempt == retries:
@@ -359,7 +417,14 @@ def remove(name: str, *, force: bool = False, deferred: bool = False,
             time.sleep(retry_delay * (2 ** attempt))
 
 
+def _length(name: str) -> int:
+    return sum(t.length for t in table(name))
+
+
 def suspend(name: str, *, nolockfs: bool = False, noflush: bool = False) -> None:
+    if use_ioctl():
+        dmioctl.suspend(name, nolockfs=nolockfs, noflush=noflush)
+        return
     args = ["suspend", *_udev_flags()]
     if nolockfs:
         args.append("--nolockfs")
@@ -369,29 +434,47 @@ def suspend(name: str, *, nolockfs: bool = False, noflush: bool = False) -> None
 
 
 def resume(name: str) -> None:
+    if use_ioctl():
+        dmioctl.resume(name)
+        return
     run(["resume", *_udev_flags(), name], what=f"resume {name}")
 
 
 def message(name: str, msg: str, *, sector: int = 0) -> str:
     """Send a target message (``create_thin 3``, ``delete 3`` ...) to NAME."""
+    if use_ioctl():
+        return dmioctl.message(name, msg, sector)
     return run(["message", name, str(sector), msg], what=f"message {name} {msg!r}")
 
 
 def status(name: str) -> list[TableLine]:
+    if use_ioctl():
+        return _to_lines(dmioctl.status(name))
     return parse_table(run(["status", name], what=f"status {name}"))
 
 
 def table(name: str) -> list[TableLine]:
+    if use_ioctl():
+        return _to_lines(dmioctl.table(name))
     return parse_table(run(["table", name], what=f"table {name}"))
 
 
 def all_tables() -> dict[str, list[TableLine]]:
     """Every device's table, by name."""
+    if use_ioctl():
+        out = {}
+        for name in dmioctl.list_devices():
+            with contextlib.suppress(NotFound):  # removed meanwhile
+                out[name] = _to_lines(dmioctl.table(name))
+        return out
     return parse_table_all(run(["table"]))
 
 
 def info(name: str) -> DeviceInfo | None:
     """The device's info, or None when there is no device of that name."""
+    if use_ioctl():
+        reply = dmioctl.info(name)
+        return None if reply is None else _info_of(reply)
     try:
         return parse_info(run(["info", name], what=f"info {name}"))
     except NotFound:
@@ -403,6 +486,17 @@ def exists(name: str) -> bool:
 
 
 def ls(target_type: str | None = None) -> dict[str, tuple[int, int]]:
+    if use_ioctl():
+        out = {}
+        for name, dev in dmioctl.list_devices().items():
+            if target_type:
+                try:
+                    if not any(t[2] == target_type for t in dmioctl.table(name)):
+                        continue
+                except NotFound:
+                    continue
+            out[name] = (os.major(dev), os.minor(dev))
+        return out
     args = ["ls"]
     if target_type:
         args += ["--target", target_type]
@@ -410,10 +504,35 @@ def ls(target_type: str | None = None) -> dict[str, tuple[int, int]]:
 
 
 def targets() -> dict[str, str]:
+    if use_ioctl():
+        return dmioctl.targets()
     return parse_targets(run(["targets"]))
 
 
+def version() -> str:
+    """libdevmapper's version, as ``dmsetup --version`` prints it (``1.02.185 (2022-05-18)``)."""
+    for line in run(["--version"]).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Library version":
+            return value.strip()
+    return "unknown"
+
+
+def driver_version() -> str:
+    """The kernel's device-mapper interface version (``4.47.0``)."""
+    if use_ioctl():
+        return dmioctl.driver_version()
+    for line in run(["version"]).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Driver version":
+            return value.strip()
+    return "unknown"
+
+
 def mknodes(name: str | None = None) -> None:
+    if use_ioctl():
+        dmioctl.mknodes(name)
+        return
     run(["mknodes", *([name] if name else [])])
 
 

@@ -106,6 +106,29 @@ class ThinDevice:
     size: int
 
 
+@dataclass(frozen=True)
+class ThinUsage:
+    """What ``thin_ls`` says about one thin device, in bytes."""
+
+    dev_id: int
+    mapped: int
+    exclusive: int
+    shared: int
+
+
+def devnode(devno: str) -> str:
+    """/dev node of block device MAJ:MIN, by its kernel name (sysfs), not by guessing."""
+    try:
+        uevent = Path(f"/sys/dev/block/{devno}/uevent").read_text()
+    except FileNotFoundError as err:
+        raise NotFound(f"no block device {devno}") from err
+    for line in uevent.splitlines():
+        key, _, value = line.partition("=")
+        if key == "DEVNAME" and value:
+            return f"/dev/{value}"
+    raise NotFound(f"block device {devno} has no DEVNAME in sysfs")
+
+
 def _check_id(dev_id: int) -> None:
     if not 0 <= dev_id <= MAX_THIN_ID:
         raise InvalidArgument(f"thin device id {dev_id} outside 0..{MAX_THIN_ID}")
@@ -121,6 +144,7 @@ class ThinPool:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._block_size: int | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -137,8 +161,14 @@ class ThinPool:
 
     @property
     def block_size(self) -> int:
-        """Data block size in bytes (the table's 3rd argument, in sectors)."""
-        return int(self._pool_line().args.split()[2]) * SECTOR
+        """Data block size in bytes (the table's 3rd argument, in sectors; fixed for a pool)."""
+        if self._block_size is None:
+            self._block_size = int(self._pool_line().args.split()[2]) * SECTOR
+        return self._block_size
+
+    def devno(self) -> str:
+        """The pool device's MAJ:MIN, which thin targets name it by."""
+        return self._devno()
 
     def _devno(self) -> str:
         info = dmsetup.info(self.name)
@@ -250,6 +280,31 @@ class ThinPool:
     def _remove_thins(self) -> None:
         for name in self.active_thins():
             dmsetup.remove(name)
+
+    def metadata_device(self) -> str:
+        """The pool's metadata device node (the table's first argument, MAJ:MIN)."""
+        return devnode(self._pool_line().args.split()[0])
+
+    def thin_usage(self) -> dict[int, ThinUsage]:
+        """Mapped/exclusive/shared bytes of every thin device, from ``thin_ls``.
+
+        Reads a metadata snapshot of the live pool (``reserve_metadata_snap``;
+        only one may exist at a time, so callers serialize), always released.
+        """
+        meta = self.metadata_device()
+        self._message("reserve_metadata_snap")
+        try:
+            out = _run(["thin_ls", "--metadata-snap", "--no-headers", "-o",
+                        "DEV,MAPPED_BYTES,EXCLUSIVE_BYTES,SHARED_BYTES", meta])
+        finally:
+            self._message("release_metadata_snap")
+        usage = {}
+        for line in out.splitlines():
+            words = line.split()
+            if len(words) == 4 and all(w.isdigit() for w in words):
+                dev, mapped, exclusive, shared = (int(w) for w in words)
+                usage[dev] = ThinUsage(dev, mapped, exclusive, shared)
+        return usage
 
 
 # --------------------------------------------------------------------------
@@ -389,6 +444,23 @@ class LoopbackPool(ThinPool):
                 raise CorruptState(f"dm device {name} is not the pool over {root}: {lines}")
         return cls(root, name, data_loop, meta_loop)
 
+    def detach(self) -> None:
+        """Take the pool down and detach its loop devices; the files (and data) stay.
+
+        :meth:`open` brings it back. Refused (InUse) while a thin device of the
+        pool is active.
+        """
+        if dmsetup.exists(self.name):
+            active = self.active_thins()
+            if active:
+                raise InUse(f"thin pool {self.name} still has active devices: "
+                            f"{', '.join(sorted(active))}")
+            dmsetup.remove(self.name)
+        for path in (self.root / "data", self.root / "metadata"):
+            if path.exists():
+                for dev in _loops_of(path):
+                    _detach(dev)
+
     def destroy(self, *, remove_files: bool = True) -> None:
         """Remove this pool's thin devices, the pool, its loop devices (and files)."""
         if dmsetup.exists(self.name):
@@ -510,6 +582,12 @@ class DirectLvmPool(ThinPool):
                 pool._pool_line()  # it must be active as a thin-pool target
                 return pool
         raise NotFound(f"no LVM logical volume {thinpooldev}")
+
+    def ensure_active(self) -> None:
+        """Activate the pool LV if it is not (after a reboot lvm may not have)."""
+        if not dmsetup.exists(self.name):
+            _run(["lvchange", "-ay", f"{self.vg}/{self.lv}"])
+        self._pool_line()
 
     def _teardown(self, device: str | None) -> None:
         """Remove whatever of VG (and the PV ``device``) exists, by exact name."""

@@ -1,0 +1,71 @@
+"""Runs the devicemapper driver's tests inside the qemu guest, so CI really runs them.
+
+One guest boot runs, in loopback mode, the whole conformance suite for
+devicemapper (tests/conformance, ``-k devicemapper``: create, snapshots,
+diff/apply round trips, the 128-layer chain, the diff/apply property test)
+and tests/drivers/test_devicemapper.py (direct-lvm create/snapshot/remove/
+destroy on the scratch disk, a full pool, min_free_space, status, crash
+recovery, the generic crash suite, deferred removal, ``layerfs pool``). On
+the host those skip (no device-mapper); here they must all run and pass,
+with nothing skipped, and the whole guest run must stay under 10 minutes.
+vagrant/provision.sh --check (the Vagrant VM's prerequisites check) runs first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from layerfs.testing import qemu
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("LAYERFS_IN_GUEST") == "1",
+                       reason="already inside the qemu guest: no nested guests"),
+    pytest.mark.skipif(shutil.which(qemu.QEMU) is None,
+                       reason=f"{qemu.QEMU} not installed (scripts/setup installs it)"),
+]
+
+GUEST_TESTS = ["tests/conformance", "tests/drivers/test_devicemapper.py", "-k", "devicemapper"]
+BUDGET = 600  # seconds for the whole guest run, boot included
+MUST_RUN = [
+    "test_deep_layer_read_128[devicemapper]",
+    "test_diff_apply_reproduces_child[devicemapper]",
+    "test_diff_apply_round_trip_with_sizes[devicemapper]",
+    "test_direct_lvm_create_snapshot_remove_destroy",
+    "test_direct_lvm_refuses_a_device_with_a_filesystem_unless_forced",
+    "test_a_full_pool_fails_writes_cleanly_and_recovers",
+    "test_min_free_space_refuses_new_layers_with_a_clear_error",
+    "test_a_crash_between_the_dm_message_and_the_store_write_is_recovered",
+    "test_the_generic_crash_suite_on_devicemapper",
+    "test_loopback_pool_layout_status_and_metadata",
+    "test_cli_pool_create_and_destroy_loopback",
+]
+
+
+def test_devicemapper_passes_in_the_guest_with_nothing_skipped(tmp_path: Path) -> None:
+    # tests/conftest.py is needed (the conformance fixtures); plugin autoloading is
+    # not (hypothesis works without its plugin) and costs ~20 s of collection there.
+    # Passed tests' tmp dirs (sparse pool files in guest RAM) go as soon as they pass.
+    # The Vagrant VM's provisioning check runs first: the same prerequisites, one script.
+    python = str(qemu.REPO_ROOT / ".venv" / "bin" / "python")
+    argv = ["sh", "-c", 'sh vagrant/provision.sh --check && exec "$@"', "sh",
+            python, "-m", "pytest", *GUEST_TESTS, "-p", "no:cacheprovider",
+            "-o", "tmp_path_retention_policy=failed", "-q", "-rs", "--durations=15",
+            f"--junitxml={qemu.GUEST_RESULTS}/junit.xml"]
+    result = qemu.run_in_guest(argv, timeout=BUDGET - 60, disk_size="4G", results_dir=tmp_path,
+                               env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert "provision: devicemapper prerequisites present" in result.output, result.output
+    assert result.junit_xml, f"no junit.xml from the guest:\n{result.output}"
+    summary = qemu.junit_summary(result.junit_xml)
+    boot = result.boot_seconds or 0.0
+    print(f"guest: {summary}; boot {boot:.1f} s, whole run {result.seconds:.1f} s")
+    assert result.returncode == 0, f"guest pytest failed: {summary.failed}\n{result.output}"
+    assert summary.failures == summary.errors == 0, summary.failed
+    assert summary.skipped == 0, f"skipped in the guest: {summary.skipped_reasons}"
+    for name in MUST_RUN:
+        assert name in result.junit_xml, f"{name} did not run in the guest"
+    assert result.seconds < BUDGET, f"the guest run took {result.seconds:.0f} s (budget {BUDGET})"
