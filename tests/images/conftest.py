@@ -24,6 +24,7 @@ from layerfs.testing import images as timg
 from layerfs.testing.peers import DockerDaemon
 
 from ..conftest import NATIVE_DRIVERS, close_and_check, root_for
+from ..dm_fixtures import options_for
 
 SCRATCH = Path("/tmp/lfs-images")
 
@@ -49,7 +50,7 @@ def scratch() -> Iterator[Path]:
 def open_images_or_skip(driver: str, root: Path) -> ImageStore:
     """An ImageStore on a fresh root; skips (with the reason) where the driver can't run."""
     try:
-        layers = LayerStore.open(root, driver)
+        layers = LayerStore.open(root, driver, options_for(driver, None))
     except DriverNotSupported as e:
         pytest.skip(f"{driver} not supported here: {e.reason}")
     except ImportError as e:  # a driver whose dependencies are not installed yet
@@ -61,7 +62,13 @@ def close_images(images: ImageStore) -> None:
     close_and_check(images.layers)
 
 
-@pytest.fixture(params=NATIVE_DRIVERS)
+# devicemapper needs a kernel with dm: it joins the list inside the qemu guest
+# (tests/vm/test_images_in_guest.py runs the load tests there).
+IMAGE_DRIVERS = NATIVE_DRIVERS + (["devicemapper"] if os.environ.get("LAYERFS_IN_GUEST") == "1"
+                                  else [])
+
+
+@pytest.fixture(params=IMAGE_DRIVERS)
 def image_driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
