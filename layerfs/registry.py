@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from .driver import Driver, DriverOptions
@@ -32,14 +32,19 @@ PRIORITY = ("btrfs", "overlay2", "aufs", "overlay", "devicemapper", "vfs")
 
 
 @functools.cache
+def _entry_points() -> dict[str, EntryPoint]:
+    # Reading package metadata costs several ms; the set is fixed for a process.
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def registered() -> dict[str, str]:
     """Names of registered drivers mapped to their ``module:Class`` import path."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {name: ep.value for name, ep in _entry_points().items()}
 
 
 def load(name: str) -> type[Driver]:
     """The driver class called ``name``; NotFound lists the known names."""
-    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    eps = _entry_points()
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none"
         raise NotFound(f"no storage driver named {name!r} (registered: {known})")
