@@ -63,7 +63,8 @@ def close_images(images: ImageStore) -> None:
 
 
 # devicemapper needs a kernel with dm: it joins the list inside the qemu guest
-# (tests/vm/test_images_in_guest.py runs the load tests there).
+# (test_interop_docker.py::test_images_load_and_run_on_devicemapper_in_the_guest runs
+# the deletion and Docker-output tests there).
 IMAGE_DRIVERS = NATIVE_DRIVERS + (["devicemapper"] if os.environ.get("LAYERFS_IN_GUEST") == "1"
                                   else [])
 
@@ -136,13 +137,14 @@ def snapshot(images: ImageStore) -> dict[str, object]:
     }
 
 
-# --- the runner, until `layerfs run` exists ---------------------------------------------------
+# --- running an image without the runner -----------------------------------------------------
 
 def run_image(images: ImageStore, ref: str, argv: list[str] | None = None) -> str:
     """Run an image's Entrypoint+Cmd (or ``argv``) chrooted into its top layer; stdout.
 
-    A stand-in for ``layerfs run`` (being written elsewhere): Env (with Docker's
-    default PATH), WorkingDir and the command come from the config; no namespaces.
+    Not ``layerfs run``: these tests are about what the image holds, and a chroot
+    works everywhere they run, the qemu guest included (no bridge, no cgroup setup).
+    Env (with Docker's default PATH), WorkingDir and the command come from the config.
     """
     image: Image = images.get(ref)
     rc = image.run_config

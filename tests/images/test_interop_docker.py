@@ -5,10 +5,17 @@
   keeps its id, and runs with the same output.
 * What ``layerfs save`` writes, ``docker load`` takes (it re-checks every diff id)
   and runs, with the image id unchanged.
+* devicemapper needs dm, which only the qemu guest has, and the guest has no dockerd:
+  the host builds and saves the image, hands the archive, id and output to the guest
+  through the results share, and the guest loads and runs it on devicemapper (with the
+  other image-deletion tests, in one boot).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +24,10 @@ import pytest
 
 from layerfs.images import ImageStore
 from layerfs.testing import images as timg
+from layerfs.testing import qemu
 from layerfs.testing.peers import DockerDaemon
 
+from ..vm.guest import guest_test, pytest_passes_in_guest
 from .conftest import Archives, run_image
 
 DOCKERFILE = """\
@@ -40,6 +49,8 @@ test -e /data/gone || echo gone
 echo "$GREETING from $(pwd)"
 """
 BUILT = "lfs-test/built:1"
+# Set in the guest: a directory written by DockerBuilt.save_to on the host.
+PREBUILT_ENV = "LAYERFS_DOCKER_BUILT"
 
 
 @dataclass(frozen=True)
@@ -48,15 +59,30 @@ class DockerBuilt:
     id: str
     output: str
 
+    def save_to(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.archive, directory / "image.tar")
+        (directory / "built.json").write_text(json.dumps({"id": self.id, "output": self.output}))
+
+    @classmethod
+    def read_from(cls, directory: Path) -> DockerBuilt:
+        meta = json.loads((directory / "built.json").read_text())
+        return cls(directory / "image.tar", meta["id"], meta["output"])
+
 
 def docker_run(daemon: DockerDaemon, ref: str) -> str:
     return str(daemon.docker("run", "--rm", "--network", "none", ref).stdout)
 
 
 @pytest.fixture(scope="module")
-def docker_built(docker_daemon: DockerDaemon, archives: Archives,
-                 scratch: Path) -> Iterator[DockerBuilt]:
-    d = docker_daemon
+def docker_built(request: pytest.FixtureRequest) -> Iterator[DockerBuilt]:
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if prebuilt:  # in the guest: built by the host, no dockerd needed
+        yield DockerBuilt.read_from(Path(prebuilt))
+        return
+    d: DockerDaemon = request.getfixturevalue("docker_daemon")
+    archives: Archives = request.getfixturevalue("archives")
+    scratch: Path = request.getfixturevalue("scratch")
     d.docker("import", str(archives.busybox_layer), "lfs-test/busybox:base")
     ctx = scratch / "docker-context"
     ctx.mkdir(exist_ok=True)
@@ -125,3 +151,22 @@ def test_round_trip_keeps_dockers_image_id(images: ImageStore, docker_daemon: Do
         assert docker_run(d, "lfs-test/roundtrip:1") == docker_built.output
     finally:
         d.docker("rmi", "lfs-test/roundtrip:1", check=False)
+
+
+# The image tests whose point is deletions and Docker's own output, run on devicemapper.
+GUEST_TESTS = ["tests/images/test_interop_docker.py::test_docker_saved_image_loads_and_runs_the_same",
+               "tests/images/test_images.py::test_load_applies_deletions_on_every_driver",
+               "tests/images/test_interop_umoci_skopeo.py::test_umoci_layout_loads_with_deletions"]
+
+
+@guest_test
+def test_images_load_and_run_on_devicemapper_in_the_guest(docker_built: DockerBuilt,
+                                                          tmp_path: Path) -> None:
+    docker_built.save_to(tmp_path / "docker-built")
+    summary = pytest_passes_in_guest(
+        [*GUEST_TESTS, "-k", "devicemapper"], tmp_path, timeout=500,
+        env={PREBUILT_ENV: f"{qemu.GUEST_RESULTS}/docker-built"},
+        must_run=["test_docker_saved_image_loads_and_runs_the_same[devicemapper]",
+                  "test_load_applies_deletions_on_every_driver[devicemapper]",
+                  "[devicemapper-dir]", "[devicemapper-tar]"])
+    assert summary.tests >= 4, summary

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,15 +21,25 @@ GUEST_MARKS = [
                        reason=f"{qemu.QEMU} not installed (scripts/setup installs it)"),
 ]
 
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def guest_test(test: F) -> F:
+    """GUEST_MARKS on one test, for a module whose other tests run on the host."""
+    for mark in GUEST_MARKS:
+        test = mark(test)
+    return test
+
 
 def pytest_passes_in_guest(args: list[str], results_dir: Path, *, must_run: list[str],
-                           timeout: int = 400, conftest: bool = True) -> qemu.JunitSummary:
+                           timeout: int = 400, conftest: bool = True,
+                           env: dict[str, str] | None = None) -> qemu.JunitSummary:
     """Boot once, run pytest ``args`` inside, and fail unless every selected test
     passed, none was skipped, and each name in ``must_run`` appears in the results."""
     extra = ["-p", "no:cacheprovider", "-v", "-rs"] + ([] if conftest else ["--noconftest"])
     result = qemu.pytest_in_guest([*args, *extra], timeout=timeout, disk_size="0",
                                   results_dir=results_dir,
-                                  env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+                                  env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})})
     assert result.junit_xml, f"no junit.xml from the guest:\n{result.output}"
     summary = qemu.junit_summary(result.junit_xml)
     print(f"guest: {summary}; boot {result.boot_seconds:.1f} s, total {result.seconds:.1f} s")
