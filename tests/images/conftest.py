@@ -63,7 +63,7 @@ def close_images(images: ImageStore) -> None:
 
 
 # devicemapper needs a kernel with dm: it joins the list inside the qemu guest
-# (test_interop_docker.py::test_images_load_and_run_on_devicemapper_in_the_guest runs
+# (test_interop_docker.py::test_images_interop_on_devicemapper_in_the_guest runs
 # the deletion and Docker-output tests there).
 IMAGE_DRIVERS = NATIVE_DRIVERS + (["devicemapper"] if os.environ.get("LAYERFS_IN_GUEST") == "1"
                                   else [])

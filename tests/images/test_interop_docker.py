@@ -3,12 +3,13 @@
 * An image built by ``docker build`` (deletions, an opaque re-created directory,
   Env, WorkingDir, Cmd) and ``docker save``d loads into layerfs on every driver,
   keeps its id, and runs with the same output.
-* What ``layerfs save`` writes, ``docker load`` takes (it re-checks every diff id)
-  and runs, with the image id unchanged.
+* What ``layerfs save`` writes from every driver, ``docker load`` takes (it re-checks
+  every diff id) and runs, with the image id unchanged.
 * devicemapper needs dm, which only the qemu guest has, and the guest has no dockerd:
-  the host builds and saves the image, hands the archive, id and output to the guest
-  through the results share, and the guest loads and runs it on devicemapper (with the
-  other image-deletion tests, in one boot).
+  the host builds and saves the image and hands the archive, id and output to the guest
+  through the results share; the guest loads and runs it on devicemapper and leaves what
+  it saved there for the host's ``docker load`` after the boot (one boot, with the other
+  deletion and skopeo tests).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ test -e /data/gone || echo gone
 echo "$GREETING from $(pwd)"
 """
 BUILT = "lfs-test/built:1"
-# Set in the guest: a directory written by DockerBuilt.save_to on the host.
-PREBUILT_ENV = "LAYERFS_DOCKER_BUILT"
+# Set in the guest: the host's DockerBuilt.save_to went here, and what layerfs saves for
+# Docker is left here for the host to load after the boot.
+HANDOFF_ENV = "LAYERFS_DOCKER_HANDOFF"
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ def docker_run(daemon: DockerDaemon, ref: str) -> str:
 
 @pytest.fixture(scope="module")
 def docker_built(request: pytest.FixtureRequest) -> Iterator[DockerBuilt]:
-    prebuilt = os.environ.get(PREBUILT_ENV)
-    if prebuilt:  # in the guest: built by the host, no dockerd needed
-        yield DockerBuilt.read_from(Path(prebuilt))
+    handoff = os.environ.get(HANDOFF_ENV)
+    if handoff:  # in the guest: built by the host, no dockerd needed
+        yield DockerBuilt.read_from(Path(handoff) / "built")
         return
     d: DockerDaemon = request.getfixturevalue("docker_daemon")
     archives: Archives = request.getfixturevalue("archives")
@@ -112,10 +114,42 @@ def test_docker_saved_image_loads_and_runs_the_same(images_on: ImageStore,
         assert sorted(p.name for p in (root / "data/tree").iterdir()) == ["t"]
 
 
-def test_layerfs_saved_images_load_and_run_in_docker(images: ImageStore, archives: Archives,
-                                                     docker_daemon: DockerDaemon,
+@dataclass(frozen=True)
+class SavedByLayerfs:
+    """What ``layerfs save`` wrote, and the ids Docker must report after ``docker load``."""
+    archive: Path
+    sample_id: str
+    imported_id: str
+
+    def save_to(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.archive, directory / "saved.tar")
+        (directory / "ids.json").write_text(json.dumps([self.sample_id, self.imported_id]))
+
+    @classmethod
+    def read_from(cls, directory: Path) -> SavedByLayerfs:
+        sample_id, imported_id = json.loads((directory / "ids.json").read_text())
+        return cls(directory / "saved.tar", sample_id, imported_id)
+
+
+def check_in_docker(d: DockerDaemon, saved: SavedByLayerfs) -> None:
+    try:
+        loaded = d.docker("load", "-i", str(saved.archive)).stdout
+        assert "lfs-test/sample:1" in loaded and "lfs-test/imported:1" in loaded
+        assert d.image_id("lfs-test/sample:1") == saved.sample_id
+        assert d.image_id("lfs-test/imported:1") == saved.imported_id
+        assert docker_run(d, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
+        assert docker_run(d, "lfs-test/imported:1") == "imported by layerfs\n"
+    finally:
+        d.docker("rmi", "-f", "lfs-test/sample:1", "lfs-test/imported:1", check=False)
+
+
+def test_layerfs_saved_images_load_and_run_in_docker(images_on: ImageStore, archives: Archives,
+                                                     request: pytest.FixtureRequest,
                                                      tmp_path: Path) -> None:
-    d = docker_daemon
+    """Saved from every driver's storage. In the guest (no dockerd) the archive goes back
+    to the host, which loads it after the boot."""
+    images = images_on
     images.load(archives.sample.path)
     images.tag("sample", "lfs-test/sample:1")
     tree = timg.busybox_rootfs(tmp_path / "tree")
@@ -123,17 +157,14 @@ def test_layerfs_saved_images_load_and_run_in_docker(images: ImageStore, archive
     imported = images.import_rootfs(tree, "lfs-test/imported:1", changes=["CMD cat /etc/motd"])
     out = tmp_path / "from-layerfs.tar"
     images.save(["lfs-test/sample:1", "lfs-test/imported:1"], out)
-    try:
-        loaded = d.docker("load", "-i", str(out)).stdout
-        assert "lfs-test/sample:1" in loaded and "lfs-test/imported:1" in loaded
-        assert d.image_id("lfs-test/sample:1") == archives.sample.id
-        assert d.image_id("lfs-test/imported:1") == imported.id
-        assert docker_run(d, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
-        assert run_image(images, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
-        assert docker_run(d, "lfs-test/imported:1") == "imported by layerfs\n"
-        assert run_image(images, "lfs-test/imported:1") == "imported by layerfs\n"
-    finally:
-        d.docker("rmi", "-f", "lfs-test/sample:1", "lfs-test/imported:1", check=False)
+    assert run_image(images, "lfs-test/sample:1") == timg.SAMPLE_OUTPUT
+    assert run_image(images, "lfs-test/imported:1") == "imported by layerfs\n"
+    saved = SavedByLayerfs(out, archives.sample.id, imported.id)
+    handoff = os.environ.get(HANDOFF_ENV)
+    if handoff:
+        saved.save_to(Path(handoff) / f"saved-{images.layers.driver.name}")
+    else:
+        check_in_docker(request.getfixturevalue("docker_daemon"), saved)
 
 
 def test_round_trip_keeps_dockers_image_id(images: ImageStore, docker_daemon: DockerDaemon,
@@ -154,19 +185,29 @@ def test_round_trip_keeps_dockers_image_id(images: ImageStore, docker_daemon: Do
 
 
 # The image tests whose point is deletions and Docker's own output, run on devicemapper.
-GUEST_TESTS = ["tests/images/test_interop_docker.py::test_docker_saved_image_loads_and_runs_the_same",
-               "tests/images/test_images.py::test_load_applies_deletions_on_every_driver",
-               "tests/images/test_interop_umoci_skopeo.py::test_umoci_layout_loads_with_deletions"]
+GUEST_TESTS = [f"tests/images/{name}" for name in (
+    "test_interop_docker.py::test_docker_saved_image_loads_and_runs_the_same",
+    "test_interop_docker.py::test_layerfs_saved_images_load_and_run_in_docker",
+    "test_images.py::test_load_applies_deletions_on_every_driver",
+    "test_interop_umoci_skopeo.py::test_umoci_layout_loads_with_deletions",
+    "test_interop_umoci_skopeo.py::test_skopeo_converts_layerfs_output")]
 
 
 @guest_test
-def test_images_load_and_run_on_devicemapper_in_the_guest(docker_built: DockerBuilt,
-                                                          tmp_path: Path) -> None:
-    docker_built.save_to(tmp_path / "docker-built")
+def test_images_interop_on_devicemapper_in_the_guest(docker_built: DockerBuilt,
+                                                     docker_daemon: DockerDaemon,
+                                                     tmp_path: Path) -> None:
+    """One boot: the host's Docker-built archive loads and runs with Docker's output on
+    devicemapper; what layerfs saves from devicemapper comes back and Docker loads it."""
+    handoff = tmp_path / "docker-handoff"
+    docker_built.save_to(handoff / "built")
     summary = pytest_passes_in_guest(
         [*GUEST_TESTS, "-k", "devicemapper"], tmp_path, timeout=500,
-        env={PREBUILT_ENV: f"{qemu.GUEST_RESULTS}/docker-built"},
+        env={HANDOFF_ENV: f"{qemu.GUEST_RESULTS}/{handoff.name}"},
         must_run=["test_docker_saved_image_loads_and_runs_the_same[devicemapper]",
+                  "test_layerfs_saved_images_load_and_run_in_docker[devicemapper]",
                   "test_load_applies_deletions_on_every_driver[devicemapper]",
-                  "[devicemapper-dir]", "[devicemapper-tar]"])
-    assert summary.tests >= 4, summary
+                  "[devicemapper-dir]", "[devicemapper-tar]",
+                  "[devicemapper-docker-none-oci]", "[devicemapper-oci-gzip-docker-archive]"])
+    assert summary.tests == 7, summary
+    check_in_docker(docker_daemon, SavedByLayerfs.read_from(handoff / "saved-devicemapper"))
