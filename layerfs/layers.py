@@ -278,7 +278,16 @@ class LayerStore:
                 raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
             db.execute("UPDATE layers SET state = 'removing', owner = ? WHERE id = ?",
                        (process_token(), layer_id))
-        self.driver.remove(layer_id)
+        try:
+            self.driver.remove(layer_id)
+        except InUse:
+            # The driver refused before destroying anything (a device someone else holds
+            # open): the layer is whole, so it is back to ready and the caller can retry.
+            # Any other failure leaves 'removing' for recover() to finish.
+            with self.store.transaction() as db:
+                db.execute("UPDATE layers SET state = 'ready', owner = NULL "
+                           "WHERE id = ? AND state = 'removing'", (layer_id,))
+            raise
         with self.store.transaction() as db:
             db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
         with contextlib.suppress(OSError):

@@ -275,9 +275,11 @@ class DriverState:
 
     def items(self, prefix: str = "") -> dict[str, Any]:
         with self._store._lock:
+            # Not LIKE: it folds ASCII case and treats "_" and "%" in the prefix as wildcards.
             rows = self._store.db.execute(
-                "SELECT key, value FROM driver_state WHERE driver = ? AND key LIKE ?",
-                (self._driver, prefix.replace("%", r"\%") + "%")).fetchall()
+                "SELECT key, value FROM driver_state WHERE driver = ? "
+                "AND substr(key, 1, length(?)) = ?",
+                (self._driver, prefix, prefix)).fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:

@@ -569,7 +569,11 @@ def test_remove_discards_blocks_and_defers_a_busy_device(dm: Roots) -> None:
     hold = os.open(f"/dev/mapper/{name}", os.O_RDONLY)  # an opener the store does not know
     try:
         with pytest.raises(InUse, match="use_deferred_removal"):
-            store.driver.remove(busy)
+            store.remove(busy)
+        # Refused before anything was destroyed: still a ready layer, still readable.
+        assert store.get(busy).state == "ready"
+        with store.mounted(busy, readonly=True) as path:
+            assert (path / "etc/hostname").read_text() == "base\n"
         store.close()  # the device stays mapped: it is open
         store = dm.reopen(use_deferred_removal="true", use_deferred_deletion="true")
         store.remove(busy)
