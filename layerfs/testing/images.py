@@ -424,17 +424,35 @@ def sample_image(out: str | os.PathLike[str], scratch: str | os.PathLike[str] | 
 
 # --- Debian -----------------------------------------------------------------------------------
 
-def debian_rootfs(dest: str | os.PathLike[str], *, suite: str = "bookworm",
+def host_debian_suite() -> str:
+    """The host's Debian codename (its apt sources are known to reach that suite)."""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key == "VERSION_CODENAME" and value.strip('"'):
+                return value.strip('"')
+    except OSError:
+        pass
+    return "bookworm"
+
+
+def debian_rootfs(dest: str | os.PathLike[str], *, suite: str | None = None,
                   mirror: str = "http://deb.debian.org/debian",
                   variant: str = "minbase") -> Path:
     """A minimal Debian root filesystem made by ``debootstrap`` (for labs that want apt).
 
     Needs the ``debootstrap`` package and the Debian mirror (the only network
-    these machines have). Takes a minute or two.
+    these machines have). ``suite`` defaults to the host's. About 25 s and 200 MB
+    for minbase here.
     """
     if shutil.which("debootstrap") is None:
         raise MissingTool("debootstrap is missing: apt-get install debootstrap")
     root = Path(dest)
-    subprocess.run(["debootstrap", f"--variant={variant}", suite, str(root), mirror],
-                   check=True, capture_output=True)
+    suite = suite or host_debian_suite()
+    proc = subprocess.run(["debootstrap", f"--variant={variant}", suite, str(root), mirror],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise RuntimeError(f"debootstrap {suite} from {mirror} failed ({proc.returncode}); "
+                           f"is the mirror reachable?\n{tail}")
     return root
