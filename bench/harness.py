@@ -163,6 +163,36 @@ class Result:
 RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(Result))
 
 
+@dataclass
+class Contender:
+    """One side of a whole-command comparison: ``run`` does one timed try, returns seconds."""
+    name: str
+    run: Callable[[], float]
+    times: list[float] = field(default_factory=list)
+
+
+def interleave(contenders: Sequence[Contender], runs: int,
+               say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """One uncounted warm-up round, then ``runs`` rounds A B C, A B C, ...: the host's
+    speed drifts, and interleaving spreads the drift over every contender.
+    Returns ``{name: {"median": s, "runs": [s, ...]}}``."""
+    for c in contenders:
+        say(f"warm-up: {c.name}")
+        c.run()
+    for i in range(runs):
+        for c in contenders:
+            c.times.append(c.run())
+        say(f"round {i + 1}/{runs}: " + ", ".join(
+            f"{c.name} {c.times[-1]:.3f}s" for c in contenders))
+    return {c.name: {"median": statistics.median(c.times), "runs": c.times} for c in contenders}
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that stays on this filesystem (a leaked mount below is left alone)."""
+    if path.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """min/median/max/mean of a non-empty sequence."""
     if not values:

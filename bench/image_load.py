@@ -34,13 +34,14 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .harness import Contender, interleave, remove_tree
 
 SCRATCH = Path("/tmp/lfs-images/bench")
 # One path for every contender that writes into the scratch filesystem: ext4 puts a new
@@ -105,36 +106,24 @@ def _sync() -> None:
     os.sync()
 
 
-def _clean(path: Path) -> None:
-    if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-
-
-@dataclass
-class Contender:
-    name: str
-    run: Callable[[], float]
-    times: list[float] = field(default_factory=list)
-
-
 def contenders(inputs: Inputs, scratch: Path, daemon: object | None) -> list[Contender]:
     from layerfs.images import ImageStore
 
     def layerfs_lib() -> float:
         root = scratch / TARGET
-        _clean(root)
+        remove_tree(root)
         with ImageStore.open(root, "overlay2") as images:
             _sync()
             t0 = time.perf_counter()
             images.load(inputs.image_tar)
             elapsed = time.perf_counter() - t0
             images.layers.wipe()
-        _clean(root)
+        remove_tree(root)
         return elapsed
 
     def layerfs_cli() -> float:
         root = scratch / TARGET
-        _clean(root)
+        remove_tree(root)
         _sync()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
@@ -143,18 +132,18 @@ def contenders(inputs: Inputs, scratch: Path, daemon: object | None) -> list[Con
         elapsed = time.perf_counter() - t0
         with ImageStore.open(root, "overlay2") as images:
             images.layers.wipe()
-        _clean(root)
+        remove_tree(root)
         return elapsed
 
     def tar_x() -> float:
         target = scratch / TARGET
-        _clean(target)
+        remove_tree(target)
         target.mkdir()
         _sync()
         t0 = time.perf_counter()
         subprocess.run(["tar", "-xf", str(inputs.layer_tar), "-C", str(target)], check=True)
         elapsed = time.perf_counter() - t0
-        _clean(target)
+        remove_tree(target)
         return elapsed
 
     out = [Contender("layerfs load (lib)", layerfs_lib),
@@ -204,21 +193,11 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, docker: bool = 
             daemon = DockerDaemon(scratch / "docker")
             daemon.start()
         try:
-            cs = contenders(inputs, scratch, daemon)
-            for c in cs:  # one warm-up round, not counted
-                say(f"warm-up: {c.name}")
-                c.run()
-            for i in range(runs):
-                for c in cs:
-                    c.times.append(c.run())
-                say(f"round {i + 1}/{runs}: " + ", ".join(
-                    f"{c.name} {c.times[-1]:.3f}s" for c in cs))
+            results = interleave(contenders(inputs, scratch, daemon), runs, say)
         finally:
             if daemon is not None:
                 daemon.stop()
                 daemon.remove_data()
-        results = {c.name: {"median": statistics.median(c.times), "runs": c.times}
-                   for c in cs}
         lib = results["layerfs load (lib)"]["median"]
         cli = results["layerfs load (cli)"]["median"]
         ratios: dict[str, float] = {}

@@ -34,28 +34,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .harness import Contender, interleave, remove_tree
 
 SCRATCH = Path("/tmp/lfs-reg/bench")
 REPO = "bench/pull"
-
-
-@dataclass
-class Contender:
-    name: str
-    run: Callable[[], float]
-    times: list[float] = field(default_factory=list)
-
-
-def _clean(path: Path) -> None:
-    if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
 
 def contenders(ref: str, scratch: Path, daemon: object) -> list[Contender]:
@@ -68,19 +56,19 @@ def contenders(ref: str, scratch: Path, daemon: object) -> list[Contender]:
 
     def layerfs_lib() -> float:
         root = scratch / "lfs-root"
-        _clean(root)
+        remove_tree(root)
         with ImageStore.open(root, "overlay2") as images:
             os.sync()
             t0 = time.perf_counter()
             pull(images, ref, options=options)
             elapsed = time.perf_counter() - t0
             images.layers.wipe()
-        _clean(root)
+        remove_tree(root)
         return elapsed
 
     def layerfs_cli() -> float:
         root = scratch / "lfs-root-cli"
-        _clean(root)
+        remove_tree(root)
         os.sync()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
@@ -89,7 +77,7 @@ def contenders(ref: str, scratch: Path, daemon: object) -> list[Contender]:
         elapsed = time.perf_counter() - t0
         with ImageStore.open(root, "overlay2") as images:
             images.layers.wipe()
-        _clean(root)
+        remove_tree(root)
         return elapsed
 
     def docker_pull() -> float:
@@ -119,7 +107,7 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, scratch: Path =
     reason = unavailable() or DockerDaemon.unavailable()
     if reason:
         raise SystemExit(f"pull_speed: {reason}")
-    _clean(scratch)
+    remove_tree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     registry = Distribution(scratch / "registry")
     daemon: DockerDaemon | None = None
@@ -137,25 +125,16 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, scratch: Path =
         daemon.docker("push", ref)
         daemon.docker("rmi", "-f", "bench/image:1", ref)
         daemon.docker("image", "prune", "-f")
-        _clean(scratch / "inputs")
+        remove_tree(scratch / "inputs")
         blobs = registry.storage / "docker/registry/v2/blobs"
         blob_bytes = sum(p.stat().st_size for p in blobs.rglob("data"))
-        cs = contenders(ref, scratch, daemon)
-        for c in cs:  # one warm-up round, not counted
-            say(f"warm-up: {c.name}")
-            c.run()
-        for i in range(runs):
-            for c in cs:
-                c.times.append(c.run())
-            say(f"round {i + 1}/{runs}: " + ", ".join(
-                f"{c.name} {c.times[-1]:.3f}s" for c in cs))
+        results = interleave(contenders(ref, scratch, daemon), runs, say)
     finally:
         if daemon is not None:
             daemon.stop()
             daemon.remove_data()
         registry.stop()
-        _clean(scratch)
-    results = {c.name: {"median": statistics.median(c.times), "runs": c.times} for c in cs}
+        remove_tree(scratch)
     docker = results["docker pull"]["median"]
     ratios = {f"{name} / docker pull": r["median"] / docker  # type: ignore[operator]
               for name, r in results.items() if name != "docker pull"}
