@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -91,6 +92,47 @@ class NetState:
 
 
 # --- dockerd ------------------------------------------------------------------------------------
+
+# --- a daemon we started, under a scratch folder -----------------------------------------
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a daemon's log, on one line, for an error message."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def stop_by_pid(proc: subprocess.Popen[Any] | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds: only the process we started."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+def wait_ready(proc: subprocess.Popen[Any], ready: Callable[[], bool], *, what: str,
+               where: str, timeout: float, log: Path, interval: float) -> None:
+    """Poll ``ready()`` until true; fail early with the log's tail if the daemon exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting: "
+                               f"{log_tail(log)}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer on {where} within {timeout:.0f}s: "
+                               f"{log_tail(log)}")
+        time.sleep(interval)
+
 
 def docker_client() -> str:
     """The Debian client (matches the 20.10 daemon) if present, else any ``docker``."""
@@ -167,43 +209,29 @@ class DockerDaemon:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
         assert self.proc is not None
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {self.proc.returncode} while "
-                                   f"starting: {self.log_tail()}")
-            if self.socket.exists():
-                probe = subprocess.run([docker_client(), "-H", self.host, "version", "--format",
-                                        "{{.Server.Version}}"], capture_output=True, text=True,
-                                       env=self._env, timeout=30)
-                if probe.returncode == 0 and probe.stdout.strip():
-                    self.version = probe.stdout.strip()
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"dockerd did not answer on {self.socket} within "
-                                   f"{self.startup_timeout:.0f}s: {self.log_tail()}")
-            time.sleep(0.2)
+
+        def answers() -> bool:
+            if not self.socket.exists():
+                return False
+            probe = subprocess.run([docker_client(), "-H", self.host, "version", "--format",
+                                    "{{.Server.Version}}"], capture_output=True, text=True,
+                                   env=self._env, timeout=30)
+            if probe.returncode == 0 and probe.stdout.strip():
+                self.version = probe.stdout.strip()
+                return True
+            return False
+
+        wait_ready(self.proc, answers, what="dockerd", where=str(self.socket),
+                   timeout=self.startup_timeout, log=self.log_path, interval=0.2)
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return "(no log)"
-        return " | ".join(text[-lines:]) or "(empty log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Stop the daemon by its pid, unmount its leftovers, restore host networking."""
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=30)
+            stop_by_pid(self.proc, timeout=30)
             self._unmount_leftovers()
         finally:
             if self._net is not None:

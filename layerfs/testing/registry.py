@@ -41,7 +41,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -51,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .peers import log_tail, stop_by_pid, wait_ready
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -389,7 +390,7 @@ class Distribution:
             try:
                 self._wait_ready()
                 return self
-            except RuntimeError:
+            except (RuntimeError, TimeoutError):
                 self.stop()
                 if attempt == 2 or "address already in use" not in self.log_tail():
                     raise
@@ -413,36 +414,16 @@ class Distribution:
             return None
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
         assert self.proc is not None
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self.proc.returncode}: "
-                                   f"{self.log_tail()}")
-            if self._probe() in (200, 401):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"docker-registry did not answer on {self.url} within "
-                                   f"{self.startup_timeout:.0f}s: {self.log_tail()}")
-            time.sleep(0.05)
+        wait_ready(self.proc, lambda: self._probe() in (200, 401), what="docker-registry",
+                   where=self.url, timeout=self.startup_timeout, log=self.log_path,
+                   interval=0.05)
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return "(no log)"
-        return " | ".join(text[-lines:]) or "(empty log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
+        stop_by_pid(self.proc, timeout=15)
         self.proc = None
 
     def remove_data(self) -> None:
