@@ -8,6 +8,7 @@ removed at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -62,6 +63,19 @@ def close_images(images: ImageStore) -> None:
     close_and_check(images.layers)
 
 
+@contextlib.contextmanager
+def image_store(driver: str, root: Path) -> Iterator[ImageStore]:
+    """Open (or skip with the reason), then close and check nothing leaked. A btrfs
+    root is a folder in the session's shared pool, so it is removed too."""
+    store = open_images_or_skip(driver, root)
+    try:
+        yield store
+    finally:
+        close_images(store)
+        if driver == "btrfs":
+            shutil.rmtree(root, ignore_errors=True)
+
+
 # devicemapper needs a kernel with dm: it joins the list inside the qemu guest
 # (test_interop_docker.py::test_images_interop_on_devicemapper_in_the_guest runs
 # the deletion and Docker-output tests there).
@@ -78,24 +92,15 @@ def image_driver(request: pytest.FixtureRequest) -> str:
 def images_on(image_driver: str, tmp_path: Path,
               request: pytest.FixtureRequest) -> Iterator[ImageStore]:
     """An ImageStore on a fresh root, for every native driver."""
-    root = root_for(image_driver, tmp_path, request)
-    store = open_images_or_skip(image_driver, root)
-    try:
+    with image_store(image_driver, root_for(image_driver, tmp_path, request)) as store:
         yield store
-    finally:
-        close_images(store)
-        if image_driver == "btrfs":
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 def images(tmp_path: Path) -> Iterator[ImageStore]:
     """An ImageStore on overlay2 (the default driver) for tests that are not about drivers."""
-    store = open_images_or_skip("overlay2", tmp_path / "root")
-    try:
+    with image_store("overlay2", tmp_path / "root") as store:
         yield store
-    finally:
-        close_images(store)
 
 
 # --- archives, built once ----------------------------------------------------------------------

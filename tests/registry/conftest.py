@@ -27,7 +27,7 @@ from layerfs.testing import images as timg
 from layerfs.testing import registry as treg
 
 from ..conftest import NATIVE_DRIVERS, root_for
-from ..images.conftest import close_images, open_images_or_skip
+from ..images.conftest import image_store, open_images_or_skip
 
 SCRATCH = Path("/tmp/lfs-reg")
 USER, PASSWORD = "alice", "wonderland-7f3a"
@@ -130,14 +130,8 @@ def image_driver(request: pytest.FixtureRequest) -> str:
 def images_on(image_driver: str, tmp_path: Path,
               request: pytest.FixtureRequest) -> Iterator[ImageStore]:
     """An ImageStore on a fresh root, for every native driver."""
-    root = root_for(image_driver, tmp_path, request)
-    store = open_images_or_skip(image_driver, root)
-    try:
+    with image_store(image_driver, root_for(image_driver, tmp_path, request)) as store:
         yield store
-    finally:
-        close_images(store)
-        if image_driver == "btrfs":
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def open_overlay2(root: Path) -> ImageStore:
@@ -146,11 +140,8 @@ def open_overlay2(root: Path) -> ImageStore:
 
 @pytest.fixture
 def images(tmp_path: Path) -> Iterator[ImageStore]:
-    store = open_overlay2(tmp_path / "root")
-    try:
+    with image_store("overlay2", tmp_path / "root") as store:
         yield store
-    finally:
-        close_images(store)
 
 
 @pytest.fixture(autouse=True)

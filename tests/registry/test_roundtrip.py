@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from layerfs.registry_client import (
 from layerfs.testing import images as timg
 from layerfs.testing.registry import Distribution, FaultProxy
 
-from ..images.conftest import close_images, open_images_or_skip, run_image
+from ..images.conftest import close_images, image_store, run_image
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
 INSECURE = RegistryOptions(insecure=True)
@@ -45,14 +44,8 @@ def second_root(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
 def pulled(image_driver: str, tmp_path: Path,
            request: pytest.FixtureRequest) -> Iterator[ImageStore]:
     """A second, empty root on the same driver as ``images_on``."""
-    root = second_root(image_driver, tmp_path, request)
-    store = open_images_or_skip(image_driver, root)
-    try:
+    with image_store(image_driver, second_root(image_driver, tmp_path, request)) as store:
         yield store
-    finally:
-        close_images(store)
-        if image_driver == "btrfs":
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_push_then_pull_on_every_driver(images_on: ImageStore, pulled: ImageStore,

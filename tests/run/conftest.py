@@ -15,9 +15,7 @@ nft rule, no lease. Then the root is wiped.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -40,6 +38,7 @@ from layerfs.runtime.network import Ipam, NetworkConfig, link_exists, remove_net
 from layerfs.testing import images as timg
 
 from ..conftest import root_for
+from ..host_resources import free_subnet, rmdir_retry
 
 SCRATCH = Path("/tmp/lfs-run")
 
@@ -52,30 +51,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.path)).parents and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(180))
-
-
-def _free_subnet() -> str:
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=True).stdout
-    for _ in range(100):
-        subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
-        if f"{subnet}." not in routes:
-            return f"{subnet}.0/24"
-    raise RuntimeError("no free 10.x.y.0/24 subnet")
-
-
-def free_port() -> int:
-    import socket
-
-    for _ in range(100):
-        port = random.randint(20000, 40000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 @dataclass
@@ -95,18 +70,6 @@ class Session:
         return [DEFAULT_ROOT / c / self.tag for c in ("memory", "cpu", "pids", "devices")]
 
 
-def _rmdir_retry(path: Path) -> None:
-    for _ in range(200):
-        try:
-            path.rmdir()
-            return
-        except OSError as err:
-            if err.errno != errno.EBUSY:
-                raise
-            time.sleep(0.01)
-    path.rmdir()
-
-
 @pytest.fixture(scope="session")
 def session() -> Iterator[Session]:
     if os.geteuid() != 0:
@@ -114,7 +77,7 @@ def session() -> Iterator[Session]:
     tag = "lfsr" + os.urandom(3).hex()
     base = SCRATCH / tag
     base.mkdir(parents=True)
-    net = NetworkConfig(bridge=tag, subnet=_free_subnet(), table=tag, ip_forward=False)
+    net = NetworkConfig(bridge=tag, subnet=free_subnet(), table=tag, ip_forward=False)
     env = dict(os.environ, LAYERFS_BRIDGE=net.bridge, LAYERFS_SUBNET=net.subnet,
                LAYERFS_NFT_TABLE=net.table, LAYERFS_IP_FORWARD="0", LAYERFS_CGROUP_PARENT=tag,
                PYTHONPYCACHEPREFIX=str(SCRATCH / "pycache"))
@@ -136,7 +99,7 @@ def session() -> Iterator[Session]:
                         for pid in (child / "cgroup.procs").read_text().split():
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(int(pid), signal.SIGKILL)
-                        _rmdir_retry(child)
+                        rmdir_retry(child)
                 d.rmdir()
         shutil.rmtree(base, ignore_errors=True)
 

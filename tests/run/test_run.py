@@ -22,7 +22,8 @@ from layerfs.containers import LABEL_CONTAINER
 from layerfs.testing import images as timg
 
 from ..conftest import NATIVE_DRIVERS
-from .conftest import Cli, free_port, wait_for
+from ..host_resources import free_port
+from .conftest import Cli, wait_for
 
 RUN = ("run", "--rm", "--network", "none")
 

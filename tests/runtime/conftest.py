@@ -15,13 +15,10 @@ no cgroup, no veth, no nft rule and no address lease behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import random
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,37 +29,16 @@ from layerfs.runtime import RuntimeConfig
 from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
 from layerfs.runtime.network import Ipam, NetworkConfig, link_exists, remove_network
 
+from ..host_resources import free_subnet, rmdir_retry
 from .helpers import stop_all_started
 
 SCRATCH = Path("/tmp/lfs-runtime")
 APPLETS_NEEDED = ("sh", "true", "nc", "httpd", "wget", "ps", "mknod", "mount", "tail", "seq")
 
 
-def _rmdir_retry(path: Path) -> None:
-    for _ in range(200):
-        try:
-            path.rmdir()
-            return
-        except OSError as err:
-            if err.errno != errno.EBUSY:
-                raise
-            time.sleep(0.01)
-    path.rmdir()
-
-
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("the runtime tests need root (namespaces, cgroups, veth, nft)")
-
-
-def _free_subnet() -> str:
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=True).stdout
-    for _ in range(100):
-        subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
-        if f"{subnet}." not in routes:
-            return f"{subnet}.0/24"
-    raise RuntimeError("no free 10.x.y.0/24 subnet")
 
 
 def build_rootfs(dest: Path) -> Path:
@@ -109,7 +85,7 @@ def lfs() -> Iterator[Session]:
     base = SCRATCH / tag
     base.mkdir(parents=True)
     sess = Session(tag, base, build_rootfs(base / "rootfs"),
-                   NetworkConfig(bridge=tag, subnet=_free_subnet(), table=tag, ip_forward=False),
+                   NetworkConfig(bridge=tag, subnet=free_subnet(), table=tag, ip_forward=False),
                    tag)
     try:
         yield sess
@@ -131,7 +107,7 @@ def lfs() -> Iterator[Session]:
                         for pid in (child / "cgroup.procs").read_text().split():
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(int(pid), signal.SIGKILL)
-                        _rmdir_retry(child)
+                        rmdir_retry(child)
                 d.rmdir()
         shutil.rmtree(base, ignore_errors=True)
 

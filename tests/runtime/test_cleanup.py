@@ -25,9 +25,9 @@ from layerfs.runtime.cgroups import Cgroup, Limits
 from layerfs.runtime.network import Ipam, ensure_bridge, link_exists, veth_name
 from layerfs.runtime.state import write_record
 
+from ..host_resources import free_port
 from .conftest import Session
 from .helpers import nft_rules, run, sh, wait_for
-from .test_network import free_port
 
 RUNNER = """
 import json, sys, time

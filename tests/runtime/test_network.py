@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -16,22 +15,11 @@ import pytest
 from layerfs.errors import InUse
 from layerfs.runtime import PortMapping, RunningContainer, RuntimeConfig, start
 
-from .conftest import Session, _free_subnet
+from ..host_resources import free_port, free_subnet
+from .conftest import Session
 from .helpers import nft_rules, run, sh, start_logged, wait_for
 
 HTTPD = "mkdir -p /www/{n} && echo {body} > /www/{n}/index.html && exec httpd -f -p {port} -h /www/{n}"
-
-
-def free_port() -> int:
-    for _ in range(100):
-        port = random.randint(20000, 40000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def http_get(host: str, port: int, path: str = "/", timeout: float = 2) -> str:
@@ -199,7 +187,7 @@ def outside(lfs: Session) -> Iterator[tuple[str, str, str]]:
     on the host-side interface only (replies to masqueraded traffic enter there).
     """
     ns, host_if, out_if = f"{lfs.tag}o", f"{lfs.tag}h", f"{lfs.tag}x"
-    prefix = _free_subnet().rsplit(".", 1)[0]
+    prefix = free_subnet().rsplit(".", 1)[0]
     host_ip, out_ip = f"{prefix}.1", f"{prefix}.2"
     cmds = [["ip", "netns", "add", ns],
             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", out_if, "netns", ns],

@@ -13,21 +13,13 @@ vagrant/provision.sh --check (the Vagrant VM's prerequisites check) runs first.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
-
-import pytest
 
 from layerfs.testing import qemu
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LAYERFS_IN_GUEST") == "1",
-                       reason="already inside the qemu guest: no nested guests"),
-    pytest.mark.skipif(shutil.which(qemu.QEMU) is None,
-                       reason=f"{qemu.QEMU} not installed (scripts/setup installs it)"),
-]
+from .guest import GUEST_MARKS
+
+pytestmark = GUEST_MARKS
 
 GUEST_TESTS = ["tests/conformance", "tests/drivers/test_devicemapper.py", "-k", "devicemapper"]
 BUDGET = 600  # seconds for the whole guest run, boot included

@@ -1,0 +1,48 @@
+"""Host resources the runner tests take by exact name: a free subnet, a free port, and
+an rmdir for cgroups that the kernel still counts as busy for a moment."""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_subnet() -> str:
+    """A 10.x.y.0/24 no route on this host uses (random: parallel sessions differ)."""
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
+                            text=True, check=True).stdout
+    for _ in range(100):
+        subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+        if f"{subnet}." not in routes:
+            return f"{subnet}.0/24"
+    raise RuntimeError("no free 10.x.y.0/24 subnet")
+
+
+def free_port() -> int:
+    """A TCP port free on every address (published ports bind 0.0.0.0)."""
+    for _ in range(100):
+        port = random.randint(20000, 40000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def rmdir_retry(path: Path) -> None:
+    """rmdir a cgroup: EBUSY for a moment after its last process exited."""
+    for _ in range(200):
+        try:
+            path.rmdir()
+            return
+        except OSError as err:
+            if err.errno != errno.EBUSY:
+                raise
+            time.sleep(0.01)
+    path.rmdir()
