@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .cli import emit_json, err, human_size, open_store, out
+from .cli_run import command_parser
 from .errors import InvalidArgument, LayerfsError
 from .images import ImageStore
 
@@ -232,21 +232,13 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
-def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str,  # type: ignore[type-arg]
-            examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help,  # type: ignore[no-any-return]
-                          description=textwrap.fill(description, 88),
-                          epilog="examples:\n" + examples,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def _add_import(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "import", "a one-layer image from a root filesystem tar or directory",
-                "Create an image whose only layer is ROOTFS (like `docker import`): a tar "
-                "(plain, gzip or zstd), a directory, or - for stdin. Prints the image id.",
-                "  layerfs import rootfs.tar busybox:1.36\n"
-                "  layerfs import ./rootfs lab/box -c 'CMD [\"/bin/sh\"]' -c 'ENV LANG=C'\n"
-                "  zstd -dc rootfs.tar.zst | layerfs import - scratch:base\n")
+    p = command_parser(sub, "import", "a one-layer image from a root filesystem tar or directory",
+                       "Create an image whose only layer is ROOTFS (like `docker import`): a tar "
+                       "(plain, gzip or zstd), a directory, or - for stdin. Prints the image id.",
+                       "  layerfs import rootfs.tar busybox:1.36\n"
+                       "  layerfs import ./rootfs lab/box -c 'CMD [\"/bin/sh\"]' -c 'ENV LANG=C'\n"
+                       "  zstd -dc rootfs.tar.zst | layerfs import - scratch:base\n")
     p.add_argument("source", metavar="ROOTFS.tar|DIR|-")
     p.add_argument("name", nargs="?", metavar="NAME[:TAG]", help="name for the image "
                    "(default tag: latest); none: untagged")
@@ -259,14 +251,14 @@ def _add_import(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _add_load(sub: argparse._SubParsersAction, name: str = "load") -> None:  # type: ignore[type-arg]
-    p = _parser(sub, name, "load images from a docker save archive or an OCI layout",
-                "Load every image of a `docker save` archive or an OCI image layout "
-                "(directory or tar; layers plain, gzip or zstd; the archive itself may be "
-                "gzip/zstd-compressed). Every digest is verified; on any error nothing is "
-                "left behind. Layers already stored (same chain id) are not unpacked again.",
-                "  layerfs load -i busybox.tar\n"
-                "  docker save busybox | layerfs load\n"
-                "  layerfs load -i ./oci-layout --name lab/app   # ref.name 'v1' -> lab/app:v1\n")
+    p = command_parser(sub, name, "load images from a docker save archive or an OCI layout",
+                       "Load every image of a `docker save` archive or an OCI image layout "
+                       "(directory or tar; layers plain, gzip or zstd; the archive itself may be "
+                       "gzip/zstd-compressed). Every digest is verified; on any error nothing is "
+                       "left behind. Layers already stored (same chain id) are not unpacked again.",
+                       "  layerfs load -i busybox.tar\n"
+                       "  docker save busybox | layerfs load\n"
+                       "  layerfs load -i ./oci-layout --name lab/app   # ref.name 'v1' -> lab/app:v1\n")
     p.add_argument("-i", "--input", metavar="FILE|DIR", help="archive or layout (default: stdin)")
     p.add_argument("--name", metavar="REPO", help="repository for OCI images whose ref.name is "
                    "a bare tag (umoci, skopeo); without it they load untagged")
@@ -275,14 +267,14 @@ def _add_load(sub: argparse._SubParsersAction, name: str = "load") -> None:  # t
 
 
 def _add_save(sub: argparse._SubParsersAction, name: str = "save") -> None:  # type: ignore[type-arg]
-    p = _parser(sub, name, "write images to a docker save archive or an OCI layout",
-                "Write images with their layers, byte for byte as loaded, so digests and "
-                "image ids are kept. Formats: docker (what `docker load` reads), oci (an OCI "
-                "layout in a tar), oci-dir (an OCI layout directory). The output appears "
-                "complete or not at all.",
-                "  layerfs save -o busybox.tar busybox\n"
-                "  layerfs save --format oci --compression zstd -o app.oci.tar lab/app:v1\n"
-                "  layerfs save busybox | docker load\n")
+    p = command_parser(sub, name, "write images to a docker save archive or an OCI layout",
+                       "Write images with their layers, byte for byte as loaded, so digests and "
+                       "image ids are kept. Formats: docker (what `docker load` reads), oci (an OCI "
+                       "layout in a tar), oci-dir (an OCI layout directory). The output appears "
+                       "complete or not at all.",
+                       "  layerfs save -o busybox.tar busybox\n"
+                       "  layerfs save --format oci --compression zstd -o app.oci.tar lab/app:v1\n"
+                       "  layerfs save busybox | docker load\n")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE|DIR", help="default: stdout (not a terminal)")
     p.add_argument("--format", choices=["docker", "oci", "oci-dir"], default="docker")
@@ -293,9 +285,9 @@ def _add_save(sub: argparse._SubParsersAction, name: str = "save") -> None:  # t
 
 
 def _add_images(sub: argparse._SubParsersAction, name: str = "images") -> None:  # type: ignore[type-arg]
-    p = _parser(sub, name, "list images",
-                "List images: one row per name; untagged images show as <none>.",
-                "  layerfs images\n  layerfs images busybox\n  layerfs images --json\n")
+    p = command_parser(sub, name, "list images",
+                       "List images: one row per name; untagged images show as <none>.",
+                       "  layerfs images\n  layerfs images busybox\n  layerfs images --json\n")
     p.add_argument("filter", nargs="?", metavar="REPOSITORY[:TAG]")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="only image ids")
@@ -304,11 +296,11 @@ def _add_images(sub: argparse._SubParsersAction, name: str = "images") -> None: 
 
 
 def _add_rmi(sub: argparse._SubParsersAction, name: str = "rmi") -> None:  # type: ignore[type-arg]
-    p = _parser(sub, name, "remove images (refused while a container uses them)",
-                "Remove a name; the image goes with its last name, and its layers with the "
-                "last image using them. Refused while a container uses the image, or its "
-                "top layer is mounted.",
-                "  layerfs rmi busybox:1.36\n  layerfs rmi -f 3f2a9c1b0d4e\n")
+    p = command_parser(sub, name, "remove images (refused while a container uses them)",
+                       "Remove a name; the image goes with its last name, and its layers with the "
+                       "last image using them. Refused while a container uses the image, or its "
+                       "top layer is mounted.",
+                       "  layerfs rmi busybox:1.36\n  layerfs rmi -f 3f2a9c1b0d4e\n")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-f", "--force", action="store_true",
                    help="remove an image given by id even if it has several names")
@@ -316,9 +308,9 @@ def _add_rmi(sub: argparse._SubParsersAction, name: str = "rmi") -> None:  # typ
 
 
 def _add_history(sub: argparse._SubParsersAction, name: str = "history") -> None:  # type: ignore[type-arg]
-    p = _parser(sub, name, "how an image was built, layer by layer",
-                "The image config's history, newest first, with the size of each layer.",
-                "  layerfs history busybox\n  layerfs history --no-trunc --json lab/app\n")
+    p = command_parser(sub, name, "how an image was built, layer by layer",
+                       "The image config's history, newest first, with the size of each layer.",
+                       "  layerfs history busybox\n  layerfs history --no-trunc --json lab/app\n")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-trunc", action="store_true")
@@ -331,9 +323,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_save(sub)
     _add_images(sub)
     _add_rmi(sub)
-    p = _parser(sub, "tag", "give an image another name",
-                "Point TARGET at the image SOURCE names (a name or an id).",
-                "  layerfs tag busybox lab/busybox:stable\n")
+    p = command_parser(sub, "tag", "give an image another name",
+                       "Point TARGET at the image SOURCE names (a name or an id).",
+                       "  layerfs tag busybox lab/busybox:stable\n")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET[:TAG]")
     p.set_defaults(func=cmd_tag)
@@ -344,10 +336,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                            "config (command, environment, ...). See also the top-level "
                            "import, load, save, images, rmi, tag and history.")
     isub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
-    p = _parser(isub, "inspect", "everything about images, as JSON",
-                "Like `docker image inspect`, plus where layerfs keeps the layers.",
-                "  layerfs image inspect busybox\n"
-                "  layerfs image inspect busybox | jq '.[0].Config.Cmd'\n")
+    p = command_parser(isub, "inspect", "everything about images, as JSON",
+                       "Like `docker image inspect`, plus where layerfs keeps the layers.",
+                       "  layerfs image inspect busybox\n"
+                       "  layerfs image inspect busybox | jq '.[0].Config.Cmd'\n")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_image_inspect)
     _add_images(isub, "ls")
@@ -355,9 +347,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_load(isub, "load")
     _add_save(isub, "save")
     _add_history(isub, "history")
-    p = _parser(isub, "prune", "remove untagged images and layers no image uses",
-                "Untagged images no container uses are removed, then every image layer "
-                "nothing holds.", "  layerfs image prune\n")
+    p = command_parser(isub, "prune", "remove untagged images and layers no image uses",
+                       "Untagged images no container uses are removed, then every image layer "
+                       "nothing holds.", "  layerfs image prune\n")
     p.set_defaults(func=cmd_image_prune)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-import textwrap
 from typing import TYPE_CHECKING
 
 from .cli import err
 from .cli_images import image_store, progress_for
+from .cli_run import command_parser
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -121,14 +121,6 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
-def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str,  # type: ignore[type-arg]
-            examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help,  # type: ignore[no-any-return]
-                          description=textwrap.fill(description, 88),
-                          epilog="examples:\n" + examples,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def _tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", metavar="FILE", help="PEM file with the CA certificate(s) the "
                    "registry's TLS certificate is checked against (besides the system CAs)")
@@ -138,16 +130,16 @@ def _tls(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "pull", "download an image from a registry",
-                "Pull REGISTRY/REPO:TAG (or @DIGEST) into the root: layers the root already "
-                "has are skipped, the others are downloaded in parallel and applied as they "
-                "arrive; every digest is checked. An interrupted pull resumes where it "
-                "stopped when run again. On any error no image is left behind. Manifest "
-                "lists and OCI indexes resolve to this host's platform (or --platform).",
-                "  layerfs pull 127.0.0.1:5000/lab/app:v1\n"
-                "  layerfs pull --platform linux/arm64 registry.example.com/tools/jq:1.7\n"
-                "  layerfs pull --ca ca.pem registry.lab:5443/app@sha256:3f2a…\n"
-                "  layerfs pull --insecure 127.0.0.1:5000/lab/app:v1   # plain HTTP\n")
+    p = command_parser(sub, "pull", "download an image from a registry",
+                       "Pull REGISTRY/REPO:TAG (or @DIGEST) into the root: layers the root already "
+                       "has are skipped, the others are downloaded in parallel and applied as they "
+                       "arrive; every digest is checked. An interrupted pull resumes where it "
+                       "stopped when run again. On any error no image is left behind. Manifest "
+                       "lists and OCI indexes resolve to this host's platform (or --platform).",
+                       "  layerfs pull 127.0.0.1:5000/lab/app:v1\n"
+                       "  layerfs pull --platform linux/arm64 registry.example.com/tools/jq:1.7\n"
+                       "  layerfs pull --ca ca.pem registry.lab:5443/app@sha256:3f2a…\n"
+                       "  layerfs pull --insecure 127.0.0.1:5000/lab/app:v1   # plain HTTP\n")
     p.add_argument("reference", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform index (default: this host's)")
@@ -156,15 +148,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="no progress, print only the image id")
     p.set_defaults(func=cmd_pull)
 
-    p = _parser(sub, "push", "upload an image to a registry",
-                "Push IMAGE (a name or id) to DESTINATION (default: IMAGE itself, which must "
-                "then name a registry). Layers the registry already has are skipped (HEAD), "
-                "layers known to be in another repository of the same registry are "
-                "cross-mounted, the rest are compressed and uploaded in parallel. The image "
-                "config is pushed as it is, so the image id stays the same.",
-                "  layerfs push lab/app:v1 127.0.0.1:5000/lab/app:v1\n"
-                "  layerfs push 127.0.0.1:5000/lab/app:v1\n"
-                "  layerfs push --format oci --compression zstd app 127.0.0.1:5000/app:zst\n")
+    p = command_parser(sub, "push", "upload an image to a registry",
+                       "Push IMAGE (a name or id) to DESTINATION (default: IMAGE itself, which must "
+                       "then name a registry). Layers the registry already has are skipped (HEAD), "
+                       "layers known to be in another repository of the same registry are "
+                       "cross-mounted, the rest are compressed and uploaded in parallel. The image "
+                       "config is pushed as it is, so the image id stays the same.",
+                       "  layerfs push lab/app:v1 127.0.0.1:5000/lab/app:v1\n"
+                       "  layerfs push 127.0.0.1:5000/lab/app:v1\n"
+                       "  layerfs push --format oci --compression zstd app 127.0.0.1:5000/app:zst\n")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("destination", nargs="?", metavar="REGISTRY/REPO[:TAG]")
     p.add_argument("--format", choices=["docker", "oci"], default="docker",
@@ -176,22 +168,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="no progress, print only the manifest digest")
     p.set_defaults(func=cmd_push)
 
-    p = _parser(sub, "login", "store credentials for a registry",
-                "Check USER and the password against the registry (basic or token auth), "
-                "then store them like `docker login` does, in $LAYERFS_CONFIG/config.json or "
-                "~/.config/layerfs/config.json (mode 0600). The password is read from stdin "
-                "(--password-stdin) or asked for; it is never printed.",
-                "  layerfs login -u alice 127.0.0.1:5443\n"
-                "  cat pw.txt | layerfs login -u alice --password-stdin --ca ca.pem "
-                "127.0.0.1:5443\n")
+    p = command_parser(sub, "login", "store credentials for a registry",
+                       "Check USER and the password against the registry (basic or token auth), "
+                       "then store them like `docker login` does, in $LAYERFS_CONFIG/config.json or "
+                       "~/.config/layerfs/config.json (mode 0600). The password is read from stdin "
+                       "(--password-stdin) or asked for; it is never printed.",
+                       "  layerfs login -u alice 127.0.0.1:5443\n"
+                       "  cat pw.txt | layerfs login -u alice --password-stdin --ca ca.pem "
+                       "127.0.0.1:5443\n")
     p.add_argument("server", metavar="REGISTRY")
     p.add_argument("-u", "--username", metavar="USER")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     _tls(p)
     p.set_defaults(func=cmd_login, quiet=True)
 
-    p = _parser(sub, "logout", "forget the credentials of a registry",
-                "Remove the stored credentials of REGISTRY.", "  layerfs logout 127.0.0.1:5443\n")
+    p = command_parser(sub, "logout", "forget the credentials of a registry",
+                       "Remove the stored credentials of REGISTRY.", "  layerfs logout 127.0.0.1:5443\n")
     p.add_argument("server", metavar="REGISTRY")
     p.set_defaults(func=cmd_logout)
 

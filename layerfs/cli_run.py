@@ -371,8 +371,10 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
-def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str,  # type: ignore[type-arg]
-            examples: str, **kw: Any) -> argparse.ArgumentParser:
+def command_parser(sub: argparse._SubParsersAction, name: str, help: str,  # type: ignore[type-arg]
+                   description: str, examples: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose --help teaches: a wrapped description, then examples.
+    Here, not in cli.py, because run/exec start without importing cli.py (and rich)."""
     return sub.add_parser(name, help=help,  # type: ignore[no-any-return]
                           description=textwrap.fill(description, 88),
                           epilog="examples:\n" + examples,
@@ -412,8 +414,8 @@ layerfs and the cgroup parent layerfs.
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _parser(sub, "run", "run a command in a new container",
-                RUN_DESCRIPTION, RUN_EXAMPLES, add_help=False)
+    p = command_parser(sub, "run", "run a command in a new container",
+                       RUN_DESCRIPTION, RUN_EXAMPLES, add_help=False)
     p.add_argument("--help", action="help", help="show this help message and exit")
     g = p.add_argument_group("lifecycle")
     g.add_argument("--rm", action="store_true", help="remove the container (its layer and "
@@ -473,51 +475,51 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_run(sub)
 
-    p = _parser(sub, "ps", "list containers",
-                "Running containers; -a adds created, exited and dead ones (a runner that "
-                "was killed leaves a dead one: listing cleans it up).",
-                "  layerfs ps\n  layerfs ps -a\n  layerfs ps -aq | xargs layerfs rm -f\n"
-                "  layerfs ps --json\n")
+    p = command_parser(sub, "ps", "list containers",
+                       "Running containers; -a adds created, exited and dead ones (a runner that "
+                       "was killed leaves a dead one: listing cleans it up).",
+                       "  layerfs ps\n  layerfs ps -a\n  layerfs ps -aq | xargs layerfs rm -f\n"
+                       "  layerfs ps --json\n")
     p.add_argument("-a", "--all", action="store_true", help="not only running containers")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.set_defaults(func=cmd_ps)
 
-    p = _parser(sub, "stop", "stop containers: the stop signal, then SIGKILL",
-                "Send the image's StopSignal (default SIGTERM) to each container's main "
-                "process; SIGKILL if it still runs after -t seconds. Waits until it is "
-                "stopped (and, for --rm containers, removed).",
-                "  layerfs stop web\n  layerfs stop -t 0 web db\n")
+    p = command_parser(sub, "stop", "stop containers: the stop signal, then SIGKILL",
+                       "Send the image's StopSignal (default SIGTERM) to each container's main "
+                       "process; SIGKILL if it still runs after -t seconds. Waits until it is "
+                       "stopped (and, for --rm containers, removed).",
+                       "  layerfs stop web\n  layerfs stop -t 0 web db\n")
     p.add_argument("-t", "--time", type=float, default=10, metavar="SECONDS",
                    help="grace period before SIGKILL (default: %(default)s)")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     p.set_defaults(func=cmd_stop)
 
-    p = _parser(sub, "kill", "send a signal to containers (default SIGKILL)",
-                "The signal goes to the container's PID 1 (layerfs-init), which passes it "
-                "on to the main process; SIGKILL ends everything at once.",
-                "  layerfs kill web\n  layerfs kill -s HUP web\n")
+    p = command_parser(sub, "kill", "send a signal to containers (default SIGKILL)",
+                       "The signal goes to the container's PID 1 (layerfs-init), which passes it "
+                       "on to the main process; SIGKILL ends everything at once.",
+                       "  layerfs kill web\n  layerfs kill -s HUP web\n")
     p.add_argument("-s", "--signal", default="KILL", help="name or number (default: KILL)")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     p.set_defaults(func=cmd_kill)
 
-    p = _parser(sub, "rm", "remove containers: record, layer, and the image's use",
-                "Remove stopped containers: the engine record and log, the container's "
-                "layer, and its claim on the image (so `layerfs rmi` can remove the image). "
-                "Running ones are refused unless -f (SIGKILL first).",
-                "  layerfs rm web\n  layerfs rm -f $(layerfs ps -aq)\n")
+    p = command_parser(sub, "rm", "remove containers: record, layer, and the image's use",
+                       "Remove stopped containers: the engine record and log, the container's "
+                       "layer, and its claim on the image (so `layerfs rmi` can remove the image). "
+                       "Running ones are refused unless -f (SIGKILL first).",
+                       "  layerfs rm web\n  layerfs rm -f $(layerfs ps -aq)\n")
     p.add_argument("-f", "--force", action="store_true", help="kill running containers first")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     p.set_defaults(func=cmd_rm)
 
-    p = _parser(sub, "exec", "run a command in a running container",
-                "The command joins the container's namespaces (user, ipc, uts, net, cgroup, "
-                "mount, pid) and its cgroup, with the container's user, environment and "
-                "working directory unless given, the same capabilities and no_new_privs. "
-                "Exits with its exit code.",
-                "  layerfs exec web ps -ef\n  layerfs exec -e DEBUG=1 -w /tmp web env\n"
-                "  layerfs exec web cat /proc/self/cgroup    # the container's cgroup\n")
+    p = command_parser(sub, "exec", "run a command in a running container",
+                       "The command joins the container's namespaces (user, ipc, uts, net, cgroup, "
+                       "mount, pid) and its cgroup, with the container's user, environment and "
+                       "working directory unless given, the same capabilities and no_new_privs. "
+                       "Exits with its exit code.",
+                       "  layerfs exec web ps -ef\n  layerfs exec -e DEBUG=1 -w /tmp web env\n"
+                       "  layerfs exec web cat /proc/self/cgroup    # the container's cgroup\n")
     p.add_argument("-d", "--detach", action="store_true", help="do not wait for it")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
@@ -528,37 +530,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD ...")
     p.set_defaults(func=cmd_exec)
 
-    p = _parser(sub, "logs", "the output of a container",
-                "stdout and stderr of a container, as kept in ROOT/containers/ID/"
-                "container.log (detached containers, and attached ones without --rm).",
-                "  layerfs logs web\n  layerfs logs -f web      # follow until it exits\n"
-                "  layerfs logs --tail 5 web\n")
+    p = command_parser(sub, "logs", "the output of a container",
+                       "stdout and stderr of a container, as kept in ROOT/containers/ID/"
+                       "container.log (detached containers, and attached ones without --rm).",
+                       "  layerfs logs web\n  layerfs logs -f web      # follow until it exits\n"
+                       "  layerfs logs --tail 5 web\n")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the "
                    "container exits")
     p.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines")
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cmd_logs)
 
-    p = _parser(sub, "inspect", "everything about containers (or images), as JSON",
-                "Like `docker inspect`: state, exit code and OOM flag, config, limits, "
-                "network address, the layer and where it is mounted, cgroup paths. A name "
-                "that is not a container is looked up as an image.",
-                "  layerfs inspect web\n  layerfs inspect web | jq '.[0].State'\n"
-                "  layerfs inspect --type image busybox\n")
+    p = command_parser(sub, "inspect", "everything about containers (or images), as JSON",
+                       "Like `docker inspect`: state, exit code and OOM flag, config, limits, "
+                       "network address, the layer and where it is mounted, cgroup paths. A name "
+                       "that is not a container is looked up as an image.",
+                       "  layerfs inspect web\n  layerfs inspect web | jq '.[0].State'\n"
+                       "  layerfs inspect --type image busybox\n")
     p.add_argument("--type", choices=["container", "image"], help="only look for this kind")
     p.add_argument("refs", nargs="+", metavar="CONTAINER|IMAGE")
     p.set_defaults(func=cmd_inspect)
 
-    p = _parser(sub, "commit", "a new image from a container's changes",
-                "The container's changes (its layer's diff, through the storage driver) "
-                "become one more layer on top of its image's layers; the new image's config "
-                "is the container's (command, environment, working directory, user), then "
-                "the -c instructions. Mount points layerfs made (/etc/hosts, ...) are left "
-                "out. Prints the image id.",
-                "  layerfs run --name box busybox sh -c 'echo hi > /greeting'\n"
-                "  layerfs commit -m 'add greeting' box lab/greeting:v1\n"
-                "  layerfs run --rm lab/greeting:v1 cat /greeting      # hi\n"
-                "  layerfs commit -c 'CMD [\"cat\", \"/greeting\"]' box lab/greeting:v2\n")
+    p = command_parser(sub, "commit", "a new image from a container's changes",
+                       "The container's changes (its layer's diff, through the storage driver) "
+                       "become one more layer on top of its image's layers; the new image's config "
+                       "is the container's (command, environment, working directory, user), then "
+                       "the -c instructions. Mount points layerfs made (/etc/hosts, ...) are left "
+                       "out. Prints the image id.",
+                       "  layerfs run --name box busybox sh -c 'echo hi > /greeting'\n"
+                       "  layerfs commit -m 'add greeting' box lab/greeting:v1\n"
+                       "  layerfs run --rm lab/greeting:v1 cat /greeting      # hi\n"
+                       "  layerfs commit -c 'CMD [\"cat\", \"/greeting\"]' box lab/greeting:v2\n")
     p.add_argument("-m", "--message", help="comment for the history entry")
     p.add_argument("-a", "--author", help="author (e.g. 'Name <mail>')")
     p.add_argument("-c", "--change", action="append", metavar="INSTRUCTION",
