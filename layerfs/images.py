@@ -1054,13 +1054,7 @@ class ImageStore:
             self._save_to_dir(selected, Path(output), compression, progress)
             return
         if stream is not None:
-            writer = oci.TarArchiveWriter(stream)
-            try:
-                self._write(selected, writer, format, compression, progress)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
+            self._write_tar(stream, selected, format, compression, progress)
             return
         assert output is not None
         out_path = Path(output)
@@ -1071,13 +1065,7 @@ class ImageStore:
                                    dir=out_path.parent if str(out_path.parent) else ".")
         try:
             with os.fdopen(fd, "wb") as f:
-                writer = oci.TarArchiveWriter(f)
-                try:
-                    self._write(selected, writer, format, compression, progress)
-                except BaseException:
-                    writer.abort()
-                    raise
-                writer.close()
+                self._write_tar(f, selected, format, compression, progress)
             os.chmod(tmp, 0o644)
             os.replace(tmp, out_path)
         except BaseException:
@@ -1114,6 +1102,18 @@ class ImageStore:
                 if n not in names:
                     names.append(n)
         return list(chosen.values())
+
+    def _write_tar(self, f: IO[bytes], selected: list[tuple[Image, list[str]]], format: str,
+                   compression: str, progress: Progress | None) -> None:
+        """The archive as one tar stream. On an error the writer aborts: no end-of-archive
+        blocks, so what was written never passes for a complete archive."""
+        writer = oci.TarArchiveWriter(f)
+        try:
+            self._write(selected, writer, format, compression, progress)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
     def _write(self, selected: list[tuple[Image, list[str]]], writer: Any, format: str,
                compression: str, progress: Progress | None) -> None:
