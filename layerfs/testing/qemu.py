@@ -247,6 +247,8 @@ cp -a /lib/modules/$KVER/. $R/lib/modules/$KVER/
 [ -e $R/sbin/modprobe ] || cp /bin/busybox $R/sbin/modprobe
 ln -sf /proc/self/mounts $R/etc/mtab 2>/dev/null
 hostname layerfs-guest
+# Loopback, as any booted machine has it (a local registry server listens on it).
+ip link set lo up 2>/dev/null || say "cannot bring up lo"
 say "root ready at $(cut -d' ' -f1 /proc/uptime) s"
 echo; echo "$BEGIN_MARKER"
 chroot $R /bin/sh $GUEST_RESULTS/cmd.sh </dev/console >/dev/console 2>&1 &

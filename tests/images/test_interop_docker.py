@@ -184,13 +184,15 @@ def test_round_trip_keeps_dockers_image_id(images: ImageStore, docker_daemon: Do
         d.docker("rmi", "lfs-test/roundtrip:1", check=False)
 
 
-# The image tests whose point is deletions and Docker's own output, run on devicemapper.
+# The image tests whose point is deletions, peers' formats and Docker's own output, and
+# the registry round trip, run on devicemapper.
 GUEST_TESTS = [f"tests/images/{name}" for name in (
     "test_interop_docker.py::test_docker_saved_image_loads_and_runs_the_same",
     "test_interop_docker.py::test_layerfs_saved_images_load_and_run_in_docker",
     "test_images.py::test_load_applies_deletions_on_every_driver",
     "test_interop_umoci_skopeo.py::test_umoci_layout_loads_with_deletions",
-    "test_interop_umoci_skopeo.py::test_skopeo_converts_layerfs_output")]
+    "test_interop_umoci_skopeo.py::test_skopeo_converts_layerfs_output")] + [
+    "tests/registry/test_roundtrip.py::test_push_then_pull_on_every_driver"]
 
 
 @guest_test
@@ -198,7 +200,8 @@ def test_images_interop_on_devicemapper_in_the_guest(docker_built: DockerBuilt,
                                                      docker_daemon: DockerDaemon,
                                                      tmp_path: Path) -> None:
     """One boot: the host's Docker-built archive loads and runs with Docker's output on
-    devicemapper; what layerfs saves from devicemapper comes back and Docker loads it."""
+    devicemapper; what layerfs saves from devicemapper comes back and Docker loads it;
+    push to and pull from a registry server started in the guest."""
     handoff = tmp_path / "docker-handoff"
     docker_built.save_to(handoff / "built")
     summary = pytest_passes_in_guest(
@@ -208,6 +211,7 @@ def test_images_interop_on_devicemapper_in_the_guest(docker_built: DockerBuilt,
                   "test_layerfs_saved_images_load_and_run_in_docker[devicemapper]",
                   "test_load_applies_deletions_on_every_driver[devicemapper]",
                   "[devicemapper-dir]", "[devicemapper-tar]",
-                  "[devicemapper-docker-none-oci]", "[devicemapper-oci-gzip-docker-archive]"])
-    assert summary.tests == 7, summary
+                  "[devicemapper-docker-none-oci]", "[devicemapper-oci-gzip-docker-archive]",
+                  "test_push_then_pull_on_every_driver[devicemapper]"])
+    assert summary.tests == 8, summary
     check_in_docker(docker_daemon, SavedByLayerfs.read_from(handoff / "saved-devicemapper"))

@@ -26,8 +26,8 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from layerfs.testing import registry as treg
 
-from ..conftest import NATIVE_DRIVERS, root_for
-from ..images.conftest import image_store, open_images_or_skip
+from ..conftest import root_for
+from ..images.conftest import IMAGE_DRIVERS, image_store, open_images_or_skip
 
 SCRATCH = Path("/tmp/lfs-reg")
 USER, PASSWORD = "alice", "wonderland-7f3a"
@@ -121,7 +121,7 @@ def samples(reg_scratch: Path) -> Samples:
     return Samples(d, sample, busybox, tuple(layers))
 
 
-@pytest.fixture(params=NATIVE_DRIVERS)
+@pytest.fixture(params=IMAGE_DRIVERS)  # devicemapper too, inside the qemu guest
 def image_driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
