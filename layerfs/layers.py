@@ -31,7 +31,14 @@ from . import mount as mountlib
 from . import registry
 from .changes import Change
 from .driver import Driver, DriverOptions, Usage, parse_size, scratch_owner
-from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InUse,
+    InvalidArgument,
+    LayerfsError,
+    NotFound,
+)
 from .store import DriverState, LayerRecord, Store, now, process_alive, process_token
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -262,6 +269,50 @@ class LayerStore:
             self._abort_create(rec.id)
             raise
         return self._finish_create(rec.id, size)
+
+    def commit(self, layer_id: str) -> LayerRecord:
+        """Make a read-write layer read-only in place, without copying it (containerd's Commit).
+
+        The layer keeps its id and files; from now on it mounts read-only and is
+        sealed where the driver can (a btrfs subvolume becomes read-only).
+        Refused while this store has it mounted: the writer must be done.
+        Committing a read-only layer again changes nothing.
+        """
+        with self.store.transaction() as db:
+            rec = self.get(layer_id)
+            if rec.readonly:
+                return rec
+            mounts = self.store.list_mounts(layer_id)
+            if mounts:
+                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}; "
+                            "unmount it before committing")
+            db.execute("UPDATE layers SET readonly = 1 WHERE id = ?", (layer_id,))
+            # Inside the transaction: if the driver cannot seal, the layer stays read-write.
+            self.driver.seal(layer_id)
+        return self.get(layer_id)
+
+    def apply_diff(self, layer_id: str, stream: IO[bytes]) -> int:
+        """Apply an OCI layer tar onto an existing read-write layer; return its size.
+
+        This is Docker's way to make an image layer (``Create`` then ``ApplyDiff``);
+        :meth:`apply` is the atomic one-step form. The layer must have no children
+        and not be mounted. On failure the layer may hold part of the tar: the
+        caller removes it, as Docker does.
+        """
+        rec = self.get(layer_id)
+        if rec.readonly:
+            raise FailedPrecondition(f"layer {layer_id} is read-only: a diff is applied to a "
+                                     "new read-write layer")
+        kids = self.store.children(layer_id)
+        if kids:
+            raise InUse(f"layer {layer_id} has child layer(s), e.g. {kids[0]}")
+        mounts = self.store.list_mounts(layer_id)
+        if mounts:
+            raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+        size = self.driver.apply_diff(layer_id, rec.parent, stream)
+        with self.store.transaction() as db:
+            db.execute("UPDATE layers SET size = ? WHERE id = ?", (size, layer_id))
+        return size
 
     # --- removing -----------------------------------------------------------------------------------
     def remove(self, layer_id: str) -> None:

@@ -1,0 +1,55 @@
+"""containerd's own snapshotter conformance suite, run against layerfs on every native driver.
+
+containerd ships the suite its snapshotters must pass (``snapshots/testsuite``:
+21 scenarios, from the basic prepare/commit/view cycle to a 128-layer mount,
+labels, filters and removal rules). :mod:`tests.engines.gosuite` builds a small
+Go program, offline from Debian's packages, that runs it through containerd's
+proxy client (``snapshots/proxy``) -- the code containerd itself uses for a
+proxy snapshotter -- against a layerfs server on a fresh root per scenario.
+
+The suite skips ``Rename`` itself ("still fails on some kernels with
+overlay"); everything else must pass. devicemapper runs it in the qemu guest
+(tests/vm/test_engines_in_guest.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from . import gosuite
+
+NATIVE = ["overlay2", "btrfs", "vfs", "aufs"]
+SKIPPED_BY_THE_SUITE = {"Rename"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def suite_binary() -> Path:
+    reason = gosuite.missing()
+    if reason:
+        pytest.skip(reason)
+    return gosuite.build()
+
+
+@pytest.mark.parametrize("driver", NATIVE)
+def test_containerd_snapshotter_testsuite(driver: str, suite_binary: Path, tmp_path: Path,
+                                          request: pytest.FixtureRequest) -> None:
+    if driver == "btrfs":
+        base: Path = request.getfixturevalue("btrfs_pool") / f"suite-{tmp_path.name}"
+        base.mkdir()
+    else:
+        base = tmp_path / "roots"
+        base.mkdir()
+    with tempfile.TemporaryDirectory(prefix="lfs-suite-", dir="/tmp") as sockdir:
+        result = gosuite.run(suite_binary, driver, tmpdir=base, sockdir=Path(sockdir))
+    tail = "\n".join(result.output.splitlines()[-80:])
+    assert result.returncode == 0 and not result.failed, \
+        f"containerd testsuite on layerfs-{driver}: failed {result.failed}\n{tail}"
+    assert set(result.skipped) <= SKIPPED_BY_THE_SUITE, result.skipped
+    assert len(result.passed) == 20, f"expected 20 passing scenarios, got {result.passed}"
+    print(f"layerfs-{driver}: {len(result.passed)} passed, skipped by the suite: "
+          f"{result.skipped}")
