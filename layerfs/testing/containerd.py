@@ -33,6 +33,18 @@ from typing import Any
 from .peers import NetState, _run, log_tail, missing, stop_by_pid, wait_ready
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds ``cap`` in its effective set."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
 @dataclass(frozen=True)
 class CriConfig:
     """The CRI plugin's settings a test chooses."""
@@ -72,7 +84,12 @@ def config_toml(base: Path, proxy_snapshotters: dict[str, Path],
     if cri is not None:
         section = '[plugins."io.containerd.grpc.v1.cri"'
         lines += [f"{section}]",
-                  f"  sandbox_image = {toml_string(cri.sandbox_image)}",
+                  f"  sandbox_image = {toml_string(cri.sandbox_image)}"]
+        if not has_capability(CAP_SYS_RESOURCE):
+            # The kubelet asks for oom_score_adj -998 for a sandbox; lowering it needs
+            # CAP_SYS_RESOURCE, which a containerd in a container (or this CI VM) lacks.
+            lines.append("  restrict_oom_score_adj = true")
+        lines += [
                   f"{section}.containerd]",
                   f"  snapshotter = {toml_string(cri.snapshotter)}",
                   f"{section}.cni]",
@@ -87,8 +104,9 @@ class ContainerdDaemon:
 
     def __init__(self, base: str | os.PathLike[str], *,
                  proxy_snapshotters: dict[str, Path] | None = None, cri: CriConfig | None = None,
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, log_level: str = "warn") -> None:
         self.base = Path(base)
+        self.log_level = log_level
         self.socket = self.base / "containerd.sock"
         self.config_path = self.base / "config.toml"
         self.log_path = self.base / "containerd.log"
@@ -114,7 +132,7 @@ class ContainerdDaemon:
         try:
             self.proc = subprocess.Popen(
                 [shutil.which("containerd") or "containerd", "--config", str(self.config_path),
-                 "--log-level", "warn"],
+                 "--log-level", self.log_level],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         finally:
