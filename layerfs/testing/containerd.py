@@ -32,7 +32,6 @@ from typing import Any
 
 from .peers import NetState, _run, log_tail, missing, stop_by_pid, wait_ready
 
-
 CAP_SYS_RESOURCE = 24
 
 
