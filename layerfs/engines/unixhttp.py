@@ -16,9 +16,10 @@ import io
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -36,7 +37,7 @@ class Request:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
-    body: io.BufferedIOBase
+    body: BinaryIO
 
 
 @dataclass
@@ -65,7 +66,7 @@ class _Connection:
             if event is h11.NEED_DATA:
                 self.h11.receive_data(self.sock.recv(READ_SIZE))
                 continue
-            return event  # type: ignore[no-any-return]
+            return cast("h11.Event | type[h11.PAUSED]", event)
 
     def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -194,8 +195,3 @@ def json_response(payload: object, status: int = 200,
     import json
 
     return Response(status, json.dumps(payload).encode(), [("Content-Type", content_type)])
-
-
-def iter_chunks(stream: io.BufferedIOBase, size: int = READ_SIZE) -> Iterable[bytes]:
-    while chunk := stream.read(size):
-        yield chunk
