@@ -22,7 +22,8 @@ Get, Put               :meth:`LayerStore.mount` / :meth:`~LayerStore.unmount`: t
                        store counts users, so Docker's nested Gets nest
 Remove, Exists         remove (mounts first) / whether the layer is ready
 Diff, Changes,         the driver's diff family (native for overlay2 and aufs,
-DiffSize               the naive tree walk elsewhere)
+DiffSize               the naive tree walk elsewhere); Changes also lists every
+                       directory with a change inside, as ``docker diff`` does
 Status, GetMetadata    ``docker info``'s and ``docker inspect``'s driver lines
 Capabilities           ``ReproducesExactDiffs: false``: Docker keeps its tar-split
                        data and rebuilds the exact tars it was given on save
@@ -37,12 +38,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from layerfs.changes import ChangeKind
+from layerfs.changes import Change, ChangeKind
 from layerfs.errors import InvalidArgument, LayerfsError, NotFound
 from layerfs.layers import LayerStore
 
@@ -180,7 +182,7 @@ class GraphDriverPlugin:
     def changes(self, request: Request) -> Response:
         layer_id = self._checked_parent(_args(request))
         changes = [{"Path": c.path, "Kind": _CHANGE_KINDS[c.kind]}
-                   for c in self.layers.changes(layer_id)]
+                   for c in docker_changes(self.layers.changes(layer_id))]
         return _ok({"Changes": changes})
 
     def apply_diff(self, request: Request) -> Response:
@@ -209,6 +211,20 @@ class GraphDriverPlugin:
             raise InvalidArgument(f"layerfs: layer {layer_id}'s parent is {rec.parent}, not "
                                   f"{parent}: diffs are against a layer's own parent")
         return layer_id
+
+
+def docker_changes(changes: list[Change]) -> list[Change]:
+    """``changes`` as ``docker diff`` lists them: every directory with a change inside is
+    itself changed (moby's ChangesDirs does this "to restore permissions"), where
+    layerfs's naive walk reports a directory only for its own metadata."""
+    listed = {c.path for c in changes}
+    parents = set()
+    for change in changes:
+        parent = posixpath.dirname(change.path)
+        while parent != "/" and parent not in listed and parent not in parents:
+            parents.add(parent)
+            parent = posixpath.dirname(parent)
+    return sorted([*changes, *(Change(p, ChangeKind.MODIFY) for p in parents)])
 
 
 def _args(request: Request) -> dict[str, Any]:
