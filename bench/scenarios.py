@@ -58,6 +58,7 @@ from typing import Any
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
+from .engines import engines
 from .harness import Ctx, Probe, ScenarioSkip, drop_caches
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -727,6 +728,8 @@ class Scenario:
     title: str
     shows: str
     profiles: dict[str, dict[str, Any]]
+    default: bool = True
+    """Part of ``all``; the others run only when named (they start whole engines)."""
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -771,6 +774,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "what the storage driver adds to starting a container (layer create + mount), "
              "next to the runner's own cost; docker run as a peer",
              {"tiny": dict(reps=3), "quick": dict(reps=5), "full": dict(reps=20)}),
+    Scenario("engines", engines, "containerd and Docker: own storage vs the layerfs plugin",
+             "what serving a driver to a real engine costs: ctr run, ctr image import, "
+             "docker run and docker load on the engine's own storage and on layerfs's "
+             "snapshotter / graphdriver plugin, with the layerfs/native ratio",
+             {"tiny": dict(reps=2, image_mb=8, image_files=200),
+              "quick": dict(reps=5, image_mb=50, image_files=2000),
+              "full": dict(reps=15, image_mb=100, image_files=4000)}, default=False),
 )}
 
 
@@ -783,7 +793,7 @@ def resolve(names: Sequence[str] | None) -> list[str]:
             if not name:
                 continue
             if name == "all":
-                wanted.update(SCENARIOS)
+                wanted.update(n for n, s in SCENARIOS.items() if s.default)
             elif name in SCENARIOS:
                 wanted.add(name)
             else:

@@ -79,6 +79,34 @@ def serve(root: str | os.PathLike[str], driver: str | None = None,
         layers.close()
 
 
+# --- as services of `layerfs daemon` (entry point group layerfs.daemon.services) -------------
+
+def _service_args(args: list[str], what: str) -> tuple[str, str | None]:
+    """``TARGET[,driver=NAME]`` (the part after ``NAME:`` in ``--service``)."""
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(named) - {"driver"})
+    if len(positional) != 1 or unknown:
+        raise InvalidArgument(f"{what}: expected {what}:TARGET[,driver=NAME], got {','.join(args)!r}")
+    return positional[0], named.get("driver")
+
+
+def containerd_snapshotter_service(root: Path, args: list[str]) -> int:
+    """``layerfs daemon --service containerd-snapshotter:SOCKET[,driver=NAME]``."""
+    socket, driver = _service_args(args, "containerd-snapshotter")
+    serve(root, driver, snapshotter_socket=socket)
+    return 0
+
+
+def docker_plugin_service(root: Path, args: list[str]) -> int:
+    """``layerfs daemon --service docker-plugin:NAME[,driver=NAME]``: plugin NAME
+    (``/run/docker/plugins/NAME.sock``), or an absolute socket path."""
+    target, driver = _service_args(args, "docker-plugin")
+    socket = Path(target) if target.startswith("/") else docker_plugin_socket(target)
+    serve(root, driver, graphdriver_socket=socket)
+    return 0
+
+
 def _stop_grpc(server: object, path: Path) -> None:
     import grpc
 

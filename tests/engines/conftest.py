@@ -24,7 +24,11 @@ from layerfs.layers import LayerStore
 from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import sample_image
 
+from ..dm_fixtures import options_for
+
 NATIVE = ["overlay2", "btrfs", "vfs", "aufs"]
+#: devicemapper needs a kernel with device-mapper: it runs in the qemu guest.
+ALL = [*NATIVE, "devicemapper"]
 
 
 def driver_supported(driver: str, root: Path | None = None) -> str | None:
@@ -75,36 +79,62 @@ def sample_tar(module_scratch: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def engine_servers(drivers: list[str], base: Path, sockets: Path,
-                   request: pytest.FixtureRequest, *, snapshotter: bool = True,
-                   docker_tag: str | None = None) -> Iterator[dict[str, EngineServer]]:
-    """One started layerfs server per driver the host supports; stopped and wiped after."""
-    servers: dict[str, EngineServer] = {}
-    try:
-        for driver in drivers:
-            root = engine_root(driver, base, request)
-            if driver_supported(driver, root) is not None:
+class EngineFleet:
+    """layerfs servers, one per driver, started on first use; stopped and wiped at close.
+
+    Socket paths are known before any server starts, so an engine can be configured
+    with all of them up front (containerd dials its proxy plugins lazily).
+    """
+
+    def __init__(self, base: Path, sockets: Path, request: pytest.FixtureRequest, *,
+                 snapshotter: bool = True, docker_tag: str | None = None) -> None:
+        self.base = base
+        self.sockets = sockets
+        self.request = request
+        self.snapshotter = snapshotter
+        self.docker_tag = docker_tag
+        self.servers: dict[str, EngineServer] = {}
+        self.unsupported: dict[str, str] = {}
+
+    def snapshotter_socket(self, driver: str) -> Path:
+        return self.sockets / f"{driver}.sock"
+
+    def server(self, driver: str) -> EngineServer:
+        """The started server for ``driver``; skips the test if the host cannot run it."""
+        if driver in self.unsupported:
+            pytest.skip(f"{driver} not supported here: {self.unsupported[driver]}")
+        if driver not in self.servers:
+            root = engine_root(driver, self.base, self.request)
+            reason = driver_supported(driver, root)
+            if reason is not None:
                 shutil.rmtree(root)
-                continue
+                self.unsupported[driver] = reason
+                pytest.skip(f"{driver} not supported here: {reason}")
             server = EngineServer(
-                root, driver, log_path=base / f"engines-{driver}.log",
-                snapshotter_socket=sockets / f"{driver}.sock" if snapshotter else None,
-                docker_plugin=f"layerfs-{driver}-{docker_tag}" if docker_tag else None)
-            servers[driver] = server.start()
-        yield servers
-    finally:
+                root, driver, log_path=self.base / f"engines-{driver}.log",
+                options=options_for(driver, None),
+                snapshotter_socket=self.snapshotter_socket(driver) if self.snapshotter else None,
+                docker_plugin=f"layerfs-{driver}-{self.docker_tag}" if self.docker_tag else None)
+            self.servers[driver] = server.start()
+        return self.servers[driver]
+
+    def close(self) -> None:
         leaks = {}
-        for driver, server in servers.items():
+        for driver, server in self.servers.items():
             server.stop()
             leaked = wipe_root(server.root, driver)
             if leaked:
                 leaks[driver] = leaked
+        self.servers.clear()
         assert not leaks, f"mounts left under the engine roots: {leaks}"
 
 
-def need(servers: dict[str, EngineServer], driver: str) -> EngineServer:
-    if driver not in servers:
-        pytest.skip(f"{driver} not supported here: {driver_supported(driver)}")  # btrfs: the pool
-
-    return servers[driver]
+@contextlib.contextmanager
+def engine_fleet(base: Path, sockets: Path, request: pytest.FixtureRequest, *,
+                 snapshotter: bool = True, docker_tag: str | None = None
+                 ) -> Iterator[EngineFleet]:
+    fleet = EngineFleet(base, sockets, request, snapshotter=snapshotter, docker_tag=docker_tag)
+    try:
+        yield fleet
+    finally:
+        fleet.close()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from . import gosuite
+from .conftest import ALL, driver_supported, engine_root
 
-NATIVE = ["overlay2", "btrfs", "vfs", "aufs"]
 SKIPPED_BY_THE_SUITE = {"Rename"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -35,15 +35,14 @@ def suite_binary() -> Path:
     return gosuite.build()
 
 
-@pytest.mark.parametrize("driver", NATIVE)
+@pytest.mark.parametrize("driver", ALL)
 def test_containerd_snapshotter_testsuite(driver: str, suite_binary: Path, tmp_path: Path,
                                           request: pytest.FixtureRequest) -> None:
-    if driver == "btrfs":
-        base: Path = request.getfixturevalue("btrfs_pool") / f"suite-{tmp_path.name}"
-        base.mkdir()
-    else:
-        base = tmp_path / "roots"
-        base.mkdir()
+    # The suite makes one root per scenario below ``base`` (on btrfs for btrfs).
+    base = engine_root(driver, tmp_path, request)
+    reason = driver_supported(driver, base)
+    if reason is not None:
+        pytest.skip(f"{driver} not supported here: {reason}")
     with tempfile.TemporaryDirectory(prefix="lfs-suite-", dir="/tmp") as sockdir:
         result = gosuite.run(suite_binary, driver, tmpdir=base, sockdir=Path(sockdir))
     tail = "\n".join(result.output.splitlines()[-80:])

@@ -26,7 +26,7 @@ from layerfs.testing.containerd import ContainerdDaemon, CriConfig
 from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import SAMPLE_OUTPUT, busybox_image_tar
 
-from .conftest import engine_servers, need
+from .conftest import engine_fleet
 from .cri import CriClient, log_lines, pod_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,8 +56,8 @@ def node(request: pytest.FixtureRequest, module_scratch: Path, sockets: Path,
     base.mkdir()
     pause_tar = base / "pause.tar"
     busybox_image_tar(pause_tar, base, name=PAUSE, cmd=PAUSE_CMD)
-    with engine_servers([driver], base, sockets, request) as servers:
-        server = need(servers, driver)
+    with engine_fleet(base, sockets, request) as fleet:
+        server = fleet.server(driver)
         assert server.snapshotter_socket is not None
         snapshotter = f"layerfs-{driver}"
         daemon = ContainerdDaemon(base / "containerd",

@@ -32,7 +32,7 @@ from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import SAMPLE_OUTPUT
 from layerfs.testing.peers import DockerDaemon
 
-from .conftest import engine_servers, need
+from .conftest import engine_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -83,9 +83,8 @@ def plugin(request: pytest.FixtureRequest, module_scratch: Path, sockets: Path,
     driver = request.param
     base = module_scratch / f"docker-{driver}"
     base.mkdir()
-    with engine_servers([driver], base, sockets, request, snapshotter=False,
-                        docker_tag=TAG) as servers:
-        server = need(servers, driver)
+    with engine_fleet(base, sockets, request, snapshotter=False, docker_tag=TAG) as fleet:
+        server = fleet.server(driver)
         assert server.docker_plugin is not None
         daemon = DockerDaemon(docker_base(driver), storage_driver=server.docker_plugin,
                               extra_args=("--experimental",))

@@ -33,7 +33,8 @@ from layerfs.layers import LayerStore
 from layerfs.testing.containerd import ContainerdDaemon
 from layerfs.testing.engines import EngineServer
 
-from .conftest import engine_servers, need, wipe_root
+from .conftest import engine_fleet, wipe_root
+from .test_containerd import wait_until_served
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -44,8 +45,8 @@ SNAPSHOTTER = f"layerfs-{DRIVER}"
 @pytest.fixture(scope="module")
 def server(module_scratch: Path, sockets: Path,
            request: pytest.FixtureRequest) -> Iterator[EngineServer]:
-    with engine_servers([DRIVER], module_scratch, sockets, request) as servers:
-        yield need(servers, DRIVER)
+    with engine_fleet(module_scratch, sockets, request) as fleet:
+        yield fleet.server(DRIVER)
 
 
 class Client:
@@ -234,12 +235,8 @@ def test_killed_server_fails_cleanly_and_serves_again_after_restart(
                 assert "unavailable" in message or "connection refused" in message, message
         finally:
             server.start()
-        # containerd redials a proxy plugin with backoff (at most 3 s apart).
-        deadline = time.monotonic() + 15
-        while (proc := c.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False)
-               ).returncode != 0 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert proc.stdout == before, proc.stderr
+        wait_until_served(c, SNAPSHOTTER)
+        assert c.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout == before
         out = c.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER,
                     "docker.io/library/sample:latest", "k2").stdout
         assert out.startswith("kept\n")
