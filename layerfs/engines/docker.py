@@ -162,7 +162,12 @@ class GraphDriverPlugin:
         return _ok({"Status": [[k, v] for k, v in self.layers.status().items()]})
 
     def get_metadata(self, request: Request) -> Response:
-        return _ok({"Metadata": self.layers.metadata(_id(_args(request)))})
+        layer_id = _id(_args(request))
+        metadata = self.layers.metadata(layer_id)
+        # Where Get mounts the layer (the name Docker's overlay2 uses for it), so that
+        # `docker inspect` shows where a container's root filesystem lives.
+        metadata["MergedDir"] = str(self.layers.mnt_dir / layer_id)
+        return _ok({"Metadata": metadata})
 
     def cleanup(self, request: Request) -> Response:
         # dockerd is shutting down; layers and the store stay for its next start.
