@@ -11,7 +11,6 @@ and the Go and containerd package versions, so only the first run pays the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -80,16 +79,29 @@ _RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestLayerfsSnapshotter/(\S+)", 
 
 
 def run(binary: Path, driver: str, *, tmpdir: Path, sockdir: Path, timeout: float = 1200,
-        parallel: int = 2) -> SuiteResult:
-    """Run the suite against ``driver``; the suite's roots go under ``tmpdir``."""
-    helper = [sys.executable, "-m", "tests.engines.suite_helper"]
-    env = dict(os.environ, TMPDIR=str(tmpdir), LAYERFS_SUITE_HELPER=json.dumps(helper),
-               LAYERFS_SUITE_DRIVER=driver, LAYERFS_SUITE_NAME=f"layerfs-{driver}",
-               LAYERFS_SUITE_SOCKDIR=str(sockdir),
+        parallel: int = 2, only: list[str] | None = None) -> SuiteResult:
+    """Run the suite against ``driver``; the suite's roots go under ``tmpdir``.
+    ``only`` limits it to the named scenarios."""
+    zygote_socket = sockdir / "zygote.sock"
+    env = dict(os.environ, TMPDIR=str(tmpdir), LAYERFS_SUITE_ZYGOTE=str(zygote_socket),
+               LAYERFS_SUITE_NAME=f"layerfs-{driver}", LAYERFS_SUITE_SOCKDIR=str(sockdir),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([str(binary), "-test.v", f"-test.parallel={parallel}",
-                           f"-test.timeout={int(timeout)}s"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout + 60)
+    zygote = subprocess.Popen([sys.executable, "-m", "tests.engines.suite_helper",
+                               str(zygote_socket), driver], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert zygote.stdout is not None
+        if zygote.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the layerfs fork server for {driver} did not start")
+        argv = [str(binary), "-test.v", f"-test.parallel={parallel}",
+                f"-test.timeout={int(timeout)}s"]
+        if only:
+            argv.append(f"-test.run=^TestLayerfsSnapshotter$/^({'|'.join(only)})$")
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout + 60)
+    finally:
+        zygote.terminate()
+        zygote.wait(timeout=30)
     output = proc.stdout + proc.stderr
     result = SuiteResult(proc.returncode, output)
     for status, name in _RESULT.findall(proc.stdout):

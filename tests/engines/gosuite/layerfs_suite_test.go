@@ -3,25 +3,25 @@
 // exactly the code path containerd uses for a proxy snapshotter plugin.
 //
 // Built offline in GOPATH mode against Debian's Go packages (see
-// tests/engines/gosuite.py). The suite wants a fresh snapshotter per test, so
-// the factory starts one layerfs server per test on the root it is given:
+// tests/engines/gosuite.py). The suite wants a fresh snapshotter per scenario,
+// so the factory asks layerfs's warm fork server (tests/engines/suite_helper.py)
+// for a server on the root the scenario gets, one line each way:
 //
-//	LAYERFS_SUITE_HELPER   JSON argv of the helper: "<argv> serve ROOT SOCKET"
-//	                       serves and prints "ready"; "<argv> wipe ROOT" empties it
-//	LAYERFS_SUITE_SOCKDIR  a short directory for the sockets (108-byte limit)
+//	serve ROOT SOCKET -> ready        stop ROOT -> stopped 0
+//
+//	LAYERFS_SUITE_ZYGOTE   the fork server's socket
+//	LAYERFS_SUITE_SOCKDIR  a short directory for the servers' sockets (108-byte limit)
 //	LAYERFS_SUITE_NAME     the snapshotter's name in the suite's output
 package gosuite
 
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
+	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -32,61 +32,46 @@ import (
 	"google.golang.org/grpc"
 )
 
-func helper(t *testing.T) []string {
-	var argv []string
-	if err := json.Unmarshal([]byte(os.Getenv("LAYERFS_SUITE_HELPER")), &argv); err != nil || len(argv) == 0 {
-		t.Fatalf("LAYERFS_SUITE_HELPER must be a JSON list (the helper's argv): %v", err)
+// ask sends one request line to the fork server and returns its one-line answer.
+func ask(zygote, request string, timeout time.Duration) (string, error) {
+	conn, err := net.DialTimeout("unix", zygote, timeout)
+	if err != nil {
+		return "", err
 	}
-	return argv
-}
-
-func run(argv []string, args ...string) *exec.Cmd {
-	cmd := exec.Command(argv[0], append(append([]string{}, argv[1:]...), args...)...)
-	cmd.Stderr = os.Stderr
-	return cmd
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	if _, err := fmt.Fprintf(conn, "%s\n", request); err != nil {
+		return "", err
+	}
+	answer, err := bufio.NewReader(conn).ReadString('\n')
+	return strings.TrimSpace(answer), err
 }
 
 func TestLayerfsSnapshotter(t *testing.T) {
-	argv := helper(t)
+	zygote := os.Getenv("LAYERFS_SUITE_ZYGOTE")
 	name := os.Getenv("LAYERFS_SUITE_NAME")
 	sockdir := os.Getenv("LAYERFS_SUITE_SOCKDIR")
+	if zygote == "" || sockdir == "" {
+		t.Fatal("LAYERFS_SUITE_ZYGOTE and LAYERFS_SUITE_SOCKDIR must be set (see gosuite.py)")
+	}
 	testsuite.SnapshotterSuite(t, name, func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		dir, err := os.MkdirTemp(sockdir, "s")
 		if err != nil {
 			return nil, nil, err
 		}
 		sock := filepath.Join(dir, "snapshots.sock")
-		server := run(argv, "serve", root, sock)
-		out, err := server.StdoutPipe()
-		if err != nil {
-			return nil, nil, err
-		}
-		if err := server.Start(); err != nil {
-			return nil, nil, err
-		}
-		ready := make(chan error, 1)
-		go func() {
-			line, err := bufio.NewReader(out).ReadString('\n')
-			if err == nil && strings.TrimSpace(line) != "ready" {
-				err = fmt.Errorf("server said %q instead of ready", line)
-			}
-			ready <- err
-		}()
 		stop := func() error {
-			_ = server.Process.Signal(syscall.SIGTERM)
-			_ = server.Wait()
 			defer os.RemoveAll(dir)
-			return run(argv, "wipe", root).Run()
-		}
-		select {
-		case err := <-ready:
-			if err != nil {
-				stop()
-				return nil, nil, fmt.Errorf("layerfs server did not start: %w", err)
+			answer, err := ask(zygote, "stop "+root, 5*time.Minute)
+			if err == nil && answer != "stopped 0" {
+				err = fmt.Errorf("layerfs server for %s: %s", root, answer)
 			}
-		case <-time.After(60 * time.Second):
+			return err
+		}
+		answer, err := ask(zygote, "serve "+root+" "+sock, 5*time.Minute)
+		if err != nil || answer != "ready" {
 			stop()
-			return nil, nil, fmt.Errorf("layerfs server not ready within 60s")
+			return nil, nil, fmt.Errorf("layerfs server did not start: %q %v", answer, err)
 		}
 		conn, err := grpc.Dial("unix://"+sock, grpc.WithInsecure())
 		if err != nil {
