@@ -27,10 +27,9 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .peers import NetState, _run, log_tail, missing, stop_by_pid, wait_ready
+from .peers import NetState, ScratchDaemon, _run, log_tail, missing, stop_by_pid, wait_ready
 
 CAP_SYS_RESOURCE = 24
 
@@ -98,7 +97,7 @@ def config_toml(base: Path, proxy_snapshotters: dict[str, Path],
     return "\n".join(lines)
 
 
-class ContainerdDaemon:
+class ContainerdDaemon(ScratchDaemon):
     """A containerd under ``base``; a context manager (start on enter, stop on exit)."""
 
     def __init__(self, base: str | os.PathLike[str], *,
@@ -181,20 +180,3 @@ class ContainerdDaemon:
             if self._net is not None:
                 self._net.restore()
                 self._net = None
-
-    def _unmount_leftovers(self) -> None:
-        from layerfs import mount as mountlib
-
-        for info in mountlib.mounts_under(self.base):
-            mountlib.unmount(info.target, lazy=True)
-
-    def remove_data(self) -> None:
-        self._unmount_leftovers()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> ContainerdDaemon:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

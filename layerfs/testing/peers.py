@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ..errors import ExternalCommandFailed, command_error
 
@@ -142,7 +142,38 @@ def docker_client() -> str:
     raise FileNotFoundError("docker client not installed (apt-get install docker.io)")
 
 
-class DockerDaemon:
+class ScratchDaemon:
+    """A daemon that keeps everything under one scratch folder, ``base``: what stopping it
+    and removing its data have in common. Subclasses implement ``start`` and ``stop``."""
+
+    base: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _unmount_leftovers(self) -> None:
+        from layerfs import mount as mountlib
+
+        for info in mountlib.mounts_under(self.base):
+            mountlib.unmount(info.target, lazy=True)
+
+    def remove_data(self) -> None:
+        """Delete the daemon's folder (after :meth:`stop`), unmounting what it left there."""
+        self._unmount_leftovers()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class DockerDaemon(ScratchDaemon):
     """A private dockerd under ``base``; a context manager (start on enter, stop on exit)."""
 
     def __init__(self, base: str | os.PathLike[str], *, storage_driver: str = "overlay2",
@@ -237,29 +268,6 @@ class DockerDaemon:
             if self._net is not None:
                 self._net.restore()
                 self._net = None
-
-    def _unmount_leftovers(self) -> None:
-        base = os.path.realpath(self.base)
-        targets = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                target = line.split()[4].encode().decode("unicode_escape")
-                if target == base or target.startswith(base + "/"):
-                    targets.append(target)
-        for target in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-
-    def remove_data(self) -> None:
-        """Delete the daemon's folder (after :meth:`stop`)."""
-        self._unmount_leftovers()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> DockerDaemon:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # -- using it ------------------------------------------------------------------------------
     def docker(self, *args: str, check: bool = True, input: bytes | str | None = None,

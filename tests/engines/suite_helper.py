@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 
 import layerfs.engines.containerd  # noqa: F401  (warm: grpcio imported before any fork)
-from layerfs import mount as mountlib
 from layerfs.engines import serve
 from layerfs.engines.sockets import listen_unix
-from layerfs.layers import LayerStore
 
 from ..dm_fixtures import options_for
+from .conftest import wipe_root
 
 
 def serve_and_wipe(root: Path, sock: str, driver: str, ready_fd: int) -> int:
@@ -40,12 +39,7 @@ def serve_and_wipe(root: Path, sock: str, driver: str, ready_fd: int) -> int:
         os.close(ready_fd)
 
     serve(root, driver, options_for(driver, None), snapshotter_socket=sock, on_ready=ready)
-    store = LayerStore.open(root, driver)
-    store.wipe()
-    store.close()
-    leaked = [m.target for m in mountlib.mounts_under(root)]
-    for target in leaked:
-        mountlib.unmount(target, lazy=True)
+    leaked = wipe_root(root, driver)
     if leaked:
         print(f"suite_helper: mounts left under {root}: {leaked}", file=sys.stderr)
         return 1
