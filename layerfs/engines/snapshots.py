@@ -66,8 +66,8 @@ from layerfs.errors import (
     NotFound,
 )
 from layerfs.layers import LayerStore, new_layer_id
+from layerfs.metastore import process_alive, process_token
 from layerfs.mount import Mount
-from layerfs.store import process_alive, process_token
 
 from . import filters
 

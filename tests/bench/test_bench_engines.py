@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from layerfs_bench import harness, scenarios
-
-from layerfs.testing.containerd import ContainerdDaemon
-from layerfs.testing.peers import DockerDaemon
+from layerfs_bench.engine_peers import ContainerdDaemon
+from layerfs_bench.peers import DockerDaemon
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the bench mounts filesystems: root"),
               pytest.mark.slow, pytest.mark.timeout(600)]

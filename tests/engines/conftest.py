@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from layerfs_bench.engine_peers import EngineServer
 
 from layerfs import mount as mountlib
-from layerfs import registry
+from layerfs import plugins
 from layerfs.layers import LayerStore
-from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import sample_image
 
 from ..dm_fixtures import options_for
@@ -33,7 +33,7 @@ ALL = [*NATIVE, "devicemapper"]
 
 def driver_supported(driver: str, root: Path | None = None) -> str | None:
     """Why ``driver`` cannot run on ``root`` (the test then skips with it), or None."""
-    probe = registry.probe(driver, root or Path(tempfile.gettempdir()))
+    probe = plugins.probe(driver, root or Path(tempfile.gettempdir()))
     return None if probe.supported else probe.reason
 
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.engine_peers import ContainerdDaemon, EngineServer
 
-from layerfs.testing.containerd import ContainerdDaemon
-from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import SAMPLE_OUTPUT
 
 from .conftest import ALL, EngineFleet, engine_fleet

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.engine_peers import ContainerdDaemon, CriConfig, EngineServer
 
 from layerfs.engines.proto import cri_pb2 as cri
 from layerfs.layers import LayerStore
-from layerfs.testing.containerd import ContainerdDaemon, CriConfig
-from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import SAMPLE_OUTPUT, busybox_image_tar
 
 from .conftest import engine_fleet

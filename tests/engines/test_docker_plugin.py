@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.engine_peers import EngineServer
+from layerfs_bench.peers import DockerDaemon
 
 from layerfs.layers import LayerStore
-from layerfs.testing.engines import EngineServer
 from layerfs.testing.images import SAMPLE_OUTPUT
-from layerfs.testing.peers import DockerDaemon
 
 from .conftest import engine_fleet
 

@@ -1,11 +1,11 @@
-"""docs/engines.md shows the configuration the tests really use (layerfs.testing.containerd)."""
+"""docs/engines.md shows the configuration the tests really use (layerfs_bench.engine_peers)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from layerfs.testing.containerd import CriConfig, config_toml
+from layerfs_bench.engine_peers import CriConfig, config_toml
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "engines.md"
 

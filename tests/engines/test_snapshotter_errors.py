@@ -24,14 +24,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from layerfs_bench.engine_peers import ContainerdDaemon, EngineServer
 
 from layerfs.engines.containerd import SERVICE
 from layerfs.engines.proto import snapshots_pb2 as api
 from layerfs.engines.snapshots import Snapshots
 from layerfs.errors import LayerfsError
 from layerfs.layers import LayerStore
-from layerfs.testing.containerd import ContainerdDaemon
-from layerfs.testing.engines import EngineServer
 
 from .conftest import engine_fleet, wipe_root
 from .test_containerd import wait_until_served
