@@ -292,26 +292,36 @@ class LayerStore:
         return self.get(layer_id)
 
     def apply_diff(self, layer_id: str, stream: IO[bytes]) -> int:
-        """Apply an OCI layer tar onto an existing read-write layer; return its size.
+        """Apply an OCI layer tar onto an existing, empty read-write layer; return its size.
 
         This is Docker's way to make an image layer (``Create`` then ``ApplyDiff``);
-        :meth:`apply` is the atomic one-step form. The layer must have no children
-        and not be mounted. On failure the layer may hold part of the tar: the
-        caller removes it, as Docker does.
+        :meth:`apply` is the one-step form. The layer must have no children and not
+        be mounted. While the tar applies the layer is ``creating`` again, owned by
+        this process: if the process is killed, recovery removes the half-applied
+        layer, as it would a half-made one. If the apply fails with an error, the
+        layer is left (ready, holding part of the tar) for the caller to remove, as
+        Docker does.
         """
-        rec = self.get(layer_id)
-        if rec.readonly:
-            raise FailedPrecondition(f"layer {layer_id} is read-only: a diff is applied to a "
-                                     "new read-write layer")
-        kids = self.store.children(layer_id)
-        if kids:
-            raise InUse(f"layer {layer_id} has child layer(s), e.g. {kids[0]}")
-        mounts = self.store.list_mounts(layer_id)
-        if mounts:
-            raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
-        size = self.driver.apply_diff(layer_id, rec.parent, stream)
         with self.store.transaction() as db:
-            db.execute("UPDATE layers SET size = ? WHERE id = ?", (size, layer_id))
+            rec = self.get(layer_id)
+            if rec.readonly:
+                raise FailedPrecondition(f"layer {layer_id} is read-only: a diff is applied "
+                                         "to a new read-write layer")
+            kids = self.store.children(layer_id)
+            if kids:
+                raise InUse(f"layer {layer_id} has child layer(s), e.g. {kids[0]}")
+            mounts = self.store.list_mounts(layer_id)
+            if mounts:
+                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+            db.execute("UPDATE layers SET state = 'creating', owner = ? WHERE id = ?",
+                       (process_token(), layer_id))
+        size = None
+        try:
+            size = self.driver.apply_diff(layer_id, rec.parent, stream)
+        finally:
+            with self.store.transaction() as db:
+                db.execute("UPDATE layers SET state = 'ready', owner = NULL, "
+                           "size = coalesce(?, size) WHERE id = ?", (size, layer_id))
         return size
 
     # --- removing -----------------------------------------------------------------------------------
