@@ -43,7 +43,8 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 from . import mount as mountlib
 from .changes import Change, naive_changes
 from .errors import InvalidArgument
-from .tarlayer import WhiteoutFormat, apply_layer, export_changes
+from .tar import WhiteoutFormat, apply_layer, export_changes
+from .units import parse_size
 
 if TYPE_CHECKING:
     from .metastore import DriverState
@@ -129,24 +130,6 @@ class DriverOptions:
 
     def get_str(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(raw: str, *, what: str = "size") -> int:
-    """Parse ``10G``, ``512m``, ``4096``, ``1.5GiB`` (binary units, like Docker)."""
-    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = text, ""
-    if text and text[-1] in _SIZE_UNITS:
-        num, unit = text[:-1], text[-1]
-    try:
-        value = float(num)
-    except ValueError:
-        raise InvalidArgument(f"{what}: {raw!r} is not a size (examples: 512M, 10G)") from None
-    if value < 0:
-        raise InvalidArgument(f"{what}: {raw!r} is negative")
-    return int(value * _SIZE_UNITS[unit])
 
 
 class Driver(ABC):

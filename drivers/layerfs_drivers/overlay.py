@@ -41,7 +41,7 @@ from typing import IO
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
 from layerfs.errors import NotFound, translate_errors
 from layerfs.mount import Mount
-from layerfs.tarlayer import WhiteoutFormat, apply_layer
+from layerfs.tar import WhiteoutFormat, apply_layer
 
 from ._overlayfs import FEATURE_OFF, check_host, probe_features
 

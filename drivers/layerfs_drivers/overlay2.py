@@ -60,36 +60,30 @@ from layerfs.driver import (
     layer_dir_usage,
 )
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
-from layerfs.mount import Mount, mountinfo
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
+from layerfs.mount import Mount, MountInfo, mountinfo
+from layerfs.tar import WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
 
 MAX_LOWERS = 500  # OVL_MAX_STACK in fs/overlayfs
 
 
-def mount_point_of(path: Path) -> str:
-    """The mount point of the filesystem holding ``path`` (longest matching mount)."""
+def mount_of(path: Path) -> MountInfo:
+    """The mount holding ``path`` (the longest mount point above it; the last one mounted
+    there if several are stacked)."""
     real = os.path.realpath(path)
-    best = "/"
+    best: MountInfo | None = None
     for info in mountinfo():
         if (real == info.target or real.startswith(info.target.rstrip("/") + "/")) and \
-                len(info.target) > len(best):
-            best = info.target
+                (best is None or len(info.target) >= len(best.target)):
+            best = info
+    assert best is not None  # "/" is always mounted
     return best
 
 
 def xfs_project_quotas(path: Path) -> bool:
     """Whether the xfs filesystem holding ``path`` enforces project quotas."""
-    target = mount_point_of(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                opts = line.split(" - ", 1)[1].split()[-1].split(",")
-                if {"prjquota", "pquota"} & set(opts):
-                    return True
-    return False
+    return bool({"prjquota", "pquota"} & mount_of(path).super_option_set)
 
 
 def _short_id() -> str:
@@ -217,19 +211,20 @@ class Overlay2Driver(Driver):
             projid = int(self.state.get("next_projid", 100_000))
             self.state.set("next_projid", projid + 1)
             self.state.set(f"projid:{layer_id}", projid)
-        mnt = mount_point_of(self.home)
+        mnt = mount_of(self.home).target
         diff = self._diff(layer_id)
         for command in (f"project -s -p {diff} {projid}", f"limit -p bhard={size} {projid}"):
             subprocess.run(["xfs_quota", "-x", "-c", command, mnt], check=True,
                            capture_output=True)
 
     def _clear_quota(self, layer_id: str) -> None:
-        projid = self.state.get(f"projid:{layer_id}") if self.state else None
-        if projid is None:
+        state = self.state
+        projid = state.get(f"projid:{layer_id}") if state else None
+        if state is None or projid is None:
             return
         subprocess.run(["xfs_quota", "-x", "-c", f"limit -p bhard=0 {projid}",
-                        mount_point_of(self.home)], capture_output=True)
-        self.state.delete(f"projid:{layer_id}")
+                        mount_of(self.home).target], capture_output=True)
+        state.delete(f"projid:{layer_id}")
 
     @translate_errors("overlay2 remove")
     def remove(self, layer_id: str) -> None:

@@ -72,7 +72,8 @@ def _env(items: list[str] | None) -> dict[str, str]:
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
     from ..runtime.containers import RunOptions
-    from ..runtime.spec import parse_port, parse_size, parse_volume
+    from ..runtime.spec import parse_port, parse_volume
+    from ..units import parse_size
 
     entrypoint = None
     if args.entrypoint is not None:

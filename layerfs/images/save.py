@@ -2,7 +2,7 @@
 
 Layer tars are written again *exactly* (same bytes, so the same digests and image id)
 from the layer's files plus the tar-split record kept at load time
-(:class:`~layerfs.oci.TarSplitRecorder`), the technique Docker uses.
+(:class:`~layerfs.tar.split.TarSplitRecorder`), the technique Docker uses.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from typing import IO, Any
 import zstandard
 
 from .. import oci
+from ..digests import sha256_digest, short_id
 from ..driver import scratch_prefix
 from ..errors import AlreadyExists, CorruptState, InvalidArgument
+from ..tar.split import TarSplitAssembler
 from .catalog import Catalog, Image, ImageLayer, Progress
 
 
@@ -158,7 +160,7 @@ class Saving(Catalog):
                            for d, s in layer_entries],
             }
             manifest_bytes = oci.canonical_json(manifest)
-            manifest_digest = oci.sha256_digest(manifest_bytes)
+            manifest_digest = sha256_digest(manifest_bytes)
             blob = f"blobs/sha256/{manifest_digest.split(':', 1)[1]}"
             if not writer.has(blob):
                 writer.add_bytes(blob, manifest_bytes)
@@ -190,8 +192,8 @@ class Saving(Catalog):
                                f"cannot be exported with its original digest")
         record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
         with self.layers.mounted(layer.layer_id, readonly=True) as root:
-            reader = oci.TarSplitAssembler(record, root, layer.diff_id, tar_size,
-                                           f"layer {oci.short_id(layer.diff_id)}")
+            reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
+                                           f"layer {short_id(layer.diff_id)}")
             try:
                 yield reader  # type: ignore[misc]
             finally:
@@ -212,7 +214,7 @@ class Saving(Catalog):
             progress.begin(key, f"layer {hex_diff[:12]}", tar_size)
         try:
             with self.layers.mounted(layer.layer_id, readonly=True) as root:
-                reader = oci.TarSplitAssembler(record, root, layer.diff_id, tar_size,
+                reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
                                                f"layer {hex_diff[:12]}")
                 counted = _ProgressReader(reader, progress, key)
                 try:

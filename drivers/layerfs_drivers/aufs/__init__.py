@@ -39,7 +39,7 @@ from layerfs.changes import Change, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
 from layerfs.mount import PAGE_SIZE, Mount
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
+from layerfs.tar import WhiteoutFormat, apply_layer, export_native
 
 WH_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"

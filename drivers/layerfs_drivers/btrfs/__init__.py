@@ -46,7 +46,7 @@ from layerfs.errors import (
     translate_errors,
 )
 from layerfs.mount import Mount
-from layerfs.tarlayer import export_changes
+from layerfs.tar import export_changes
 
 from .send import SendSummary, changed_paths, send_no_data
 

@@ -96,17 +96,8 @@ def _run(cmd: list[str], *, what: str | None = None) -> str:
 
 def device_mounts(devno: int) -> list[tuple[str, str, bool]]:
     """Mounts of block device ``devno`` in this namespace: (target, fs root, superblock ro)."""
-    found = []
-    want = f"{os.major(devno)}:{os.minor(devno)}"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) >= 5 and lf[2] == want:
-                super_opts = rf[2].split(",") if len(rf) > 2 else []
-                found.append((mountlib._unescape(lf[4]), mountlib._unescape(lf[3]),
-                              "ro" in super_opts))
-    return found
+    return [(info.target, info.root, "ro" in info.super_option_set)
+            for info in mountlib.mountinfo() if info.devno == devno]
 
 
 class DeviceSet:
