@@ -13,8 +13,9 @@ The public API is small::
             store.diff(box.id, out)                            # OCI layer tar
         store.remove(box.id)
 
-See :class:`layerfs.layers.LayerStore` for every operation, and
-:mod:`layerfs.driver` for writing a driver.
+See :class:`layerfs.layers.LayerStore` for every operation, :mod:`layerfs.driver` and
+docs/writing-a-driver.md for writing a driver, and :func:`register` (or a driver class
+passed to :func:`open_root`) for using one that is not installed as a package.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,15 @@ _EXPORTS = {
     "NotFound": "errors", "UnsafeArchive": "errors",
     "LayerStore": "layers", "open_root": "layers",
     "Mount": "mount",
-    "LayerRecord": "store",
+    "LayerRecord": "metastore",
+    "register": "plugins",
 }
 
 __all__ = [
     "AlreadyExists", "Capabilities", "Change", "ChangeKind", "CorruptState", "Driver",
     "DriverNotSupported", "DriverOptions", "InUse", "InvalidArgument", "LayerRecord",
     "LayerStore", "LayerfsError", "Mount", "NotFound", "UnsafeArchive", "Usage", "open_root",
+    "register",
 ]
 
 
@@ -68,3 +71,4 @@ if TYPE_CHECKING:
     from .layers import LayerStore, open_root
     from .metastore import LayerRecord
     from .mount import Mount
+    from .plugins import register

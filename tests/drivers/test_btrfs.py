@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from layerfs import mount as mountlib
 from layerfs.changes import naive_changes
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance import close_and_check
 
-from ..conftest import close_and_check, open_store_or_skip
+from ..conftest import open_store_or_skip
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ import pytest
 from layerfs import mount as mountlib
 from layerfs.errors import LayerfsError
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance import close_and_check
 
 from ..conformance.test_conformance import BASE_ENTRIES, tar_of
-from ..conftest import close_and_check, open_store_or_skip
+from ..conftest import open_store_or_skip
 
 
 @pytest.fixture

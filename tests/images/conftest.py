@@ -23,8 +23,9 @@ from layerfs.errors import DriverNotSupported, LayerfsError
 from layerfs.images import Image, ImageStore
 from layerfs.layers import LayerStore
 from layerfs.testing import images as timg
+from layerfs.testing.conformance import close_and_check
 
-from ..conftest import NATIVE_DRIVERS, close_and_check, root_for
+from ..conftest import NATIVE_DRIVERS, root_for
 from ..dm_fixtures import options_for
 
 SCRATCH = Path("/tmp/lfs-images")
