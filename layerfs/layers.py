@@ -30,9 +30,10 @@ from typing import IO, Any
 from . import mount as mountlib
 from . import plugins
 from .changes import Change
-from .driver import Driver, DriverOptions, Usage, scratch_owner
+from .driver import Driver, Usage, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
+from .options import DriverOptions
 from .units import parse_size
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -660,6 +660,12 @@ def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
     return ImageToLoad(config_bytes, config, layers, [], where)
 
 
+class Readable(Protocol):
+    """What the writers read a member from: anything with ``read(n)``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 # --- writing archives -----------------------------------------------------------------------
 
 class TarArchiveWriter:
@@ -686,7 +692,7 @@ class TarArchiveWriter:
                 info.mode = 0o755
                 self._tar.addfile(info)
 
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
+    def add_stream(self, name: str, size: int, stream: Readable) -> None:
         """Add ``size`` bytes read from ``stream`` (which must deliver exactly that many)."""
         self._parents(name)
         info = tarfile.TarInfo(name)
@@ -730,7 +736,7 @@ class DirArchiveWriter:
         self._names.add(name)
         return path
 
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
+    def add_stream(self, name: str, size: int, stream: Readable) -> None:
         with open(self._target(name), "wb") as f:
             copied = 0
             while copied < size:

@@ -65,10 +65,11 @@ from typing import Any, Protocol
 
 from layerfs import mount as mountlib
 from layerfs import plugins, pool
-from layerfs.driver import DriverOptions, backing_filesystem
 from layerfs.errors import DriverNotSupported, InvalidArgument, LayerfsError
+from layerfs.fsinfo import backing_filesystem
 from layerfs.layers import LayerStore
 from layerfs.metastore import process_alive, process_token
+from layerfs.options import DriverOptions
 
 SCHEMA = "layerfs-bench"
 SCHEMA_VERSION = 1

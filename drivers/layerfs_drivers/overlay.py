@@ -38,9 +38,11 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 from layerfs.tar import WhiteoutFormat, apply_layer
 
 from ._overlayfs import FEATURE_OFF, check_host, probe_features
@@ -48,8 +50,7 @@ from ._overlayfs import FEATURE_OFF, check_host, probe_features
 
 class OverlayDriver(Driver):
     name = "overlay"
-    capabilities = Capabilities(max_depth=None, whiteout_format=WhiteoutFormat.IN_PLACE)
-    known_options: set[str] = set()
+    CAPABILITIES = Capabilities(max_depth=None, whiteout_format=WhiteoutFormat.IN_PLACE)
 
     def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
         super().__init__(home, options, state)
@@ -130,7 +131,7 @@ class OverlayDriver(Driver):
         if parent is None or self._is_image(layer_id):
             return apply_layer(self._root(layer_id), stream, WhiteoutFormat.IN_PLACE)
         if not self._is_image(parent):
-            return super().apply_diff(layer_id, parent, stream)
+            return self.naive.apply_diff(layer_id, parent, stream)
         # Docker's way: hardlink the parent's whole tree, then apply the layer in
         # place. The applier replaces files (unlink + create), so a changed file
         # gets a new inode and the parent's copy is never written through a link.

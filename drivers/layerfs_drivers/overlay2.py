@@ -47,20 +47,16 @@ import secrets
 import shutil
 import stat
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import (
-    Capabilities,
-    Driver,
-    DriverOptions,
-    Usage,
-    backing_filesystem,
-    layer_dir_usage,
-)
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
+from layerfs.fsinfo import backing_filesystem, layer_dir_usage
 from layerfs.mount import Mount, MountInfo, mountinfo
+from layerfs.options import DriverOptions
 from layerfs.tar import WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
@@ -93,7 +89,7 @@ def _short_id() -> str:
 
 class Overlay2Driver(Driver):
     name = "overlay2"
-    capabilities = Capabilities(native_diff=True, native_changes=True, quotas=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True, quotas=True,
                                 max_depth=MAX_LOWERS, whiteout_format=WhiteoutFormat.OVERLAY)
     known_options = {"metacopy", "redirect_dir", "index", "volatile", "userxattr",
                      "mount_program", "size"}
@@ -118,6 +114,12 @@ class Overlay2Driver(Driver):
         if missing and not self.mount_program:
             raise DriverNotSupported(self.name, f"this kernel's overlay rejects "
                                                 f"{', '.join(missing)}")
+        # With redirect_dir or metacopy an upper directory is no longer a plain diff
+        # (a renamed dir points at its lower origin, a metacopy file has no data): the
+        # diff family falls back to the naive differ, and the capabilities say so.
+        self.capabilities = replace(self.CAPABILITIES, native_diff=self.native_diff_ok,
+                                    native_changes=self.native_diff_ok,
+                                    whiteout_format=self.whiteouts)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
@@ -310,14 +312,14 @@ class Overlay2Driver(Driver):
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if not self.native_diff_ok:
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), self.whiteouts,
                                      self._exists_below(layer_id))
 
     @translate_errors("overlay2 diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if not self.native_diff_ok:
-            return super().diff(layer_id, parent, out)
+            return self.naive.diff(layer_id, parent, out)
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
@@ -328,7 +330,7 @@ class Overlay2Driver(Driver):
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
         if not self.native_diff_ok:
-            return super().diff_size(layer_id, parent)
+            return self.naive.diff_size(layer_id, parent)
         seen: set[int] = set()
         total = 0
         for dirpath, _dirs, files in os.walk(self._diff(layer_id)):

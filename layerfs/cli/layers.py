@@ -14,8 +14,9 @@ from typing import Any
 from rich.table import Table
 
 from .. import plugins
-from ..driver import DriverOptions, driver_info
 from ..errors import LayerfsError
+from ..options import DriverOptions
+from ..plugins import driver_info
 from .common import SubParsers, emit_json, human_size, open_store
 from .console import err, out
 

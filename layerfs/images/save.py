@@ -26,6 +26,9 @@ from ..errors import AlreadyExists, CorruptState, InvalidArgument
 from ..tar.split import TarSplitAssembler
 from .catalog import Catalog, Image, ImageLayer, Progress
 
+#: Where a save goes: an archive being written as a tar stream, or a layout directory.
+ArchiveWriter = oci.TarArchiveWriter | oci.DirArchiveWriter
+
 
 class Saving(Catalog):
     """The saving half of :class:`~layerfs.images.ImageStore`."""
@@ -120,7 +123,7 @@ class Saving(Catalog):
             raise
         writer.close()
 
-    def _write(self, selected: list[tuple[Image, list[str]]], writer: Any, format: str,
+    def _write(self, selected: list[tuple[Image, list[str]]], writer: ArchiveWriter, format: str,
                compression: str, progress: Progress | None) -> None:
         written: dict[str, tuple[str, int]] = {}   # diff id -> (digest, size) as written
         docker_manifest: list[dict[str, Any]] = []
@@ -199,7 +202,7 @@ class Saving(Catalog):
             finally:
                 reader.close()
 
-    def _write_layer(self, layer: ImageLayer, writer: Any, format: str, compression: str,
+    def _write_layer(self, layer: ImageLayer, writer: ArchiveWriter, format: str, compression: str,
                      progress: Progress | None) -> tuple[str, int]:
         """Write one layer blob; returns its (digest, size) as stored."""
         rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
@@ -232,7 +235,7 @@ class Saving(Catalog):
             if progress is not None:
                 progress.end(key)
 
-    def _write_compressed(self, reader: IO[bytes], writer: Any,
+    def _write_compressed(self, reader: IO[bytes], writer: ArchiveWriter,
                           compression: str) -> tuple[str, int]:
 
         fd, tmp = tempfile.mkstemp(prefix=scratch_prefix("images-save", "blob"),

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import IO
 
 from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import PAGE_SIZE, Mount
+from layerfs.options import DriverOptions
 from layerfs.tar import WhiteoutFormat, apply_layer, export_native
 
 WH_PREFIX = ".wh."
@@ -52,7 +54,7 @@ def kernel_has_aufs() -> bool:
 
 class AufsDriver(Driver):
     name = "aufs"
-    capabilities = Capabilities(native_diff=True, native_changes=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True,
                                 whiteout_format=WhiteoutFormat.AUFS)
     known_options = {"mode", "entry_timeout", "attr_timeout", "keep_cache"}
 

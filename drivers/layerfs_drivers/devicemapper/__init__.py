@@ -66,9 +66,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, ExternalCommandFailed, InvalidArgument, LayerfsError
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 
 from . import config as dmconfig
 from . import dmsetup
@@ -97,7 +99,7 @@ def dm_missing() -> str | None:
 
 class DevicemapperDriver(Driver):
     name = "devicemapper"
-    capabilities = Capabilities(block_level_cow=True, quotas=True)
+    CAPABILITIES = Capabilities(block_level_cow=True, quotas=True)
     known_options = dmconfig.KNOWN_OPTIONS
 
     def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:

@@ -17,10 +17,10 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from layerfs.driver import DriverOptions
 from layerfs.errors import AlreadyExists, InvalidArgument, LayerfsError, NotFound
 from layerfs.layers import LayerStore
 from layerfs.metastore import DriverState, MetaStore
+from layerfs.options import DriverOptions
 
 from .config import LOOPBACK_WARNING
 
