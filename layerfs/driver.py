@@ -68,6 +68,7 @@ from .changes import Change, WhiteoutFormat
 from .fsinfo import Usage, backing_filesystem
 from .naivediff import NaiveDiffer
 from .options import DriverOptions
+from .tar import Readable
 
 if TYPE_CHECKING:
     from .metastore import DriverState
@@ -213,7 +214,7 @@ class Driver(ABC):
         """Write the layer's changes as an uncompressed OCI layer tar; return its size."""
         return self.naive.diff(layer_id, parent, out)
 
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         """Apply an OCI layer tar (any compression) onto the layer; return its size: the
         sum of its regular files' sizes, hardlinks once (what :meth:`diff` returns)."""
         return self.naive.apply_diff(layer_id, parent, stream)

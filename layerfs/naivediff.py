@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .changes import Change, naive_changes
-from .tar import WhiteoutFormat, apply_layer, export_changes
+from .tar import Readable, WhiteoutFormat, apply_layer, export_changes
 
 if TYPE_CHECKING:
     from .driver import Driver
@@ -39,7 +39,7 @@ class NaiveDiffer:
             assert upper is not None
             return export_changes(upper, naive_changes(lower, upper), out)
 
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         with self.driver.writable_view(layer_id) as target:
             return apply_layer(target, stream, WhiteoutFormat.IN_PLACE)
 

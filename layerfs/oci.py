@@ -62,7 +62,7 @@ from .errors import InvalidArgument, LayerfsError, NotFound
 from .reference import is_tag, looks_like_reference, parse_reference
 from .tar.index import Member, members
 from .tar.split import TarSplitRecorder
-from .tar.stream import MAGIC_SIZE, compression_of, open_layer_stream
+from .tar.stream import MAGIC_SIZE, Readable, compression_of, open_layer_stream
 
 # --- media types ----------------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class RangeReader(io.RawIOBase):
         self._fd = fd
         self._pos = offset
         self._end = offset + size
-        self.name = name  # type: ignore[misc]
+        self.name = name
 
     def readable(self) -> bool:
         return True
@@ -263,7 +263,7 @@ class DirSource:
     def open(self, name: str) -> BinaryIO:
         path = self._path(name)
         try:
-            return open(path, "rb", buffering=0)  # type: ignore[return-value]
+            return open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise NotFound(f"{self.description}: {name} is missing") from None
 
@@ -373,7 +373,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
         with raw_cm as raw, os.fdopen(fd, "wb") as out:
             counted = _Counting(raw, progress, "reading archive", total)
             try:
-                plain = open_layer_stream(counted)  # type: ignore[arg-type]
+                plain = open_layer_stream(counted)
                 shutil.copyfileobj(plain, out, 1 << 20)
             except (EOFError, OSError, ValueError) as err:
                 if isinstance(err, LayerfsError):
@@ -395,7 +395,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
 class _Counting(io.RawIOBase):
     """Pass-through reader reporting progress (bytes read of the compressed input)."""
 
-    def __init__(self, raw: IO[bytes], progress: Any, what: str, total: int | None) -> None:
+    def __init__(self, raw: Readable, progress: Any, what: str, total: int | None) -> None:
         self._raw = raw
         self._progress = progress
         self._key = f"archive:{id(self)}"
@@ -660,12 +660,6 @@ def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
     return ImageToLoad(config_bytes, config, layers, [], where)
 
 
-class Readable(Protocol):
-    """What the writers read a member from: anything with ``read(n)``."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
 # --- writing archives -----------------------------------------------------------------------
 
 class TarArchiveWriter:
@@ -674,7 +668,7 @@ class TarArchiveWriter:
     def __init__(self, out: IO[bytes]) -> None:
         self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                                  bufsize=1 << 20)
-        self._tar.copybufsize = 1 << 20  # type: ignore[attr-defined]
+        self._tar.copybufsize = 1 << 20  # type: ignore[attr-defined]  # not in typeshed
         self._names: set[str] = set()
         self._dirs: set[str] = set()
 
@@ -716,8 +710,11 @@ class TarArchiveWriter:
 
     def abort(self) -> None:
         """Give up on a half-written archive without writing its end (the caller deletes it)."""
-        self._tar.closed = True  # type: ignore[attr-defined]
-        self._tar.fileobj.closed = True  # type: ignore[union-attr,attr-defined]
+        # tarfile has no abort: a closed TarFile and a closed stream write nothing more
+        # (the stream's finalizer would otherwise flush the end-of-archive blocks).
+        stream: Any = self._tar.fileobj  # tarfile's private _Stream in "w|" mode
+        self._tar.closed = True  # type: ignore[attr-defined]  # not in typeshed
+        stream.closed = True
 
 
 class DirArchiveWriter:
@@ -781,7 +778,7 @@ class DigestReader(io.RawIOBase):
     re-export later.
     """
 
-    def __init__(self, raw: IO[bytes], what: str, *, expected: str | None = None,
+    def __init__(self, raw: Readable, what: str, *, expected: str | None = None,
                  expected_size: int | None = None, algorithm: str = "sha256",
                  recorder: TarSplitRecorder | None = None, progress: Any = None,
                  progress_key: str | None = None, hashing: bool = True) -> None:
@@ -803,6 +800,9 @@ class DigestReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, n: int = -1, /) -> bytes:
+        return super().read(n) or b""  # None only from a non-blocking raw stream
 
     def readinto(self, buf: Any) -> int:
         if self._readinto is not None:

@@ -203,8 +203,8 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, docker: bool = 
         ratios: dict[str, float] = {}
         for peer in ("docker load", "docker import", "tar -x"):
             if peer in results:
-                ratios[f"lib / {peer}"] = lib / results[peer]["median"]  # type: ignore[operator]
-                ratios[f"cli / {peer}"] = cli / results[peer]["median"]  # type: ignore[operator]
+                ratios[f"lib / {peer}"] = lib / results[peer]["median"]
+                ratios[f"cli / {peer}"] = cli / results[peer]["median"]
         return {
             "params": {"size_bytes": inputs.size, "files": files, "runs": runs,
                        "kernel": platform.release(), "docker": reason or "20.10 overlay2"},

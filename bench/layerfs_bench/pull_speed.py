@@ -138,7 +138,7 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, scratch: Path =
         registry.stop()
         remove_tree(scratch)
     docker = results["docker pull"]["median"]
-    ratios = {f"{name} / docker pull": r["median"] / docker  # type: ignore[operator]
+    ratios = {f"{name} / docker pull": r["median"] / docker
               for name, r in results.items() if name != "docker pull"}
     return {
         "params": {"size_bytes": inputs.size, "blob_bytes": blob_bytes, "files": files,

@@ -47,6 +47,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
@@ -55,9 +56,10 @@ from layerfs.changes import Change, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
 from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount, MountInfo, mountinfo
 from layerfs.options import DriverOptions
-from layerfs.tar import WhiteoutFormat, apply_layer, export_native
+from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
 
@@ -94,7 +96,8 @@ class Overlay2Driver(Driver):
     known_options = {"metacopy", "redirect_dir", "index", "volatile", "userxattr",
                      "mount_program", "size"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         (self.home / "l").mkdir(exist_ok=True)
         opts = self.options
@@ -278,7 +281,7 @@ class Overlay2Driver(Driver):
         return [Mount("overlay", "overlay", options)]
 
     # --- native diffs --------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str):  # type: ignore[no-untyped-def]
+    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
         lowers = self._lower_diff_dirs(layer_id)
 
         def exists_below(path: str) -> bool:
@@ -323,7 +326,7 @@ class Overlay2Driver(Driver):
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         # A fresh layer's diff/ is empty: the tar's entries, with whiteouts in overlay
         # form, are exactly what its upper dir must hold.
         return apply_layer(self._diff(layer_id), stream, self.whiteouts)

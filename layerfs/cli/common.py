@@ -12,15 +12,15 @@ import json
 import os
 import sys
 import textwrap
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from ..layers import LayerStore
 
 DEFAULT_ROOT = "/var/lib/layerfs"
 
-#: argparse's type for ``parser.add_subparsers()``; its type parameter is private.
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
+#: What ``parser.add_subparsers()`` returns (argparse names the class privately).
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:

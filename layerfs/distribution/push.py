@@ -28,6 +28,7 @@ from ..digests import short_id
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument
 from ..reference import RemoteReference
+from ..tar import Readable
 from .blobs import compression_of, ensure_schema, known_blobs, record_blobs
 from .errors import Cancelled, RegistryError
 from .transport import CHUNK, Registry, RegistryOptions
@@ -108,7 +109,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
         with os.fdopen(fd, "wb") as f, images.open_layer_tar(layer) as tar:
             out = _Hashing(f)
             if compression == "gzip":
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,  # type: ignore[arg-type]
+                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,
                                    mtime=0, filename="") as gz:
                     _copy(tar, gz, progress, key)
             elif compression == "zstd":
@@ -127,7 +128,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
             progress.end(key)
 
 
-def _copy(src: IO[bytes], dst: Any, progress: Progress | None, key: str) -> None:
+def _copy(src: Readable, dst: Any, progress: Progress | None, key: str) -> None:
     while chunk := src.read(CHUNK):
         dst.write(chunk)
         if progress is not None:

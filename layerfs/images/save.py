@@ -24,6 +24,7 @@ from ..digests import sha256_digest, short_id
 from ..driver import scratch_prefix
 from ..errors import AlreadyExists, CorruptState, InvalidArgument
 from ..tar.split import TarSplitAssembler
+from ..tar.stream import Readable
 from .catalog import Catalog, Image, ImageLayer, Progress
 
 #: Where a save goes: an archive being written as a tar stream, or a layout directory.
@@ -184,7 +185,7 @@ class Saving(Catalog):
                 "schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": index}))
 
     @contextlib.contextmanager
-    def open_layer_tar(self, layer: ImageLayer) -> Iterator[IO[bytes]]:
+    def open_layer_tar(self, layer: ImageLayer) -> Iterator[TarSplitAssembler]:
         """The layer's tar byte for byte as loaded (its sha256 is the diff id), re-created
         from the layer's files and its tar-split record; reading it to the end fails if
         the result does not hash to the diff id. For pushing a layer to a registry."""
@@ -198,7 +199,7 @@ class Saving(Catalog):
             reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
                                            f"layer {short_id(layer.diff_id)}")
             try:
-                yield reader  # type: ignore[misc]
+                yield reader
             finally:
                 reader.close()
 
@@ -227,7 +228,7 @@ class Saving(Catalog):
                     if compression == "none":
                         writer.add_stream(f"blobs/sha256/{hex_diff}", tar_size, counted)
                         return layer.diff_id, tar_size
-                    return self._write_compressed(counted, writer,  # type: ignore[arg-type]
+                    return self._write_compressed(counted, writer,
                                                   compression)
                 finally:
                     reader.close()
@@ -235,7 +236,7 @@ class Saving(Catalog):
             if progress is not None:
                 progress.end(key)
 
-    def _write_compressed(self, reader: IO[bytes], writer: ArchiveWriter,
+    def _write_compressed(self, reader: Readable, writer: ArchiveWriter,
                           compression: str) -> tuple[str, int]:
 
         fd, tmp = tempfile.mkstemp(prefix=scratch_prefix("images-save", "blob"),
@@ -244,7 +245,7 @@ class Saving(Catalog):
             with os.fdopen(fd, "w+b") as f:
                 hashed = _HashingWriter(f)
                 if compression == "gzip":
-                    with gzip.GzipFile(fileobj=hashed, mode="wb", compresslevel=6,  # type: ignore[arg-type]
+                    with gzip.GzipFile(fileobj=hashed, mode="wb", compresslevel=6,
                                        mtime=0) as gz:
                         shutil.copyfileobj(reader, gz, 1 << 20)
                 else:
@@ -281,7 +282,7 @@ class _HashingWriter:
 class _ProgressReader:
     """Reports bytes read to a progress sink."""
 
-    def __init__(self, raw: Any, progress: Progress | None, key: str) -> None:
+    def __init__(self, raw: TarSplitAssembler, progress: Progress | None, key: str) -> None:
         self._raw = raw
         self._progress = progress
         self._key = key

@@ -47,6 +47,7 @@ from layerfs.errors import (
     translate_errors,
 )
 from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
 from layerfs.options import DriverOptions
 from layerfs.tar import export_changes
@@ -59,7 +60,8 @@ class BtrfsDriver(Driver):
     CAPABILITIES = Capabilities(native_changes=True, block_level_cow=True, quotas=True)
     known_options = {"size", "native_changes"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         self.subvolumes = self.home / "subvolumes"
         self.subvolumes.mkdir(exist_ok=True)

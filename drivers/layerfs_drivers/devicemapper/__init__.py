@@ -69,6 +69,7 @@ from pathlib import Path
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, ExternalCommandFailed, InvalidArgument, LayerfsError
 from layerfs.fsinfo import layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
 from layerfs.options import DriverOptions
 
@@ -102,7 +103,8 @@ class DevicemapperDriver(Driver):
     CAPABILITIES = Capabilities(block_level_cow=True, quotas=True)
     known_options = dmconfig.KNOWN_OPTIONS
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         if state is None:
             raise InvalidArgument("devicemapper keeps its device table in the layer store: "

@@ -197,7 +197,7 @@ class DeviceSet:
                 setup.directlvm_device, vg, setup.thinp_percent, setup.thinp_metapercent,
                 setup.thinp_autoextend_threshold, setup.thinp_autoextend_percent,
                 force=setup.directlvm_device_force)
-            record.update(name=pool.name, vg=vg, lv=pool.lv)  # type: ignore[attr-defined]
+            record.update(name=pool.name, vg=vg, lv=pool.lv)
         else:
             assert setup.thinpooldev
             pool = open_existing(setup.thinpooldev)
@@ -416,7 +416,7 @@ class DeviceSet:
 
     # --- layers -----------------------------------------------------------------------------
     def create(self, layer: str, parent: str | None, size: int | None) -> DeviceRecord:
-        self._ensure()
+        pool = self._ensure()
         with self.locked():
             if self.meta.device(layer) is not None:
                 raise AlreadyExists(f"devicemapper: layer {layer} already has a device")
@@ -431,7 +431,7 @@ class DeviceSet:
                         f"devicemapper: size {human(size)} is smaller than "
                         f"{'the base device' if parent is None else 'the parent layer'} "
                         f"({human(origin.size)}); a thin device's filesystem cannot shrink")
-            status = self.pool.status()  # type: ignore[union-attr]
+            status = pool.status()
             self.check_free_space(status)
             rec = self._make_device(layer, origin, origin.size, status=status)
             if size is not None and size > origin.size:
