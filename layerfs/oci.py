@@ -58,7 +58,7 @@ from .digests import (
     short_id,
     verify_bytes,
 )
-from .errors import InvalidArgument, LayerfsError, NotFound
+from .errors import CorruptState, InvalidArgument, LayerfsError, NotFound
 from .reference import is_tag, looks_like_reference, parse_reference
 from .tar.index import Member, members
 from .tar.split import TarSplitRecorder
@@ -739,7 +739,7 @@ class DirArchiveWriter:
             while copied < size:
                 chunk = stream.read(min(1 << 20, size - copied))
                 if not chunk:
-                    raise LayerfsError(f"writing {name}: source ended after {copied} of "
+                    raise CorruptState(f"writing {name}: source ended after {copied} of "
                                        f"{size} bytes")
                 f.write(chunk)
                 copied += len(chunk)

@@ -34,7 +34,7 @@ import httpx
 
 from .. import oci
 from ..digests import chain_ids, hasher_for, short_id
-from ..errors import InvalidArgument, LayerfsError, NotFound
+from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
 from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
@@ -317,7 +317,7 @@ class _TailReader:
                     continue
             n = os.preadv(job.read_fd, [view[:min(len(view), available)]], self.pos)
             if n <= 0:
-                raise LayerfsError(f"blob {job.digest}: staged file is shorter than expected")
+                raise CorruptState(f"blob {job.digest}: staged file is shorter than expected")
             self.pos += n
             return n
 

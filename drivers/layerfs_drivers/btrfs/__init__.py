@@ -41,6 +41,7 @@ from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, nai
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import (
     DriverNotSupported,
+    InUse,
     LayerfsError,
     NotFound,
     command_error,
@@ -140,7 +141,7 @@ class BtrfsDriver(Driver):
             subprocess.run(["btrfs", "subvolume", "sync", str(self.home), str(subvol_id)],
                            capture_output=True, timeout=60)
         except subprocess.TimeoutExpired as err:
-            raise LayerfsError(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
+            raise InUse(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
                                f"its qgroup 0/{subvol_id} remains") from err
         proc = subprocess.run(["btrfs", "qgroup", "destroy", f"0/{subvol_id}", str(self.home)],
                               capture_output=True, text=True)
