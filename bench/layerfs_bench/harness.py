@@ -188,6 +188,31 @@ def interleave(contenders: Sequence[Contender], runs: int,
     return {c.name: {"median": statistics.median(c.times), "runs": c.times} for c in contenders}
 
 
+def print_comparison(title: str, results: dict[str, dict[str, Any]], ratios: dict[str, float],
+                     goals: dict[str, float], goal_text: str) -> None:
+    """Render what :func:`interleave` measured: medians, min and max per contender, then
+    the ratios, each against its goal if it has one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("contender", "median", "min", "max"):
+        table.add_column(col, justify="right" if col != "contender" else "left")
+    for name, r in results.items():
+        table.add_row(name, f"{r['median'] * 1000:.0f} ms", f"{min(r['runs']) * 1000:.0f} ms",
+                      f"{max(r['runs']) * 1000:.0f} ms")
+    Console().print(table)
+    rt = Table(title=f"ratios (goal: {goal_text})", title_justify="left")
+    rt.add_column("ratio")
+    rt.add_column("value", justify="right")
+    rt.add_column("goal", justify="right")
+    for name, value in ratios.items():
+        goal = goals.get(name)
+        mark = "" if goal is None else ("[green]met[/]" if value <= goal else "[red]missed[/]")
+        rt.add_row(name, f"{value:.2f}×", mark)
+    Console().print(rt)
+
+
 def remove_tree(path: Path) -> None:
     """``rm -rf`` that stays on this filesystem (a leaked mount below is left alone)."""
     if path.exists():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -19,12 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from .. import oci
-from ..digests import short_id
+from ..digests import HashingWriter, short_id
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument
 from ..reference import RemoteReference
@@ -71,21 +70,6 @@ class _FileBody:
                 yield chunk
 
 
-class _Hashing:
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 MEDIA_TYPES = {
     ("docker", "gzip"): oci.MT_DOCKER_LAYER_GZIP, ("docker", "none"): oci.MT_DOCKER_LAYER,
     ("oci", "gzip"): oci.MT_OCI_LAYER_GZIP, ("oci", "none"): oci.MT_OCI_LAYER,
@@ -107,7 +91,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
         progress.begin(key, f"{short_id(layer.diff_id)} prepare", layer.tar_size)
     try:
         with os.fdopen(fd, "wb") as f, images.open_layer_tar(layer) as tar:
-            out = _Hashing(f)
+            out = HashingWriter(f)
             if compression == "gzip":
                 with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,
                                    mtime=0, filename="") as gz:
@@ -118,7 +102,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
                     _copy(tar, zw, progress, key)
             else:
                 _copy(tar, out, progress, key)
-        return Path(tmp), "sha256:" + out.hash.hexdigest(), out.size
+        return Path(tmp), out.digest, out.size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
