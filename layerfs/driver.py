@@ -188,19 +188,20 @@ class Driver(ABC):
         if layer_id is None:
             yield None
             return
-        target = Path(tempfile.mkdtemp(prefix=scratch_prefix("view", layer_id), dir=self.scratch))
-        try:
-            with mountlib.mounted(self.mounts(layer_id, readonly=True), target):
-                yield target
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        with self._scratch_mount(layer_id, "view", readonly=True) as target:
+            yield target
 
     @contextlib.contextmanager
     def writable_view(self, layer_id: str) -> Iterator[Path]:
         """Yield a writable path of the layer, for the naive ``apply_diff``."""
-        target = Path(tempfile.mkdtemp(prefix=scratch_prefix("apply", layer_id), dir=self.scratch))
+        with self._scratch_mount(layer_id, "apply", readonly=False) as target:
+            yield target
+
+    @contextlib.contextmanager
+    def _scratch_mount(self, layer_id: str, kind: str, *, readonly: bool) -> Iterator[Path]:
+        target = Path(tempfile.mkdtemp(prefix=scratch_prefix(kind, layer_id), dir=self.scratch))
         try:
-            with mountlib.mounted(self.mounts(layer_id, readonly=False), target):
+            with mountlib.mounted(self.mounts(layer_id, readonly=readonly), target):
                 yield target
         finally:
             shutil.rmtree(target, ignore_errors=True)

@@ -294,12 +294,12 @@ class Saving(Catalog):
     def open_layer_tar(self, layer: ImageLayer) -> Iterator[TarSplitAssembler]:
         """The layer's tar byte for byte as loaded (its sha256 is the diff id), re-created
         from the layer's files and its tar-split record; reading it to the end fails if
-        the result does not hash to the diff id. For pushing a layer to a registry."""
+        the result does not hash to the diff id. What save and push send."""
         rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
                            (layer.chain_id,))
         if not rows or rows[0]["tar_split"] is None:
             raise CorruptState(f"image layer {layer.chain_id} has no tar-split record; it "
-                               f"cannot be exported with its original digest")
+                               f"cannot be saved with its original digest")
         record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
         with self.layers.mounted(layer.layer_id, readonly=True) as root:
             reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
@@ -312,32 +312,21 @@ class Saving(Catalog):
     def _write_layer(self, layer: ImageLayer, writer: ArchiveWriter, format: str, compression: str,
                      progress: Progress | None) -> tuple[str, int]:
         """Write one layer blob; returns its (digest, size) as stored."""
-        rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
-                           (layer.chain_id,))
-        if not rows or rows[0]["tar_split"] is None:
-            raise CorruptState(f"image layer {layer.chain_id} has no tar-split record; it "
-                               f"cannot be saved with its original digest")
-        record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
         hex_diff = layer.diff_id.split(":", 1)[1]
         key = f"save:{layer.chain_id}"
-        if progress is not None:
-            progress.begin(key, f"layer {hex_diff[:12]}", tar_size)
         try:
-            with self.layers.mounted(layer.layer_id, readonly=True) as root:
-                reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
-                                               f"layer {hex_diff[:12]}")
+            with self.open_layer_tar(layer) as reader:
+                tar_size = reader.size
+                if progress is not None:
+                    progress.begin(key, f"layer {hex_diff[:12]}", tar_size)
                 counted = _ProgressReader(reader, progress, key)
-                try:
-                    if format == "docker":
-                        writer.add_stream(f"{hex_diff}/layer.tar", tar_size, counted)
-                        return layer.diff_id, tar_size
-                    if compression == "none":
-                        writer.add_stream(f"blobs/sha256/{hex_diff}", tar_size, counted)
-                        return layer.diff_id, tar_size
-                    return self._write_compressed(counted, writer,
-                                                  compression)
-                finally:
-                    reader.close()
+                if format == "docker":
+                    writer.add_stream(f"{hex_diff}/layer.tar", tar_size, counted)
+                    return layer.diff_id, tar_size
+                if compression == "none":
+                    writer.add_stream(f"blobs/sha256/{hex_diff}", tar_size, counted)
+                    return layer.diff_id, tar_size
+                return self._write_compressed(counted, writer, compression)
         finally:
             if progress is not None:
                 progress.end(key)
