@@ -87,7 +87,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         pids_limit=args.pids_limit, network=args.network,
         ports=tuple(parse_port(p) for p in args.publish or ()),
         volumes=tuple(parse_volume(v) for v in args.volume or ()), userns=args.userns,
-        read_only=args.read_only, auto_remove=args.rm)
+        read_only=args.read_only, auto_remove=args.rm, cap_add=tuple(args.cap_add or ()),
+        cap_drop=tuple(args.cap_drop or ()), security_opt=tuple(args.security_opt or ()))
 
 
 class _Forwarder:
@@ -385,7 +386,8 @@ RUN_DESCRIPTION = (
     "Run COMMAND (default: the image's Entrypoint + Cmd) in a new container: a read-write "
     "layer on the image, mounted through the storage driver, with its own pid, mount, uts, "
     "ipc, network and cgroup namespaces, pivot_root into the layer, a cgroup with the "
-    "limits, Docker's 14 default capabilities and no_new_privs. Attached (the default) it "
+    "limits, Docker's 14 default capabilities, Docker's default seccomp profile and "
+    "no_new_privs. Attached (the default) it "
     "streams the output and exits with the command's exit code (128+N for signal N, 137 when "
     "the memory limit killed it); the signals layerfs gets (Ctrl-C, SIGTERM, ...) go to the "
     "container. With -d it prints the container id; `logs`, `stop`, `rm` take it from there.")
@@ -401,6 +403,8 @@ RUN_EXAMPLES = """\
   layerfs run --rm --pids-limit 20 busybox sh -c 'for i in $(seq 50); do sleep 5 & done'
   layerfs run --rm -v /srv/data:/data:ro busybox ls /data
   layerfs run --rm -u 1000:1000 -e GREETING=hi -w /tmp busybox sh -c 'id; pwd; env'
+  layerfs run --rm --cap-drop ALL --cap-add NET_BIND_SERVICE busybox grep Cap /proc/self/status
+  layerfs run --rm --security-opt seccomp=unconfined busybox unshare -U true  # no filter
 
 what to look at: `cat /proc/self/cgroup` and `cat /proc/1/cmdline` inside, `layerfs ps`,
 `layerfs inspect NAME` (cgroup paths, the layer, its mount), `ip link` on the host (a veth
@@ -440,6 +444,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "first 12 characters of the id)")
     g.add_argument("--read-only", action="store_true", help="mount the container's root "
                    "read-only (volumes keep their own mode)")
+    g = p.add_argument_group("privileges (docs/security.md)")
+    g.add_argument("--cap-add", action="append", metavar="CAP", help="add a capability to "
+                   "Docker's default 14 (e.g. NET_ADMIN; ALL for every one; repeatable)")
+    g.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a capability "
+                   "(e.g. NET_RAW; ALL for none but the --cap-add ones; repeatable)")
+    g.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="seccomp=unconfined (no syscall filter), seccomp=PROFILE.json (Docker's "
+                   "JSON format; default: layerfs's copy of Docker's profile), "
+                   "no-new-privileges[=true|false] (default true: setuid bits grant nothing)")
     g = p.add_argument_group("limits (cgroup)")
     g.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 64m, 1g (no "
                    "swap on top); going over it kills the command: exit code 137")

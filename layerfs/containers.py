@@ -54,7 +54,7 @@ from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFoun
 from .images import Image, ImageStore
 from .runtime import engine
 from .runtime import state as records
-from .runtime.spec import ContainerSpec, PortMapping, Volume
+from .runtime.spec import ContainerSpec, PortMapping, Volume, parse_security_opts
 from .store import now, process_alive, process_token
 
 if TYPE_CHECKING:
@@ -106,6 +106,9 @@ class RunOptions:
     userns: bool = False
     read_only: bool = False
     auto_remove: bool = False
+    cap_add: Sequence[str] = ()
+    cap_drop: Sequence[str] = ()
+    security_opt: Sequence[str] = ()           # Docker's --security-opt values
 
 
 @dataclass
@@ -402,12 +405,15 @@ class ContainerManager:
             workdir = "/" + workdir
         user = opts.user if opts.user is not None else (rc.user or "")
         numeric = _numeric_user(user)
+        security = parse_security_opts(opts.security_opt)
         spec = ContainerSpec(
             rootfs=self.layers.mnt_dir / cid, argv=argv, env=env, cwd=workdir,
             user=numeric or (0, 0), hostname=opts.hostname, volumes=opts.volumes,
             memory=opts.memory, cpus=opts.cpus, pids_limit=opts.pids_limit,
             network=opts.network, ports=opts.ports, userns=opts.userns,  # type: ignore[arg-type]
-            read_only=opts.read_only, id=cid, name=opts.name)
+            read_only=opts.read_only, cap_add=opts.cap_add, cap_drop=opts.cap_drop,
+            seccomp=security.seccomp, no_new_privileges=security.no_new_privileges,
+            id=cid, name=opts.name)
         config = {
             "argv": argv, "entrypoint": entrypoint, "cmd": cmd, "command_given": bool(command),
             "entrypoint_given": opts.entrypoint is not None, "env": env, "workdir": workdir,
@@ -417,6 +423,8 @@ class ContainerManager:
             "volumes": [f"{v.source}:{v.target}{':ro' if v.readonly else ''}"
                         for v in spec.volumes],
             "userns": opts.userns, "read_only": opts.read_only,
+            "cap_add": list(opts.cap_add), "cap_drop": list(opts.cap_drop),
+            "security_opt": list(opts.security_opt),
             "stop_signal": rc.stop_signal, "exposed_ports": rc.exposed_ports,
             "mountpoints": [], "numeric_user": numeric is not None,
         }
@@ -743,6 +751,8 @@ class ContainerManager:
                            "Cpus": cfg.get("cpus"), "PidsLimit": cfg.get("pids_limit"),
                            "NetworkMode": cfg.get("network"), "PortBindings": st.ports,
                            "Binds": cfg.get("volumes", []), "ReadonlyRootfs": cfg.get("read_only"),
+                           "CapAdd": cfg.get("cap_add", []), "CapDrop": cfg.get("cap_drop", []),
+                           "SecurityOpt": cfg.get("security_opt", []),
                            "UsernsMode": "private" if cfg.get("userns") else "host",
                            "Uid": cfg.get("uid"), "Gid": cfg.get("gid")},
             "NetworkSettings": {"IPAddress": st.address, "Ports": st.ports},

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
-from . import _sys, security
+from . import _sys, seccomp, security
 from .cgroups import DEFAULT_PARENT, DEFAULT_ROOT, Cgroup, Limits
 from .init import InitPlan, container_main, userns_main
 from .namespaces import (
@@ -463,9 +463,14 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
     spec = c.spec
     uns = spec.userns
     bridge = spec.network == "bridge"
-    caps = security.DEFAULT_CAPS
-    if not c.cgroup.restricts_devices:
-        caps = caps - {security.CAP_MKNOD}   # no device allow-list on v2: no mknod at all
+    caps = _container_caps(spec, c.cgroup.restricts_devices)
+    seccomp_filter = _seccomp_filter(spec, caps, c.state_dir)
+    if seccomp_filter is not None:
+        # `exec` from any process applies the same filter: it reads it from here.
+        (c._cdir / SECCOMP_FILE).write_bytes(seccomp_filter.to_bytes())
+    c._record.update(caps=sorted(security.cap_name(n) for n in caps),
+                     seccomp=seccomp_filter is not None,
+                     no_new_privileges=spec.no_new_privileges)
     address = c._attachment.address if c._attachment else None
     mounts = MountPlan(rootfs=str(spec.rootfs), volumes=spec.volumes,
                        etc_files=_etc_files(spec, c._cdir, address, netcfg),
@@ -506,7 +511,8 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
             err_w=err_w, status_w=status_w, go_r=go_r, ready_w=ready_w,
             go_waits=0 if uns and not bridge else 1, loopback=spec.network != "host",
             alive_r=_runner_alive_fd() if config.die_with_runner else -1,
-            userns_unshare=fork_ns)
+            userns_unshare=fork_ns, seccomp=seccomp_filter,
+            no_new_privs=spec.no_new_privileges)
         netns_fd = -1
         if uns:
             pid = os.fork()
@@ -556,6 +562,32 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
         for fd in (*child_fds, *our_fds):
             os.close(fd)
         close_sources(mounts)
+
+
+SECCOMP_FILE = "seccomp.bpf"
+
+
+def _container_caps(spec: ContainerSpec, restricts_devices: bool) -> frozenset[int]:
+    caps = security.container_caps(spec.cap_add, spec.cap_drop)
+    if not restricts_devices and security.CAP_MKNOD in caps:
+        # cgroup v2 has no device allow-list here (it takes an eBPF program): with
+        # CAP_MKNOD a container could make and open a node of any host device.
+        if any(a.upper().removeprefix("CAP_") in ("MKNOD", "ALL") for a in spec.cap_add):
+            raise InvalidArgument(f"container {spec.short_id}: --cap-add MKNOD needs the "
+                                  f"cgroup v1 devices controller (layerfs has no v2 device "
+                                  f"filter)")
+        caps = caps - {security.CAP_MKNOD}
+    return caps
+
+
+def _seccomp_filter(spec: ContainerSpec, caps: frozenset[int],
+                    state: Path) -> seccomp.CompiledFilter | None:
+    if spec.seccomp == "unconfined":
+        return None
+    profile = (seccomp.default_profile_bytes() if spec.seccomp == "default"
+               else spec.seccomp)
+    assert isinstance(profile, bytes)
+    return seccomp.filter_for(profile, caps, state / "seccomp")
 
 
 def _in_child(fn: Any, plan: InitPlan) -> None:
@@ -632,7 +664,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                                          container.spec.user)
         groups = tuple(container.spec.groups)
         procs = container.cgroup.procs_files()
-        restricts = container.cgroup.restricts_devices
+        cdir = container._cdir
     else:
         record = container.record
         spec_env = record.get("env") or {"PATH": DEFAULT_PATH}
@@ -641,14 +673,26 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
         groups = tuple(int(g) for g in record.get("groups", ()))
         cg = Cgroup.from_record(record["cgroup"])
         procs = cg.procs_files()
-        restricts = cg.restricts_devices
+        cdir = container.directory or Path("/nonexistent")
     pid, start_ = record.get("pid"), record.get("pid_start")
     if not same_process(pid, start_) or not isinstance(pid, int):
         raise NotFound(f"container {record.get('id', '?')[:12]}: not running")
     if isinstance(argv, str) or not argv:
         raise InvalidArgument(f"exec argv {argv!r}: must be a non-empty list")
     uid, gid = user or spec_user
-    caps = security.DEFAULT_CAPS if restricts else security.DEFAULT_CAPS - {security.CAP_MKNOD}
+    if "caps" in record:
+        caps = frozenset(security.cap_number(n) for n in record["caps"])
+    else:   # recorded by a layerfs before --cap-add: Docker's defaults
+        restricts = Cgroup.from_record(record["cgroup"]).restricts_devices
+        caps = security.DEFAULT_CAPS - (set() if restricts else {security.CAP_MKNOD})
+    filt = None
+    if record.get("seccomp"):
+        try:
+            filt = seccomp.CompiledFilter.from_bytes((cdir / SECCOMP_FILE).read_bytes())
+        except (OSError, ValueError) as err:
+            raise LayerfsError(f"exec in {record.get('id', '?')[:12]}: its seccomp filter "
+                               f"{cdir / SECCOMP_FILE} is unreadable: {err}") from None
+    nnp = bool(record.get("no_new_privileges", True))
     kinds = ["user", "ipc", "uts", "net", "cgroup", "mnt", "pid"]
     fds = open_namespaces(pid, kinds)
     err_r, err_w = _pipe()
@@ -660,7 +704,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                 child = os.fork()
                 if child == 0:
                     _exec_child(fds, procs, stdio, err_w, list(argv), env or spec_env,
-                                cwd or spec_cwd, uid, gid, groups, caps)
+                                cwd or spec_cwd, uid, gid, groups, caps, filt, nnp)
         finally:
             for fd in pid_fd.values():
                 os.close(fd)
@@ -684,7 +728,8 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
 
 def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, int], err_w: int,
                 argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int,
-                groups: tuple[int, ...], caps: frozenset[int]) -> None:
+                groups: tuple[int, ...], caps: frozenset[int],
+                filt: seccomp.CompiledFilter | None, nnp: bool) -> None:
     from .init import report
 
     stage = "setup"
@@ -701,7 +746,8 @@ def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, in
         stage = "namespaces"
         join_namespaces(fds)
         stage = "exec"
-        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w}))
+        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w}),
+                        seccomp=filt, no_new_privs=nnp)
         os.execvpe(argv[0], argv, env)
     except BaseException as err:
         report(err_w, stage, err)

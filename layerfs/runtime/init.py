@@ -38,10 +38,13 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import _sys, security
 from .namespaces import MountPlan, setup_mounts
+
+if TYPE_CHECKING:
+    from .seccomp import CompiledFilter
 
 INIT_NAME = "layerfs-init"
 
@@ -77,6 +80,8 @@ class InitPlan:
     loopback: bool = True
     alive_r: int = -1                         # read end of the runner's liveness pipe
     userns_unshare: int = 0                   # userns relay: namespaces created before PID 1
+    seccomp: CompiledFilter | None = None     # loaded by PID 1 and the main process before exec
+    no_new_privs: bool = True
 
 
 def report(fd: int, stage: str, err: BaseException) -> None:
@@ -138,6 +143,12 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
         _wait_go(plan.go_r, plan.go_waits)
         os.close(plan.go_r)
         _sys.unshare(_sys.CLONE_NEWCGROUP)  # after joining: the container's cgroup is its root
+        # Last: nothing below needs a call the filter refuses. The main process inherits
+        # it through fork (PID 1 still has CAP_SYS_ADMIN here, so this works with
+        # no_new_privs off too, and setuid programs then work as with Docker).
+        stage = "seccomp"
+        if plan.seccomp is not None:
+            security.load_seccomp(plan.seccomp)
     except BaseException as err:
         report(plan.err_w, stage, err)
         os._exit(1)
@@ -209,7 +220,7 @@ def _watch_runner(fd: int, handler: object) -> None:
 def _exec_main(plan: InitPlan) -> NoReturn:
     try:
         security.become(plan.uid, plan.gid, plan.groups, plan.caps, plan.cwd,
-                        keep_fds=frozenset({plan.err_w}))
+                        keep_fds=frozenset({plan.err_w}), no_new_privs=plan.no_new_privs)
         os.execvpe(plan.argv[0], list(plan.argv), plan.env)
     except BaseException as err:
         report(plan.err_w, "exec", err)
