@@ -93,7 +93,9 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
 
 class _Forwarder:
     """While active, the signals we get go to ``target.kill(sig)`` (a container or an exec
-    process); those that arrive before the target exists are delivered once it does."""
+    process); those that arrive before the target exists are delivered once it does. The
+    same signal a second time before then aborts the start (``KeyboardInterrupt``: what is
+    half-made is undone on the way out), so a start that hangs can still be stopped."""
 
     def __init__(self) -> None:
         self.target: Any = None
@@ -102,6 +104,8 @@ class _Forwarder:
 
     def _handle(self, sig: int, _frame: object) -> None:
         if self.target is None:
+            if sig in self.pending:
+                raise KeyboardInterrupt(f"signal {sig} twice before the container started")
             self.pending.append(sig)
         else:
             self.target.kill(sig)

@@ -292,3 +292,24 @@ def seccomp_set_filter(bpf: bytes, flags: int = 0) -> None:
     prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
     _check(_libc.syscall(_nr("seccomp"), SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)),
            "seccomp")
+
+
+# --- openat2(2) -----------------------------------------------------------------------------------
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2) (Linux 5.6+; Python has no binding): ``RESOLVE_IN_ROOT`` resolves
+    ``path`` as if ``dirfd`` were ``/``, symlinks and ``..`` included."""
+    how = _OpenHow(flags, mode, resolve)
+    return _check(_libc.syscall(_nr("openat2"), dirfd, path.encode(), ctypes.byref(how),
+                                ctypes.sizeof(how)), "openat2", path)

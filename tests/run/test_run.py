@@ -317,7 +317,7 @@ def test_a_hostile_image_cannot_reach_the_host(cli: Cli, tmp_path: Path) -> None
     assert proc.returncode == 0 or "move_mount" in proc.stderr, proc
     assert not (Path("/tmp") / f"{marker}-vol").exists()
     proc = cli(*RUN, "-u", "root", "hostile", "id", check=False)
-    assert proc.returncode == 1 and "no such user" in proc.stderr  # /etc/passwd not followed
+    assert proc.returncode == 1 and "symbolic link" in proc.stderr  # /etc/passwd not followed
 
 
 def _busybox_layer(cli: Cli, tmp_path: Path) -> bytes:

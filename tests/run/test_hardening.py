@@ -1,0 +1,88 @@
+"""Hostile images and callers against ``layerfs run/exec`` (issue 20): the image's
+/etc/passwd as a FIFO or a device, a container that swaps its /etc/passwd for a device
+node before ``exec -u``, and what a container can learn about the caller's stdio."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from layerfs.cli_run import _Forwarder
+from layerfs.testing import images as timg
+
+from .conftest import Cli, wait_for
+
+RUN = ("run", "--rm", "--network", "none")
+
+
+def _busybox_layer(cli: Cli) -> bytes:
+    with tarfile.open(cli.session.busybox) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        layer = tar.extractfile(json.load(member)[0]["Layers"][0])
+        assert layer is not None
+        return layer.read()
+
+
+def _special(name: str, kind: bytes, major: int = 0, minor: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o644
+    info.devmajor, info.devminor = major, minor
+    info.mtime = timg.FIXED_MTIME
+    return info
+
+
+def _load_hostile(cli: Cli, tmp_path: Path, name: str, passwd: tarfile.TarInfo) -> str:
+    layer = timg.LayerTar().dir("etc").whiteout("etc/passwd").bytes()
+    top = timg.LayerTar().dir("etc").raw(passwd).bytes()
+    archive = timg.build_image(tmp_path / f"{name}.tar", [_busybox_layer(cli), layer, top],
+                               name=f"{name}:latest", cmd=["sh"])
+    cli.load(archive.path)
+    return f"{name}:latest"
+
+
+def test_passwd_fifo_is_refused_at_once(cli: Cli, tmp_path: Path) -> None:
+    image = _load_hostile(cli, tmp_path, "fifo", _special("etc/passwd", tarfile.FIFOTYPE))
+    proc = cli(*RUN, "-u", "daemon", image, "id", check=False, timeout=30)   # hung before
+    assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1 and "etc/passwd" in proc.stderr \
+        and "is a FIFO" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_passwd_block_device_is_not_read(cli: Cli, tmp_path: Path) -> None:
+    st = os.stat("/")
+    passwd = _special("etc/passwd", tarfile.BLKTYPE, os.major(st.st_dev), os.minor(st.st_dev))
+    image = _load_hostile(cli, tmp_path, "blockdev", passwd)
+    proc = cli(*RUN, "-u", "root", image, "id", "-u", check=False, timeout=30)
+    assert proc.returncode == 1 and "is a block device" in proc.stderr, proc
+    assert proc.stdout == ""                      # the container did not run at all
+
+
+def test_exec_user_against_a_swapped_passwd(cli: Cli) -> None:
+    st = os.stat("/")
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    cli("run", "-d", "--network", "none", "--name", "swapper", "busybox", "sh", "-c",
+        f"rm /etc/passwd && mknod /etc/passwd b {major} {minor} && touch /tmp/swapped "
+        "&& sleep 60")
+    with cli.manager() as mgr:
+        layer_root = mgr.layers.mnt_dir / mgr.get("swapper").layer
+    wait_for(lambda: (layer_root / "tmp" / "swapped").exists(), what="the swap")
+    proc = cli("exec", "-u", "root", "swapper", "id", check=False, timeout=30)
+    assert proc.returncode == 1 and "is a block device" in proc.stderr, proc
+    assert proc.stdout == ""
+    cli("rm", "-f", "swapper")
+
+
+def test_a_signal_twice_aborts_a_start_that_hangs() -> None:
+    with _Forwarder() as forward:
+        os.kill(os.getpid(), signal.SIGTERM)       # first: kept for the container
+        assert forward.pending == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)   # second: give up on the start
