@@ -205,7 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _Forwarder() as forward:
             try:
                 container: Container = mgr.run(args.image, command, options=opts,
-                                               stdin=stdin)
+                                               stdin=stdin,
+                                               stdio_passthrough=args.stdio_passthrough)
             except LayerfsError as err:
                 code = _exit_code_for(err)
                 if code is None:
@@ -297,6 +298,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 kw.update(stdin=null, stdout=null, stderr=null)
             elif not args.interactive:
                 kw["stdin"] = null
+            kw["passthrough"] = args.stdio_passthrough
             try:
                 proc = mgr.exec(st.id, args.argv, **kw)
             except NotFound as err:
@@ -434,6 +436,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected "
                    "(default: /dev/null, as Docker without -i)")
     g.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--stdio-passthrough", action="store_true", help="give the container this "
+                   "process's own stdin/stdout/stderr instead of pipes relayed by layerfs (no "
+                   "copy, but the container can then reopen the files behind them through "
+                   "/proc/self/fd, e.g. read or truncate a file you redirected to; "
+                   "docs/security.md)")
     g = p.add_argument_group("what runs")
     g.add_argument("-e", "--env", action="append", metavar="K=V",
                    help="environment variable (repeatable); -e K copies K from here")
@@ -540,6 +547,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-d", "--detach", action="store_true", help="do not wait for it")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stdio-passthrough", action="store_true", help="this process's own "
+                   "stdio instead of relayed pipes (see run --help)")
     p.add_argument("-e", "--env", action="append", metavar="K=V")
     p.add_argument("-w", "--workdir", metavar="DIR")
     p.add_argument("-u", "--user", metavar="UID[:GID]")

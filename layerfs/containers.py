@@ -43,7 +43,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -155,13 +154,12 @@ class Container:
     """
 
     def __init__(self, manager: ContainerManager, cid: str, name: str | None, image: Image,
-                 running: RunningContainer, tee: _Tee | None) -> None:
+                 running: RunningContainer) -> None:
         self.manager = manager
         self.id = cid
         self.name = name
         self.image = image
         self.engine = running
-        self._tee = tee
         self.status: ExitStatus | None = None
 
     def __repr__(self) -> str:
@@ -199,8 +197,6 @@ class Container:
             except BaseException:
                 self.manager._after_exit(self.id)
                 raise
-            if self._tee is not None:
-                self._tee.join()
             self.manager._after_exit(self.id)
             self.status = status
         return self.status
@@ -212,66 +208,6 @@ class Container:
         if self.status is None:
             self.kill(signal.SIGKILL)
             self.wait()
-
-
-class _Tee:
-    """stdout and stderr of an attached container through pipes: to ours and to its log.
-
-    Docker keeps the output of attached containers too (``docker logs`` works
-    after ``docker run``); the container sees pipes, as with ``docker run``
-    without ``-t``.
-    """
-
-    def __init__(self, stdout: Stdio, stderr: Stdio) -> None:
-        self._dest = (_fileno(stdout, 1), _fileno(stderr, 2))
-        self._pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
-        self._threads: list[threading.Thread] = []
-        self._log = -1
-
-    @property
-    def child_ends(self) -> tuple[int, int]:
-        return self._pipes[0][1], self._pipes[1][1]
-
-    def start(self, log_path: Path) -> None:
-        for _, w in self._pipes:
-            os.close(w)
-        self._log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        for (r, _), dest in zip(self._pipes, self._dest, strict=True):
-            t = threading.Thread(target=self._pump, args=(r, dest), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _pump(self, r: int, dest: int) -> None:
-        forward = True
-        try:
-            while data := os.read(r, 65536):
-                if forward:
-                    try:
-                        _write_all(dest, data)
-                    except OSError:
-                        forward = False  # our stdout went away (EPIPE): keep logging
-                _write_all(self._log, data)
-        finally:
-            os.close(r)
-
-    def join(self) -> None:
-        for t in self._threads:
-            t.join()
-        if self._log >= 0:
-            os.close(self._log)
-            self._log = -1
-
-    def abort(self) -> None:
-        for r, w in self._pipes:
-            for fd in (r, w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _fileno(stream: Stdio, default: int) -> int:
@@ -467,31 +403,30 @@ class ContainerManager:
 
     def run(self, image: str, command: Sequence[str] | None = None, *,
             options: RunOptions | None = None, stdin: Stdio = None, stdout: Stdio = None,
-            stderr: Stdio = None, log: bool | None = None, **kw: Any) -> Container:
+            stderr: Stdio = None, log: bool | None = None, stdio_passthrough: bool = False,
+            **kw: Any) -> Container:
         """Create and start a container in this process (``layerfs run`` without ``-d``).
 
         ``options`` or keyword arguments (the :class:`RunOptions` fields) say how.
-        stdio ``None`` inherits this process's. ``log`` (default: unless
-        ``auto_remove``) also copies stdout and stderr to the container's log,
-        through pipes. Returns once the command has exec'd; :meth:`Container.wait`.
+        stdio ``None`` is this process's 0, 1, 2; the container gets pipes that this
+        process relays (``stdio_passthrough``: the descriptors themselves, see
+        :mod:`layerfs.runtime.stdio`). ``log`` (default: unless ``auto_remove``) also
+        copies stdout and stderr to the container's log. Returns once the command has
+        exec'd; :meth:`Container.wait`.
         """
         opts = replace(options, **kw) if options is not None else RunOptions(**kw)
         prep = self._prepare(image, command, opts)
-        tee = _Tee(stdout, stderr) if (log if log is not None else not opts.auto_remove) \
-            else None
+        keep_log = log if log is not None else not opts.auto_remove
         try:
-            out, err = tee.child_ends if tee else (stdout, stderr)
-            running = engine.start(prep.spec, self.state_dir, self.config, stdin=stdin,
-                                   stdout=out, stderr=err, clean_stale=False)
+            running = engine.start(prep.spec, self.state_dir, self.config,
+                                   stdin=_fileno(stdin, 0), stdout=_fileno(stdout, 1),
+                                   stderr=_fileno(stderr, 2), log=keep_log, clean_stale=False,
+                                   passthrough=stdio_passthrough and not keep_log)
         except BaseException:
-            if tee is not None:
-                tee.abort()
             self._delete(prep.id)
             raise
-        if tee is not None:
-            tee.start(running.log_path)
         self._set(prep.id, state="running", config=json.dumps(prep.config))
-        return Container(self, prep.id, opts.name, prep.image, running, tee)
+        return Container(self, prep.id, opts.name, prep.image, running)
 
     def run_detached(self, image: str, command: Sequence[str] | None = None, *,
                      options: RunOptions | None = None, **kw: Any) -> ContainerState:
@@ -862,7 +797,8 @@ class ContainerManager:
 
     def exec(self, ref: str, argv: Sequence[str], **kwargs: Any) -> ExecProcess:
         """Run ``argv`` in a running container: its namespaces, cgroup, user, env and cwd.
-        ``kwargs``: ``env``, ``cwd``, ``user``, ``stdin``, ``stdout``, ``stderr``."""
+        ``kwargs``: ``env``, ``cwd``, ``user``, ``stdin``, ``stdout``, ``stderr``,
+        ``passthrough``."""
         st = self.get(ref)
         if st.status != "running":
             raise InvalidArgument(f"container {st.short_id} is not running ({st.status})")

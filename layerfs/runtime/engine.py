@@ -53,6 +53,7 @@ from .state import (
     try_lock,
     write_record,
 )
+from .stdio import Relay, make_relay
 
 if TYPE_CHECKING:
     from .network import NetworkConfig
@@ -201,6 +202,7 @@ class RunningContainer:
         self._waiter: int = 0        # the child of ours to waitpid (PID 1, or the userns relay)
         self._status_r: int = -1
         self._attachment: Any = None
+        self._relay: Relay | None = None
         self._status: ExitStatus | None = None
         self._released = False
 
@@ -277,6 +279,8 @@ class RunningContainer:
             self._status_r = -1
         status = int(raw.split()[0]) if raw.strip() else init_status
         self._status = ExitStatus.from_wait(status, self.cgroup.oom_killed())
+        if self._relay is not None:
+            self._relay.stop()       # all the output is out before wait() returns
         self.release()
 
     def release(self) -> None:
@@ -329,19 +333,24 @@ class RunningContainer:
 # --- start ------------------------------------------------------------------------------------------
 def start(spec: ContainerSpec, state_dir: str | os.PathLike[str],
           config: RuntimeConfig | None = None, *, stdin: Stdio = None, stdout: Stdio = None,
-          stderr: Stdio = None, log: bool = False, clean_stale: bool = True) -> RunningContainer:
+          stderr: Stdio = None, log: bool = False, clean_stale: bool = True,
+          passthrough: bool = False) -> RunningContainer:
     """Start ``spec`` and return once its main process has exec'd.
 
-    stdio: ``None`` inherits the caller's, an int or file object is used as is;
-    ``log=True`` (detached mode) sends stdout and stderr to ``container.log`` in
-    the container's state directory and stdin from /dev/null. Raises
+    stdio: an int or file object is where the container's stdin comes from and its
+    output goes, through pipes that a thread of this process relays
+    (:mod:`layerfs.runtime.stdio`; ``passthrough=True`` hands the descriptors
+    themselves to the container). ``None`` is this process's 0, 1, 2; with
+    ``log=True`` stdout and stderr are also written to ``container.log`` in the
+    container's state directory, and ``None`` means stdin from /dev/null and output
+    only to the log (detached mode). Raises
     :class:`NotFound` (rootfs, executable, volume source), :class:`AlreadyExists`
     (id taken), :class:`InUse` (host port taken), :class:`InvalidArgument` or
     :class:`LayerfsError`; nothing is left behind on failure.
     """
     try:
         return _start(spec, Path(state_dir), config or RuntimeConfig(), (stdin, stdout, stderr),
-                      log, clean_stale)
+                      log, clean_stale, passthrough)
     except LayerfsError:
         raise
     except FileNotFoundError as err:
@@ -352,7 +361,8 @@ def start(spec: ContainerSpec, state_dir: str | os.PathLike[str],
 
 
 def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
-           stdio: tuple[Stdio, Stdio, Stdio], log: bool, clean_stale: bool) -> RunningContainer:
+           stdio: tuple[Stdio, Stdio, Stdio], log: bool, clean_stale: bool,
+           passthrough: bool) -> RunningContainer:
     if not spec.rootfs.is_dir():
         raise NotFound(f"container {spec.short_id}: rootfs {spec.rootfs} is not a directory")
     containers = containers_dir(state)
@@ -402,7 +412,7 @@ def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
             container._attachment = attachment
             record["network"] = attachment.to_record()
             write_record(cdir, record)
-        _launch(container, config, netcfg, *stdio, log)
+        _launch(container, config, netcfg, *stdio, log, passthrough)
     except BaseException:
         if container is None:
             with contextlib.suppress(LayerfsError):
@@ -417,6 +427,8 @@ def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(container._waiter, 0)
                 container._status = ExitStatus(255)
+            if container._relay is not None:
+                container._relay.stop(grace=0)
             with contextlib.suppress(LayerfsError):
                 container.release()
             rmtree(cdir, ignore_errors=True)
@@ -459,7 +471,7 @@ def _etc_files(spec: ContainerSpec, cdir: Path, address: str | None, netcfg: Any
 
 
 def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdio,
-            stdout: Stdio, stderr: Stdio, log: bool) -> None:
+            stdout: Stdio, stderr: Stdio, log: bool, passthrough: bool) -> None:
     spec = c.spec
     uns = spec.userns
     bridge = spec.network == "bridge"
@@ -483,14 +495,16 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
     try:
         open_sources(mounts)
         if log:
-            out_fd = os.open(c.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                             0o640)
-            child_fds.append(out_fd)
-            in_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            child_fds.append(in_fd)
-            stdio = (in_fd, out_fd, out_fd)
+            relay: Relay | None = Relay(
+                None if stdin is None else _fileno(stdin, 0),
+                None if stdout is None else _fileno(stdout, 1),
+                None if stderr is None else _fileno(stderr, 2), c.log_path)
         else:
-            stdio = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+            relay = make_relay(_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2), None,
+                               passthrough)
+        c._relay = relay
+        stdio = relay.child_stdio if relay is not None else \
+            (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
         err_r, err_w = _pipe()
         our_fds.append(err_r)
         child_fds.append(err_w)
@@ -531,6 +545,8 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
         for fd in child_fds:
             os.close(fd)
         child_fds.clear()
+        if relay is not None:
+            relay.start()
         close_sources(mounts)
         # While the child builds its mounts, move it into the cgroup (before it forks
         # anything of the container's; see init.container_main).
@@ -621,9 +637,10 @@ def _userns_handshake(c: RunningContainer, ready_r: int, go_w: int, err_r: int) 
 class ExecProcess:
     """A process started in a running container by :func:`exec_in` (a child of ours)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, relay: Relay | None = None) -> None:
         self.pid = pid
         self.status: ExitStatus | None = None
+        self._relay = relay
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
         if self.status is None:
@@ -638,6 +655,8 @@ class ExecProcess:
                     os.close(pidfd)
             _, status = os.waitpid(self.pid, 0)
             self.status = ExitStatus.from_wait(status)
+            if self._relay is not None:
+                self._relay.stop()
         return self.status
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
@@ -649,14 +668,15 @@ class ExecProcess:
 def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
             env: dict[str, str] | None = None, cwd: str | None = None,
             user: tuple[int, int] | None = None, stdin: Stdio = None, stdout: Stdio = None,
-            stderr: Stdio = None) -> ExecProcess:
+            stderr: Stdio = None, passthrough: bool = False) -> ExecProcess:
     """Start ``argv`` in the namespaces and cgroup of a running container.
 
     The process joins the container's cgroup (while its paths are still the
     host's), then its user, ipc, uts, net, cgroup and mount namespaces (setns),
     and is forked straight into its pid namespace; it gets the same capabilities,
     ``no_new_privs`` and fd hygiene as the main process. ``env`` defaults to the
-    container's environment and ``cwd``/``user`` to the spec's.
+    container's environment and ``cwd``/``user`` to the spec's. stdio is relayed
+    through pipes unless ``passthrough`` (see :func:`start`).
     """
     if isinstance(container, RunningContainer):
         record = container._record
@@ -696,7 +716,14 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
     kinds = ["user", "ipc", "uts", "net", "cgroup", "mnt", "pid"]
     fds = open_namespaces(pid, kinds)
     err_r, err_w = _pipe()
-    stdio = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+    given = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+    try:
+        relay = make_relay(*given, None, passthrough)
+    except BaseException:
+        for fd in (err_r, err_w, *fds.values()):
+            os.close(fd)
+        raise
+    stdio = relay.child_stdio if relay is not None else given
     try:
         pid_fd = {"pid": fds.pop("pid")} if "pid" in fds else {}
         try:
@@ -710,6 +737,8 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                 os.close(fd)
         os.close(err_w)
         err_w = -1
+        if relay is not None:
+            relay.start()
         failure = _read_all(err_r)
         if failure:
             os.waitpid(child, 0)
@@ -717,8 +746,11 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
             if msg.get("errno") == errno.ENOENT and msg["stage"] == "exec":
                 raise NotFound(f"exec in {record['id'][:12]}: {argv[0]!r} not found")
             raise LayerfsError(f"exec in {record['id'][:12]}: {msg['stage']}: {msg['message']}")
-        return ExecProcess(child)
+        proc, relay = ExecProcess(child, relay), None
+        return proc
     finally:
+        if relay is not None:            # not handed to an ExecProcess: it failed
+            relay.stop(grace=0)
         os.close(err_r)
         if err_w >= 0:
             os.close(err_w)

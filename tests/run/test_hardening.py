@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -86,3 +87,32 @@ def test_a_signal_twice_aborts_a_start_that_hangs() -> None:
         assert forward.pending == [signal.SIGTERM]
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)   # second: give up on the start
+
+
+# --- stdio: the caller's files are not handed in ------------------------------------------------
+
+def test_redirected_output_files_are_out_of_reach(cli: Cli, tmp_path: Path) -> None:
+    out_file, err_file = tmp_path / "A", tmp_path / "B"
+    out_file.write_text("PRIOR-A\n")
+    err_file.write_text("PRIOR-B\n")
+    script = ("readlink /proc/self/fd/1; readlink /proc/self/fd/2; "
+              "timeout 1 cat /proc/self/fd/1 2>/dev/null | grep -c PRIOR; "
+              "echo clobbered > /proc/self/fd/1; echo to-err >&2; exit 7")
+    with open(out_file, "ab") as a, open(err_file, "ab") as b:    # >> A 2>> B
+        proc = subprocess.run(cli.argv(*RUN, "busybox", "sh", "-c", script),
+                              stdin=subprocess.DEVNULL, stdout=a, stderr=b,
+                              env=cli.session.env, timeout=60)
+    assert proc.returncode == 7                       # exit codes pass through
+    a_text, b_text = out_file.read_text(), err_file.read_text()
+    a_lines = a_text.splitlines()
+    assert a_lines[0] == "PRIOR-A" and b_text.startswith("PRIOR-B\n"), (a_text, b_text)
+    assert a_lines[1].startswith("pipe:[") and a_lines[2].startswith("pipe:["), a_text
+    assert str(tmp_path) not in a_text + b_text
+    assert a_lines[3] == "0" and a_lines[-1] == "clobbered", a_text
+    assert b_text.splitlines()[-1] == "to-err", b_text
+
+
+def test_interactive_stdin_is_relayed(cli: Cli) -> None:
+    proc = cli("run", "--rm", "-i", "--network", "none", "busybox", "sh", "-c",
+               "readlink /proc/self/fd/0 | cut -c1-5; tr a-z A-Z", input="hello\n")
+    assert proc.stdout == "pipe:\nHELLO\n"
