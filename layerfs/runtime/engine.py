@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
-from . import _sys, seccomp, security
+from . import _sys, helper, seccomp, security
 from .cgroups import DEFAULT_PARENT, DEFAULT_ROOT, Cgroup, Limits
 from .init import InitPlan, container_main, userns_main
 from .namespaces import (
@@ -68,7 +68,7 @@ class RuntimeConfig:
     ``network`` is a :class:`layerfs.runtime.network.NetworkConfig` (imported only
     when bridge networking is used); ``None`` means the default ``layerfs0`` bridge.
     With ``die_with_runner`` the container is SIGKILLed when the process that
-    started it dies (a liveness pipe, see ``init._watch_runner``; not
+    started it dies (a liveness pipe, see ``pid1.c``; not
     ``PR_SET_PDEATHSIG``, which follows the forking *thread*); a detached
     container's runner is its monitor process.
     """
@@ -115,7 +115,7 @@ os.register_at_fork(after_in_child=_forget_alive_pipe)
 
 
 def _runner_alive_fd() -> int:
-    """Read end of this process's liveness pipe (see init._watch_runner).
+    """Read end of this process's liveness pipe (pid1.c watches it).
 
     The write end is never closed: it closes when the process dies. Both ends are
     CLOEXEC and every child the runtime forks closes them, so only this process
@@ -526,7 +526,7 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
             go_waits=0 if uns and not bridge else 1, loopback=spec.network != "host",
             alive_r=_runner_alive_fd() if config.die_with_runner else -1,
             userns_unshare=fork_ns, seccomp=seccomp_filter,
-            no_new_privs=spec.no_new_privileges)
+            no_new_privs=spec.no_new_privileges, helper_fd=helper.helper_fd())
         netns_fd = -1
         if uns:
             pid = os.fork()
@@ -715,6 +715,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
     nnp = bool(record.get("no_new_privileges", True))
     kinds = ["user", "ipc", "uts", "net", "cgroup", "mnt", "pid"]
     fds = open_namespaces(pid, kinds)
+    shim = helper.helper_fd()
     err_r, err_w = _pipe()
     given = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
     try:
@@ -731,7 +732,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                 child = os.fork()
                 if child == 0:
                     _exec_child(fds, procs, stdio, err_w, list(argv), env or spec_env,
-                                cwd or spec_cwd, uid, gid, groups, caps, filt, nnp)
+                                cwd or spec_cwd, uid, gid, groups, caps, filt, nnp, shim)
         finally:
             for fd in pid_fd.values():
                 os.close(fd)
@@ -761,7 +762,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
 def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, int], err_w: int,
                 argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int,
                 groups: tuple[int, ...], caps: frozenset[int],
-                filt: seccomp.CompiledFilter | None, nnp: bool) -> None:
+                filt: seccomp.CompiledFilter | None, nnp: bool, shim: int) -> None:
     from .init import report
 
     stage = "setup"
@@ -771,16 +772,16 @@ def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, in
         tmp = [os.dup(fd) for fd in stdio]
         for i, fd in enumerate(tmp):
             os.dup2(fd, i, inheritable=True)
-        _sys.close_all_except({err_w, *fds.values()})
+        _sys.close_all_except({err_w, shim, *fds.values()})
         for path in procs:
             with open(path, "w") as f:
                 f.write("0")
         stage = "namespaces"
         join_namespaces(fds)
         stage = "exec"
-        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w}),
+        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w, shim}),
                         seccomp=filt, no_new_privs=nnp)
-        os.execvpe(argv[0], argv, env)
+        helper.exec_through(shim, err_w, argv, env)
     except BaseException as err:
         report(err_w, stage, err)
     os._exit(127)

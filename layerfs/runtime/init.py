@@ -40,13 +40,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
-from . import _sys, security
+from . import _sys, helper, security
 from .namespaces import MountPlan, setup_mounts
 
 if TYPE_CHECKING:
     from .seccomp import CompiledFilter
 
 INIT_NAME = "layerfs-init"
+
+# Synchronous faults: never blocked (a fault while blocked kills the process anyway).
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+           signal.SIGTRAP, signal.SIGSYS, signal.SIGKILL, signal.SIGSTOP}
 
 # Forwarded to the main process; the rest are synchronous faults, job control, or
 # cannot be caught.
@@ -81,6 +85,7 @@ class InitPlan:
     alive_r: int = -1                         # read end of the runner's liveness pipe
     userns_unshare: int = 0                   # userns relay: namespaces created before PID 1
     seccomp: CompiledFilter | None = None     # loaded by PID 1 and the main process before exec
+    helper_fd: int = -1                       # helper.helper_fd(): the sealed layerfs-init
     no_new_privs: bool = True
 
 
@@ -118,7 +123,7 @@ def _prepare_process(plan: InitPlan) -> None:
     for i, fd in enumerate(tmp):
         os.dup2(fd, i, inheritable=True)
     _sys.close_all_except({plan.err_w, plan.status_w, plan.go_r, plan.ready_w, plan.alive_r,
-                           *plan.mounts.fds()})
+                           plan.helper_fd, *plan.mounts.fds()})
 
 
 def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
@@ -162,15 +167,6 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
             except ProcessLookupError:
                 pass
 
-    def runner_gone(_sig: int, _frame: object) -> None:
-        # SIGIO: the runner's liveness pipe became readable. EOF means every write end
-        # is closed, i.e. the runner process died: take the container down with it.
-        try:
-            if os.read(plan.alive_r, 1) == b"" and main_pid[0] > 0:
-                os.kill(main_pid[0], signal.SIGKILL)
-        except (BlockingIOError, ProcessLookupError):
-            pass
-
     for sig in FORWARDED_SIGNALS:
         try:
             signal.signal(sig, forward)
@@ -186,57 +182,47 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
         _exec_main(plan)
     main_pid[0] = pid
     os.close(plan.err_w)
-    if plan.alive_r >= 0:
-        _watch_runner(plan.alive_r, runner_gone)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")  # the OOM killer should pick the culprit, not the reaper
     except OSError:
         pass  # needs CAP_SYS_RESOURCE in the initial user namespace
+    _become_init(plan, pid)
+
+
+def _become_init(plan: InitPlan, main_pid: int) -> NoReturn:
+    """Replace this copy of the runner's python with the helper as PID 1 (pid1.c): it
+    reaps, forwards signals, follows the runner's liveness pipe and reports the status.
+    Signals are blocked first and stay pending across the exec, so none is lost."""
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - _FAULTS)
         security.harden_init()
-    except OSError:
+        inherited = [fd for fd in (plan.status_w, plan.alive_r) if fd >= 0]
+        _sys.close_all_except({*inherited, plan.helper_fd})
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        os.execve(plan.helper_fd, [INIT_NAME],
+                  {"LAYERFS_INIT": f"{main_pid} {plan.status_w} {plan.alive_r}"})
+    except BaseException:
         pass
-    status = _reap(pid)
+    # Without its init the container cannot be run as designed: end it, say so.
     try:
-        os.write(plan.status_w, f"{status}\n".encode())
-    except OSError:
-        pass
-    os._exit(_exit_code(status))
-
-
-def _watch_runner(fd: int, handler: object) -> None:
-    """Get SIGIO when the runner's liveness pipe hangs up (the kernel signals the readers
-    of a pipe when its last writer goes away). Unlike PR_SET_PDEATHSIG, which fires when
-    the *thread* that forked exits, this follows the runner process."""
-    import fcntl
-
-    signal.signal(signal.SIGIO, handler)  # type: ignore[arg-type]
-    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
-    handler(signal.SIGIO, None)  # type: ignore[operator]  # it may be gone already
+        os.kill(main_pid, signal.SIGKILL)
+        os.write(plan.status_w, f"{255 << 8}\n".encode())
+    finally:
+        os._exit(255)
 
 
 def _exec_main(plan: InitPlan) -> NoReturn:
     try:
         security.become(plan.uid, plan.gid, plan.groups, plan.caps, plan.cwd,
-                        keep_fds=frozenset({plan.err_w}), no_new_privs=plan.no_new_privs)
-        os.execvpe(plan.argv[0], list(plan.argv), plan.env)
+                        keep_fds=frozenset({plan.err_w, plan.helper_fd}),
+                        no_new_privs=plan.no_new_privs)
+        helper.exec_through(plan.helper_fd, plan.err_w, list(plan.argv), plan.env)
     except BaseException as err:
         report(plan.err_w, "exec", err)
     finally:
         os._exit(127)
-
-
-def _reap(main_pid: int) -> int:
-    """Reap every child until the main process exits; return its wait status."""
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return 255 << 8
-        if pid == main_pid:
-            return status
 
 
 def _exit_code(status: int) -> int:
