@@ -22,6 +22,7 @@ from layerfs.runtime import ContainerSpec, RuntimeConfig, exec_in, parse_securit
 from layerfs.runtime import seccomp as sc
 from layerfs.runtime.security import DEFAULT_CAPS, cap_number, container_caps
 
+from .conftest import Session
 from .helpers import run, sh, start_logged
 
 # What the default profile answers (the kernel here is >= 4.8, so ptrace is allowed).
@@ -301,3 +302,36 @@ def test_security_opt_parsing(tmp_path: Path) -> None:
         container_caps(["NET_PWN"])
     assert cap_number("cap_sys_admin") == cap_number("SYS_ADMIN") == 21
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_debian_apt_and_dpkg_under_the_filter(lfs: Session, state: Path,
+                                              config: RuntimeConfig) -> None:
+    """A debootstrapped Debian (minbase): dpkg builds, installs and removes a package,
+    apt checks and queries, all under the default profile (network none)."""
+    import shutil
+
+    from layerfs.testing import images as timg
+
+    if shutil.which("debootstrap") is None:
+        pytest.fail("debootstrap is missing (scripts/setup installs it)")
+    tree = lfs.base / "debian"
+    try:
+        timg.debian_rootfs(tree)
+        script = (
+            "set -e; mkdir -p /tmp/p/DEBIAN; printf 'Package: lfs-probe\\nVersion: 1\\n"
+            "Architecture: all\\nMaintainer: t <t@t>\\nDescription: probe\\n' "
+            "> /tmp/p/DEBIAN/control; mkdir -p /tmp/p/usr/share/lfs; echo hi > "
+            "/tmp/p/usr/share/lfs/f; dpkg-deb --build /tmp/p /tmp/p.deb >/dev/null; "
+            "dpkg -i /tmp/p.deb >/dev/null; dpkg-query -W -f='${Status}\\n' lfs-probe; "
+            "cat /usr/share/lfs/f; apt-get check >/dev/null && echo apt-check-ok; "
+            "apt-cache policy apt | head -n1; dpkg -r lfs-probe >/dev/null; "
+            "test ! -e /usr/share/lfs/f && echo removed; grep Seccomp: /proc/self/status")
+        status, out = run(ContainerSpec(rootfs=tree, argv=["/bin/sh", "-c", script],
+                                        network="none"), state, config, timeout=300)
+        assert status.code == 0, out
+        assert out.splitlines() == ["install ok installed", "hi", "apt-check-ok", "apt:",
+                                    "removed", "Seccomp:\t2"], out
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
