@@ -13,23 +13,14 @@ from pathlib import Path
 from layerfs.layers import LayerStore
 
 from ..conftest import close_and_check
+from ..host_resources import pids_whose_argv
 
 
 def copies_writing_under(root: Path) -> list[int]:
     """Pids of ``cp`` processes whose command line names a path under ``root`` (exact)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) == b"cp" and \
-                any(a.startswith(str(root).encode() + b"/") for a in argv[1:]):
-            pids.append(int(entry))
-    return pids
+    prefix = str(root).encode() + b"/"
+    return pids_whose_argv(lambda argv: os.path.basename(argv[0]) == b"cp" and
+                           any(a.startswith(prefix) for a in argv[1:]))
 
 
 def test_kill_during_create_of_a_big_copy(tmp_path: Path) -> None:

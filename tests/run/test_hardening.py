@@ -4,7 +4,6 @@ node before ``exec -u``, and what a container can learn about the caller's stdio
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,18 +15,9 @@ import pytest
 from layerfs.cli_run import _Forwarder
 from layerfs.testing import images as timg
 
-from .conftest import Cli, wait_for
+from .conftest import Cli, busybox_layer, wait_for
 
 RUN = ("run", "--rm", "--network", "none")
-
-
-def _busybox_layer(cli: Cli) -> bytes:
-    with tarfile.open(cli.session.busybox) as tar:
-        member = tar.extractfile("manifest.json")
-        assert member is not None
-        layer = tar.extractfile(json.load(member)[0]["Layers"][0])
-        assert layer is not None
-        return layer.read()
 
 
 def _special(name: str, kind: bytes, major: int = 0, minor: int = 0) -> tarfile.TarInfo:
@@ -42,7 +32,7 @@ def _special(name: str, kind: bytes, major: int = 0, minor: int = 0) -> tarfile.
 def _load_hostile(cli: Cli, tmp_path: Path, name: str, passwd: tarfile.TarInfo) -> str:
     layer = timg.LayerTar().dir("etc").whiteout("etc/passwd").bytes()
     top = timg.LayerTar().dir("etc").raw(passwd).bytes()
-    archive = timg.build_image(tmp_path / f"{name}.tar", [_busybox_layer(cli), layer, top],
+    archive = timg.build_image(tmp_path / f"{name}.tar", [busybox_layer(cli), layer, top],
                                name=f"{name}:latest", cmd=["sh"])
     cli.load(archive.path)
     return f"{name}:latest"
