@@ -26,7 +26,7 @@ one rule; several conditions on the *same* argument become one rule each (ORed).
 Compiling costs ~25 ms plus ~30 ms to import the binding (its ``find_library``
 runs ``ldconfig``), so compiled filters are cached by a key over everything that
 changes the result: the profile bytes, the capability set, the architecture, the
-kernel release and the libseccomp library file. A filter is ~7.5 KB of BPF.
+kernel release and the libseccomp library file. A filter is ~8 KB of BPF.
 
 Syscalls that this host's libseccomp does not know by name (newer than it) cannot
 be put in a filter: they get the default action, as with Docker on the same host
@@ -35,11 +35,11 @@ be put in a filter: they get the default action, as with Docker on the same host
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,7 +377,7 @@ def compile_profile(profile: Profile, caps: frozenset[int]) -> CompiledFilter:
     return CompiledFilter(bpf, flags, tuple(unknown))
 
 
-_memo: dict[str, CompiledFilter] = {}
+_memo: dict[bytes, CompiledFilter] = {}
 _memo_lock = threading.Lock()
 
 
@@ -388,26 +388,33 @@ def default_profile_bytes() -> bytes:
 def filter_for(profile_bytes: bytes, caps: frozenset[int],
                cache_dir: Path | None = None) -> CompiledFilter:
     """The compiled filter of ``profile_bytes`` for a container with bounding set ``caps``,
-    from this process's memory, else ``cache_dir``, else compiled (and stored in both)."""
+    from this process's memory, else ``cache_dir``, else compiled (and stored in both).
+
+    A cache file holds its whole key (the profile bytes and the rest) before the BPF and
+    is used only if that key is equal: no hash collision can hand out another filter,
+    and no hash library needs importing on a container start (hashlib loads OpenSSL).
+    """
     native, _ = host_arch()
-    key = hashlib.sha256(b"\0".join([
-        _COMPILER_VERSION.encode(), profile_bytes, str(sorted(caps)).encode(), native.encode(),
-        os.uname().release.encode(), _libseccomp_identity().encode()])).hexdigest()
+    key = b"\0".join([
+        _COMPILER_VERSION.encode(), str(sorted(caps)).encode(), native.encode(),
+        os.uname().release.encode(), _libseccomp_identity().encode(), profile_bytes])
     with _memo_lock:
         hit = _memo.get(key)
     if hit is not None:
         return hit
-    path = cache_dir / f"{key}.bpf" if cache_dir is not None else None
+    path = cache_dir / f"{zlib.crc32(key):08x}-{len(key)}.bpf" if cache_dir else None
     compiled = None
     if path is not None:
         try:
-            compiled = CompiledFilter.from_bytes(path.read_bytes())
+            data = path.read_bytes()
+            if data[:len(key)] == key:
+                compiled = CompiledFilter.from_bytes(data[len(key):])
         except (OSError, ValueError):
             compiled = None
     if compiled is None:
         compiled = compile_profile(Profile.parse(profile_bytes, "(given)"), caps)
         if path is not None:
-            _store(path, compiled.to_bytes())
+            _store(path, key + compiled.to_bytes())
     with _memo_lock:
         _memo[key] = compiled
     return compiled
