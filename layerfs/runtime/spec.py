@@ -25,7 +25,7 @@ NetworkMode = Literal["bridge", "none", "host"]
 NETWORK_MODES = ("bridge", "none", "host")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_MEMORY = 6 * 1024 * 1024  # Docker's floor: below this the runtime itself cannot start
-_MAX_PROFILE = 1 << 20         # seccomp.MAX_PROFILE_BYTES (not imported: spec stays light)
+_MAX_PROFILE = 1 << 20         # seccomp_profile.MAX_PROFILE_BYTES (not imported: spec stays light)
 
 _ID_RE = re.compile(r"^[a-f0-9]{12,64}$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
@@ -203,7 +203,7 @@ class ContainerSpec:
         put("cap_drop", tuple(self.cap_drop))
         container_caps(self.cap_add, self.cap_drop)          # InvalidArgument on a bad name
         if isinstance(self.seccomp, bytes):
-            from .seccomp import Profile
+            from .seccomp_profile import Profile
             Profile.parse(self.seccomp, "given to the container")
         elif self.seccomp not in ("default", "unconfined"):
             raise InvalidArgument(f"seccomp {self.seccomp!r}: use 'default', 'unconfined' or "
@@ -313,7 +313,7 @@ def parse_security_opts(items: Iterable[str]) -> SecurityOptions:
             except OSError as err:
                 raise InvalidArgument(f"--security-opt {item}: cannot read the profile: "
                                       f"{err.strerror}") from None
-            from .seccomp import Profile
+            from .seccomp_profile import Profile
             Profile.parse(data, value)
             seccomp = data
         elif key == "no-new-privileges":

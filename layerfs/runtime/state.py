@@ -192,6 +192,12 @@ def remove(state_dir: str | os.PathLike[str], ref: str) -> None:
     state = Path(state_dir)
     cdir = _find(state, ref)
     fd = try_lock(cdir / "lock")
+    # The runner writes "exited" just before it lets go of the lock: give it a moment.
+    deadline = time.monotonic() + 5
+    while fd is None and read_record(cdir).get("status") == "exited" and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+        fd = try_lock(cdir / "lock")
     if fd is None:
         raise InUse(f"container {cdir.name[:12]}: still running; kill it first")
     try:

@@ -114,6 +114,9 @@ class Relay:
         for fd in self._child:
             self._close(fd)
         self._child = []
+        if not self._outputs:             # only /dev/null: nothing to copy
+            self.close()
+            return
         if self._in_w >= 0:
             os.set_blocking(self._in_w, False)
         self._thread = threading.Thread(target=self._run, name="layerfs-stdio", daemon=True)

@@ -20,6 +20,7 @@ import pytest
 from layerfs.errors import InvalidArgument
 from layerfs.runtime import ContainerSpec, RuntimeConfig, exec_in, parse_security_opts
 from layerfs.runtime import seccomp as sc
+from layerfs.runtime import seccomp_profile as sp
 from layerfs.runtime.security import DEFAULT_CAPS, cap_number, container_caps
 
 from .conftest import Session
@@ -204,8 +205,8 @@ def test_a_profile_in_dockers_format(rootfs: Path, state: Path, config: RuntimeC
 
 # --- the profile itself (no container) ------------------------------------------------------------
 
-def default_profile() -> sc.Profile:
-    return sc.Profile.parse(sc.default_profile_bytes(), "default")
+def default_profile() -> sp.Profile:
+    return sp.Profile.parse(sc.default_profile_bytes(), "default")
 
 
 def allowed_for(caps: frozenset[int], kernel: tuple[int, int] = (6, 1),
@@ -264,26 +265,25 @@ def test_rule_selection_follows_dockers_conditions() -> None:
 ])
 def test_bad_profiles_get_one_clear_error(text: bytes, error: str) -> None:
     with pytest.raises(InvalidArgument, match=error):
-        sc.Profile.parse(text, "test.json")
+        sp.Profile.parse(text, "test.json")
 
 
 def test_compiled_filters_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     profile = b'{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["keyctl"], ' \
               b'"action": "SCMP_ACT_ERRNO"}]}'
     calls = []
-    real = sc.compile_profile
+    real = sp.compile_profile
 
-    def counting(p: sc.Profile, caps: frozenset[int]) -> sc.CompiledFilter:
+    def counting(p: sp.Profile, caps: frozenset[int]) -> sc.CompiledFilter:
         calls.append(caps)
         return real(p, caps)
 
-    monkeypatch.setattr(sc, "compile_profile", counting)
+    monkeypatch.setattr(sp, "compile_profile", counting)
     monkeypatch.setattr(sc, "_memo", {})
     first = sc.filter_for(profile, DEFAULT_CAPS, tmp_path)
     assert len(calls) == 1 and len(list(tmp_path.glob("*.bpf"))) == 1
     monkeypatch.setattr(sc, "_memo", {})          # a new process: only the disk cache
-    assert sc.filter_for(profile, DEFAULT_CAPS, tmp_path) == \
-        sc.CompiledFilter(first.bpf, first.flags)
+    assert sc.filter_for(profile, DEFAULT_CAPS, tmp_path) == first
     assert len(calls) == 1
     sc.filter_for(profile, container_caps(["SYS_ADMIN"]), tmp_path)   # another key
     assert len(calls) == 2
