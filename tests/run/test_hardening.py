@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.cli_run import _Forwarder
+from layerfs.cli.run import _Forwarder
 from layerfs.testing import images as timg
 
 from .conftest import Cli, busybox_layer, wait_for
