@@ -1,18 +1,22 @@
-"""The container's first process: it builds the container, then stays as PID 1.
+"""The container's first process: it builds the container, then becomes its PID 1.
 
-There is no separate init binary. The engine ``os.fork()``\\s the runner into a
-new PID (and network) namespace; the child, already PID 1 and already holding
-the runner's imported modules (a fork costs ~1 ms, ``execve`` of a fresh Python
-~20 ms), runs :func:`container_main`:
+The engine ``os.fork()``\\s the runner into a new PID (and network) namespace; the
+child, already PID 1 and already holding the runner's imported modules (a fork costs
+~1 ms, ``execve`` of a fresh Python ~20 ms), runs :func:`container_main`. Once the
+main process is started, PID 1 execs ``layerfs-init`` (pid1.c, from the sealed memfd
+of :mod:`.helper`), and the main process execs its command through the same helper:
+no process of the container ever execs with the host's python as ``/proc/self/exe``
+(docs/security.md)::
 
-```
-runner ──fork──> PID 1 (this module)
-                  setsid, stdio, close fds, join cgroup, unshare mnt/uts/ipc/cgroup,
-                  hostname, lo up, mounts + pivot_root, [wait for the network]
-                  ──fork──> main process: drop privileges (security.become) ── execve(argv)
-                  reap every child, forward signals to the main process,
-                  when it exits: report its wait status, exit (the kernel kills the rest)
-```
+    runner ──fork──> PID 1 (this module)
+                      setsid, stdio, close fds, join cgroup, unshare mnt/uts/ipc/cgroup,
+                      hostname, lo up, mounts + pivot_root, [wait for the network],
+                      load the seccomp filter
+                      ──fork──> main process: drop privileges (security.become)
+                                 ── execve(helper: layerfs-exec) ── execve(argv)
+                      block signals, keep CAP_KILL ── execve(helper: layerfs-init):
+                      reap every child, forward signals to the main process,
+                      when it exits: report its wait status, exit (the kernel kills the rest)
 
 With a user namespace there is one more hop: the forked child first unshares the
 user namespace, waits for the runner to write its id maps, then creates the PID
@@ -22,7 +26,7 @@ with PID 1's status (:func:`userns_main`).
 Pipes to the runner (all numbers are the runner's fds, inherited by fork):
 
 * ``err_w``   setup or exec failure as one JSON line; EOF without data = exec succeeded
-  (the main process holds it ``O_CLOEXEC`` until ``execve``);
+  (the main process holds it until the helper's last ``execve``, which closes it);
 * ``status_w`` the main process's raw wait status, written by PID 1 before it exits;
 * ``go_r``    one byte per wait point: cgroup joined and id maps written (userns relay),
   cgroup joined and network ready (PID 1);
@@ -84,7 +88,7 @@ class InitPlan:
     loopback: bool = True
     alive_r: int = -1                         # read end of the runner's liveness pipe
     userns_unshare: int = 0                   # userns relay: namespaces created before PID 1
-    seccomp: CompiledFilter | None = None     # loaded by PID 1 and the main process before exec
+    seccomp: CompiledFilter | None = None     # loaded by PID 1; the main process inherits it
     helper_fd: int = -1                       # helper.helper_fd(): the sealed layerfs-init
     no_new_privs: bool = True
 

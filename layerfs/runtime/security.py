@@ -9,13 +9,14 @@ Both the container's main process and ``exec`` processes pass through
    is resolved;
 2. drop the bounding set to Docker's default capabilities, clear ambient caps;
 3. set groups, gid, uid; a non-root user ends with no effective capabilities;
-4. set ``no_new_privs`` (setuid binaries and file caps grant nothing);
+4. set ``no_new_privs`` (setuid binaries and file caps grant nothing) and, for
+   processes that did not inherit it, load the seccomp filter;
 5. ``chdir`` into the working directory, resolved inside the container root.
 
-The init that stays PID 1 keeps only ``CAP_KILL`` (to forward signals to a
-non-root child) and is made non-dumpable, so container processes can neither
-ptrace it nor open its ``/proc/1/{mem,exe,root,fd}`` (it is a copy of the
-runner's Python, whose memory and binary must stay out of reach).
+Capabilities: Docker's default set, changed by ``--cap-add``/``--cap-drop`` with
+Docker's rules (:func:`container_caps`). PID 1 keeps only ``CAP_KILL`` (to forward
+signals to a non-root child) before it execs the helper (:func:`harden_init`), so
+container processes can neither ptrace it nor open its ``/proc/1/{mem,exe,root,fd}``.
 """
 
 from __future__ import annotations
