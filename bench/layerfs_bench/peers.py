@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from layerfs import mount as mountlib
 from layerfs.errors import ExternalCommandFailed, command_error
 
 #: Debian packages that provide each peer (for skip messages).
@@ -155,8 +156,6 @@ class ScratchDaemon:
         raise NotImplementedError
 
     def _unmount_leftovers(self) -> None:
-        from layerfs import mount as mountlib
-
         for info in mountlib.mounts_under(self.base):
             mountlib.unmount(info.target, lazy=True)
 

@@ -57,7 +57,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerfs.driver import Usage
 from layerfs.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -65,6 +64,7 @@ from layerfs.errors import (
     LayerfsError,
     NotFound,
 )
+from layerfs.fsinfo import Usage
 from layerfs.layers import LayerStore, new_layer_id
 from layerfs.metastore import process_alive, process_token
 from layerfs.mount import Mount
