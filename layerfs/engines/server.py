@@ -6,11 +6,12 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from layerfs.errors import InvalidArgument
+from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
 log = logging.getLogger("layerfs.engines")
@@ -82,28 +83,43 @@ def serve(root: str | os.PathLike[str], driver: str | None = None,
 # --- as services of `layerfs daemon` (entry point group layerfs.daemon.services) -------------
 
 def _service_args(args: list[str], what: str) -> tuple[str, str | None]:
-    """``TARGET[,driver=NAME]`` (the part after ``NAME:`` in ``--service``)."""
+    """``TARGET [driver=NAME]``: the words after the service's name in ``--service``."""
     positional = [a for a in args if "=" not in a]
     named = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(named) - {"driver"})
     if len(positional) != 1 or unknown:
-        raise InvalidArgument(f"{what}: expected {what}:TARGET[,driver=NAME], got {','.join(args)!r}")
+        raise InvalidArgument(f"--service '{what} {' '.join(args)}': expected "
+                              f"'{what} TARGET [driver=NAME]'")
     return positional[0], named.get("driver")
 
 
 def containerd_snapshotter_service(root: Path, args: list[str]) -> int:
-    """``layerfs daemon --service containerd-snapshotter:SOCKET[,driver=NAME]``."""
-    socket, driver = _service_args(args, "containerd-snapshotter")
-    serve(root, driver, snapshotter_socket=socket)
-    return 0
+    """``layerfs daemon --service 'containerd-snapshotter SOCKET [driver=NAME]'``."""
+    def run() -> None:
+        socket, driver = _service_args(args, "containerd-snapshotter")
+        serve(root, driver, snapshotter_socket=socket)
+    return _as_service("containerd-snapshotter", run)
 
 
 def docker_plugin_service(root: Path, args: list[str]) -> int:
-    """``layerfs daemon --service docker-plugin:NAME[,driver=NAME]``: plugin NAME
+    """``layerfs daemon --service 'docker-plugin NAME [driver=NAME]'``: plugin NAME
     (``/run/docker/plugins/NAME.sock``), or an absolute socket path."""
-    target, driver = _service_args(args, "docker-plugin")
-    socket = Path(target) if target.startswith("/") else docker_plugin_socket(target)
-    serve(root, driver, graphdriver_socket=socket)
+    def run() -> None:
+        target, driver = _service_args(args, "docker-plugin")
+        socket = Path(target) if target.startswith("/") else docker_plugin_socket(target)
+        serve(root, driver, graphdriver_socket=socket)
+    return _as_service("docker-plugin", run)
+
+
+def _as_service(name: str, run: Callable[[], None]) -> int:
+    """0 once stopped (SIGTERM: the daemon does not restart it); a refused start (bad
+    arguments, a root of another driver, a live socket) is one line in the daemon's log
+    and status 2, which the daemon answers by restarting it with backoff."""
+    try:
+        run()
+    except LayerfsError as err:
+        print(f"layerfs daemon: service {name}: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

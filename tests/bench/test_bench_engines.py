@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from layerfs_bench import harness, scenarios
+from layerfs_bench import harness, runner, scenarios
 from layerfs_bench.engine_peers import ContainerdDaemon
 from layerfs_bench.peers import DockerDaemon
 
@@ -31,7 +31,7 @@ def test_the_engines_scenario_measures_both_sides(tmp_path: Path) -> None:
     reason = ContainerdDaemon.unavailable() or DockerDaemon.unavailable()
     if reason:
         pytest.skip(reason)
-    report = harness.run([harness.parse_target("overlay2")], ["engines"], "tiny",
+    report = runner.run([harness.parse_target("overlay2")], ["engines"], "tiny",
                          scratch=tmp_path)
     assert report.errors == [] and report.skipped == [], (report.errors, report.skipped)
     for metric in METRICS:

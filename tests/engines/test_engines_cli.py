@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.engines.server import _service_args, docker_plugin_socket
+from layerfs.engines.server import (
+    _service_args,
+    containerd_snapshotter_service,
+    docker_plugin_service,
+    docker_plugin_socket,
+)
 from layerfs.engines.sockets import claim_socket_path, listen_unix
 from layerfs.errors import AlreadyExists, InvalidArgument
 
@@ -75,9 +80,20 @@ def test_service_arguments() -> None:
     assert _service_args(["layerfs-aufs", "driver=aufs"], "docker-plugin") == \
         ("layerfs-aufs", "aufs")
     for bad in ([], ["a", "b"], ["a", "colour=red"]):
-        with pytest.raises(InvalidArgument, match="expected docker-plugin:TARGET"):
+        with pytest.raises(InvalidArgument, match="expected 'docker-plugin TARGET"):
             _service_args(bad, "docker-plugin")
     assert docker_plugin_socket("layerfs-aufs") == Path("/run/docker/plugins/layerfs-aufs.sock")
     for bad_name in ("", "../x", ".hidden"):
         with pytest.raises(InvalidArgument):
             docker_plugin_socket(bad_name)
+
+
+def test_a_refused_service_is_one_line_and_status_2(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """What the daemon logs and restarts on: no traceback, a non-zero status."""
+    assert containerd_snapshotter_service(tmp_path, ["a.sock", "b.sock"]) == 2
+    assert docker_plugin_service(tmp_path, ["../escape"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("layerfs daemon: service containerd-snapshotter: --service")
+    assert lines[1].startswith("layerfs daemon: service docker-plugin: bad Docker plugin name")
