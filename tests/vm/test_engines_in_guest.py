@@ -6,8 +6,9 @@ the Go program is built on the host first, the guest runs the cached binary),
 and ``ctr image import`` / ``ctr run`` / ``ctr snapshots ls/info/usage/tree/diff``
 against containerd's overlayfs (tests/engines/test_containerd.py). The mounts
 containerd gets are the thin devices' filesystems, as data. Python runs ~20 times
-slower in the guest: CI runs the storage scenarios of the suite and import/run
-(~5 minutes); ``LAYERFS_ENGINES_FULL=1`` runs everything (~15 minutes, passes).
+slower in the guest: CI runs three storage scenarios of the suite (Basic,
+DeletedFilesInChildSnapshot, ViewReadonly) and import/run; ``LAYERFS_ENGINES_FULL=1``
+runs everything (~15 minutes, passes).
 """
 
 from __future__ import annotations
