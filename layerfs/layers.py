@@ -318,12 +318,7 @@ class LayerStore:
             if rec.readonly:
                 raise FailedPrecondition(f"layer {layer_id} is read-only: a diff is applied "
                                          "to a new read-write layer")
-            kids = self.store.children(layer_id)
-            if kids:
-                raise InUse(f"layer {layer_id} has child layer(s), e.g. {kids[0]}")
-            mounts = self.store.list_mounts(layer_id)
-            if mounts:
-                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+            self._refuse_if_in_use(layer_id)
             db.execute("UPDATE layers SET state = 'creating', owner = ? WHERE id = ?",
                        (process_token(), layer_id))
         size = None
@@ -336,18 +331,22 @@ class LayerStore:
         return size
 
     # --- removing -----------------------------------------------------------------------------------
+    def _refuse_if_in_use(self, layer_id: str) -> None:
+        """InUse while the layer has children or is mounted (inside a transaction)."""
+        kids = self.store.children(layer_id)
+        if kids:
+            raise InUse(f"layer {layer_id} has {len(kids)} child layer(s), e.g. {kids[0]}")
+        mounts = self.store.list_mounts(layer_id)
+        if mounts:
+            raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+
     def remove(self, layer_id: str) -> None:
         """Remove a layer; refused while it has children or is mounted."""
         with self.store.transaction() as db:
             rec = self.store.get_layer(layer_id)
             if rec is None or rec.state != "ready":
                 raise NotFound(f"layer {layer_id} not found")
-            kids = self.store.children(layer_id)
-            if kids:
-                raise InUse(f"layer {layer_id} has {len(kids)} child layer(s), e.g. {kids[0]}")
-            mounts = self.store.list_mounts(layer_id)
-            if mounts:
-                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+            self._refuse_if_in_use(layer_id)
             db.execute("UPDATE layers SET state = 'removing', owner = ? WHERE id = ?",
                        (process_token(), layer_id))
         try:
