@@ -142,7 +142,8 @@ every stat/existence probe on a branch path, those included. A cold lookup of
 a path of D components whose directories exist in all L branches, with the
 file only in the bottom one, costs L*D name stats, L*D whiteout probes and
 (L-1)*(D-1) opaque probes. ``passthrough_opens`` and ``cached_opens`` count
-how opened files do their I/O.
+how opened files do their I/O, ``reads_served`` and ``writes_served`` the READ
+and WRITE requests that reached this process.
 """
 
 from __future__ import annotations
@@ -230,15 +231,16 @@ class Stats:
     """Counters of the work the filesystem does on its branches."""
 
     __slots__ = ("cached_opens", "copy_up_bytes", "copy_ups", "dir_copy_ups", "dir_renames",
-                 "getattr_stats", "lookup_name_stats", "lookup_opaque_probes",
+                 "fallocates", "getattr_stats", "lookup_name_stats", "lookup_opaque_probes",
                  "lookup_whiteout_probes", "lookups", "lookups_negative", "other_probes",
-                 "passthrough_opens", "readdir_stats", "redirects_read", "whiteouts_created",
-                 "whiteouts_removed")
+                 "passthrough_opens", "readdir_stats", "reads_served", "redirects_read",
+                 "whiteouts_created", "whiteouts_removed", "writes_served")
     cached_opens: int
     copy_up_bytes: int
     copy_ups: int
     dir_copy_ups: int
     dir_renames: int
+    fallocates: int
     getattr_stats: int
     lookup_name_stats: int
     lookup_opaque_probes: int
@@ -248,9 +250,11 @@ class Stats:
     other_probes: int
     passthrough_opens: int
     readdir_stats: int
+    reads_served: int
     redirects_read: int
     whiteouts_created: int
     whiteouts_removed: int
+    writes_served: int
 
     def __init__(self) -> None:
         self.reset()
@@ -1596,6 +1600,7 @@ class UnionFS:
 
     def read(self, fh: int, offset: int, size: int) -> memoryview:
         # One buffer for every read: requests are answered one at a time.
+        self.stats.reads_served += 1
         view = self.rview
         if size > len(view):
             view = self.rview = memoryview(mmap.mmap(-1, max(size, fp.MAX_WRITE)))
@@ -1603,6 +1608,7 @@ class UnionFS:
         return chunk[:os.preadv(fh, [chunk], offset)]
 
     def write(self, fh: int, offset: int, data: memoryview) -> int:
+        self.stats.writes_served += 1
         return os.pwrite(fh, data, offset)
 
     def release(self, fh: int) -> None:
@@ -1629,6 +1635,7 @@ class UnionFS:
             os.fsync(fh)
 
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        self.stats.fallocates += 1
         entry = self.files.get(fh)
         if entry is not None and entry[0].branch != 0:
             self._copy_up(entry[0])  # never for a writable handle: opening copied it up

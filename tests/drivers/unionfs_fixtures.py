@@ -78,13 +78,18 @@ def wait_gone(pid: int, timeout: float = 10.0) -> int | None:
 
 
 class Union:
-    """A top branch over ``lowers`` lower ones, mounted at ``mnt`` while in ``with``."""
+    """A top branch over ``lowers`` lower ones, mounted at ``mnt`` while in ``with``.
+
+    The branches live under ``branch_base`` (default ``base``), the mount point is
+    ``base/mnt``.
+    """
 
     def __init__(self, base: Path, lowers: int = 2, options: tuple[str, ...] = (),
-                 top_mode: str = "rw") -> None:
+                 top_mode: str = "rw", branch_base: Path | None = None) -> None:
         self.base = base
-        self.top = base / "top"
-        self.lowers = [base / f"l{i + 1}" for i in range(lowers)]
+        bb = branch_base or base
+        self.top = bb / "top"
+        self.lowers = [bb / f"l{i + 1}" for i in range(lowers)]
         self.mnt = base / "mnt"
         self.options = options
         self.top_mode = top_mode
@@ -95,6 +100,15 @@ class Union:
     @property
     def branches(self) -> list[Path]:
         return [self.top, *self.lowers]
+
+    def rotate(self) -> None:
+        """Unmounted: the top branch becomes the uppermost lower one under a new, empty top
+        (a committed container layer stacked under the next container's)."""
+        assert not is_mounted(self.mnt)
+        old = self.top
+        self.top = old.with_name(f"{old.name}.{len(self.lowers)}")
+        self.top.mkdir()
+        self.lowers = [old, *self.lowers]
 
     def argv(self) -> list[str]:
         specs = [f"{self.top}:{self.top_mode}"] + [f"{b}:ro" for b in self.lowers]
