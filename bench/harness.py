@@ -517,6 +517,10 @@ class TargetSession:
         self.reporter = reporter
         self.pool_mount: Path | None = None
         self.docker: Any = None
+        # A FUSE fork server (the aufs driver's), installed while this target's scenarios
+        # run: the bench is a long-lived process, like the layerfs daemon, and mounts the
+        # way it would (the mount scenario times the cold helper command too).
+        self.forker: Any = None
         self.reason: str | None = None
         self.info: dict[str, Any] = {"label": target.label, "driver": target.driver,
                                      "options": list(target.options), "peer": target.peer,
@@ -568,6 +572,9 @@ class TargetSession:
             if name == "devicemapper" and not host_has_device_mapper():
                 reason += " (this kernel has no device-mapper: add --vm to run it in a qemu guest)"
             raise DriverNotSupported(name, reason)
+        make_forker = getattr(registry.load(name), "make_fuse_forker", None)
+        if make_forker is not None:
+            self.forker = make_forker()
         store = self.open_store()
         try:
             self.info["backing_fs"] = backing_filesystem(store.driver.home)
@@ -632,6 +639,8 @@ class TargetSession:
                 self.docker.remove_data()
             for m in mountlib.mounts_under(self.roots_dir):
                 mountlib.unmount(m.target, lazy=True)
+            if self.forker is not None:
+                self.forker.close()
             if self.pool_mount is not None:
                 pool.destroy_btrfs(self.pool_mount)
                 with contextlib.suppress(OSError):
@@ -739,6 +748,7 @@ def run_scenario(session: TargetSession, name: str, report: Report, reporter: Re
     ctx = Ctx(session, name, report, reporter, benchmark)
     started = time.perf_counter()
     status = "ok"
+    previous_forker = mountlib.set_fuse_forker(session.forker)
     try:
         scenario.fn(ctx, **params)
     except ScenarioSkip as err:
@@ -755,6 +765,7 @@ def run_scenario(session: TargetSession, name: str, report: Report, reporter: Re
             report.errors.append({"target": label, "scenario": name,
                                   "error": f"cleanup: {type(err).__name__}: {err}"})
             status = "error"
+        mountlib.set_fuse_forker(previous_forker)
     elapsed = time.perf_counter() - started
     session.active += elapsed
     reporter.finish(name, label, f"{status} {elapsed:.1f}s")

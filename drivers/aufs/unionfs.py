@@ -42,7 +42,8 @@ How it works
 *Backing access* never builds a path from a branch root: every operation is
 ``*at()`` relative to a directory fd (``openat``, ``fstatat``, ``mkdirat``,
 ``renameat2``, ``linkat``, ``symlinkat``, ``mknodat``, ``unlinkat``,
-``fchownat``, ``utimensat``; xattrs through ``/proc/self/fd/DIRFD/NAME``), so
+``fchownat``, ``utimensat``; xattrs with ``getxattrat`` and its siblings, or through
+``/proc/self/fd/DIRFD/NAME`` before Linux 6.13), so
 a union path up to PATH_MAX works however deep the branches are. Directory
 fds (``O_PATH``) are cached per branch and backing path, opened component by
 component from the branch root when missing.
@@ -178,6 +179,7 @@ REDIRECT_MAGIC = b"layerfs-dirren:"
 WH_NAME_MAX = 255 - len(WH)
 MAX_REDIRECT = 64 * 1024
 
+CAPS_XATTR = b"security.capability"
 STATS_XATTR = b"user.layerfs.stats"
 RESET_XATTR = b"user.layerfs.stats.reset"
 
@@ -225,6 +227,108 @@ def _check_new_name(name: bytes) -> None:
 
 def _errno(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+# --- xattrs relative to a directory fd -------------------------------------------------------
+# Linux 6.13 added getxattrat(2) and friends; before that, /proc/self/fd/DIRFD/NAME names
+# the entry in a short path (the xattr calls take no directory fd).
+XTarget = int | tuple[int, bytes]  # an open fd, or (directory fd, name) not followed
+_AT_SYMLINK_NOFOLLOW = 0x100
+_SYS_SETXATTRAT, _SYS_GETXATTRAT, _SYS_LISTXATTRAT, _SYS_REMOVEXATTRAT = 463, 464, 465, 466
+_libc.syscall.restype = ctypes.c_long
+_xattrat = True  # until the kernel says ENOSYS
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+# size_t arguments of the variadic syscall(): a plain Python int would go as a 32-bit int,
+# leaving the upper half of the register undefined.
+_ARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_XattrArgs))
+
+
+def _proc_path(target: tuple[int, bytes]) -> bytes:
+    return b"/proc/self/fd/%d/%s" % target
+
+
+def _xattrat_call(number: int, *args: Any) -> int | None:
+    """The syscall's result, or None when this kernel lacks the *xattrat calls."""
+    global _xattrat
+    if not _xattrat:
+        return None
+    rc = int(_libc.syscall(number, *args))
+    if rc < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _xattrat = False
+            return None
+        raise OSError(err, os.strerror(err))
+    return rc
+
+
+def xattr_get(target: XTarget, name: bytes) -> bytes:
+    if isinstance(target, int):
+        return os.getxattr(target, name)
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        args = _XattrArgs(ctypes.addressof(buf), size, 0)
+        try:
+            n = _xattrat_call(_SYS_GETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, name,
+                              ctypes.byref(args), _ARGS_SIZE)
+        except OSError as err:
+            if err.errno != errno.ERANGE:
+                raise
+            args = _XattrArgs(0, 0, 0)
+            needed = _xattrat_call(_SYS_GETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW,
+                                   name, ctypes.byref(args), _ARGS_SIZE)
+            size = max(needed or 0, size * 2)
+            continue
+        if n is None:
+            return os.getxattr(_proc_path(target), name, follow_symlinks=False)
+        return buf.raw[:n]
+
+
+def xattr_list(target: XTarget) -> list[bytes]:
+    if isinstance(target, int):
+        return [os.fsencode(n) for n in os.listxattr(target)]
+    size = 1024
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        try:
+            n = _xattrat_call(_SYS_LISTXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, buf,
+                              ctypes.c_size_t(size))
+        except OSError as err:
+            if err.errno != errno.ERANGE:
+                raise
+            size *= 4
+            continue
+        if n is None:
+            return [os.fsencode(x) for x in os.listxattr(_proc_path(target),
+                                                           follow_symlinks=False)]
+        return [x for x in buf.raw[:n].split(b"\0") if x]
+
+
+def xattr_set(target: XTarget, name: bytes, value: bytes, flags: int = 0) -> None:
+    if isinstance(target, int):
+        os.setxattr(target, name, value, flags)
+        return
+    buf = ctypes.create_string_buffer(value, len(value))
+    args = _XattrArgs(ctypes.addressof(buf), len(value), flags)
+    if _xattrat_call(_SYS_SETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, name,
+                     ctypes.byref(args), _ARGS_SIZE) is None:
+        os.setxattr(_proc_path(target), name, value, flags, follow_symlinks=False)
+
+
+def xattr_remove(target: XTarget, name: bytes) -> None:
+    if isinstance(target, int):
+        os.removexattr(target, name)
+        return
+    if _xattrat_call(_SYS_REMOVEXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW,
+                     name) is None:
+        os.removexattr(_proc_path(target), name, follow_symlinks=False)
 
 
 class Stats:
@@ -287,8 +391,8 @@ class Node:
     kernel holds for it.
     """
 
-    __slots__ = ("alt", "bpath", "branch", "cached_count", "fds", "found", "ino", "key", "kind",
-                 "layers", "nlookup", "path", "pt_count", "pt_id", "pt_key", "redirect")
+    __slots__ = ("alt", "bpath", "branch", "cached_count", "caps", "fds", "found", "ino", "key",
+                 "kind", "layers", "nlookup", "path", "pt_count", "pt_id", "pt_key", "redirect")
 
     def __init__(self, ino: int, path: bytes | None, kind: int, branch: int, bpath: bytes,
                  found: list[Layer] | None, key: Any) -> None:
@@ -308,6 +412,7 @@ class Node:
         self.pt_key: Any = None
         self.pt_count = 0
         self.cached_count = 0
+        self.caps: bytes | None = None  # security.capability (b"": none), once read
 
     def all_paths(self) -> list[bytes]:
         out = [] if self.path is None else [self.path]
@@ -368,11 +473,6 @@ class Branches:
             return self.root_fds[branch], b"."
         head, _, tail = bpath.rpartition(b"/")
         return self.dirfd(branch, head), tail
-
-    def xattr_path(self, branch: int, bpath: bytes) -> bytes:
-        """A short path naming a backing entry for the xattr calls (never followed)."""
-        fd, name = self.at(branch, bpath)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
 
     def forget_top(self, path: bytes) -> None:
         """A top-branch directory moved or went away: drop its fds and those below it."""
@@ -460,7 +560,12 @@ class UnionFS:
             os.mkdir(WORKDIR, 0o700, dir_fd=top)
         except FileExistsError:
             self.work_fd = os.open(WORKDIR, _DIR_OPEN, dir_fd=top)
-            for name in os.listdir(self.br.xattr_path(0, WORKDIR)):
+            lfd = os.open(b".", _LIST_OPEN, dir_fd=self.work_fd)
+            try:
+                leftovers = os.listdir(lfd)
+            finally:
+                os.close(lfd)
+            for name in leftovers:
                 # Leftovers of a crash: half-made copies (files) and dirren dirs.
                 try:
                     os.unlink(name, dir_fd=self.work_fd)
@@ -805,7 +910,7 @@ class UnionFS:
         os.mkdir(name, 0o700, dir_fd=fd)
         os.chown(name, src.st_uid, src.st_gid, dir_fd=fd, follow_symlinks=False)
         os.chmod(name, src.st_mode & 0o7777, dir_fd=fd)
-        self._copy_xattrs(self.br.xattr_path(*lower), self.br.xattr_path(0, path), follow=False)
+        self._copy_xattrs(self.br.at(*lower), (fd, name))
         os.utime(name, ns=(src.st_atime_ns, src.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
         os.utime(b".", ns=ptimes, dir_fd=fd, follow_symlinks=False)
         self.stats.dir_copy_ups += 1
@@ -817,17 +922,17 @@ class UnionFS:
             node.bpath = path
         return src.st_atime_ns, src.st_mtime_ns
 
-    def _copy_xattrs(self, src: bytes | int, dst: bytes | int, *, follow: bool) -> None:
+    def _copy_xattrs(self, src: XTarget, dst: XTarget) -> None:
         try:
-            names = os.listxattr(src, follow_symlinks=follow)
+            names = xattr_list(src)
         except OSError as err:
             if err.errno in (errno.ENOTSUP, errno.EPERM):
                 return
             raise
         for name in names:
-            value = os.getxattr(src, name, follow_symlinks=follow)
+            value = xattr_get(src, name)
             try:
-                os.setxattr(dst, name, value, follow_symlinks=follow)
+                xattr_set(dst, name, value)
             except OSError as err:
                 if err.errno != errno.ENOTSUP:
                     raise
@@ -934,7 +1039,7 @@ class UnionFS:
                     copied = self._copy_data(rfd, wfd, limit)
                     os.fchown(wfd, st.st_uid, st.st_gid)
                     os.fchmod(wfd, st.st_mode & 0o7777)
-                    self._copy_xattrs(rfd, wfd, follow=True)
+                    self._copy_xattrs(rfd, wfd)
                     if self.copyup_fsync:
                         os.fsync(wfd)
                     os.utime(wfd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -951,8 +1056,7 @@ class UnionFS:
         os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
         if kind != S_IFLNK:
             os.chmod(tmp, st.st_mode & 0o7777, dir_fd=work)  # chown cleared set-id bits
-        self._copy_xattrs(self.br.xattr_path(*src), b"/proc/self/fd/%d/%s" % (work, tmp),
-                          follow=False)
+        self._copy_xattrs(self.br.at(*src), (work, tmp))
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
         return copied
 
@@ -1115,8 +1219,7 @@ class UnionFS:
         os.mkdir(tmp, 0o700, dir_fd=work)
         os.chown(tmp, src.st_uid, src.st_gid, dir_fd=work, follow_symlinks=False)
         os.chmod(tmp, src.st_mode & 0o7777, dir_fd=work)
-        self._copy_xattrs(self.br.xattr_path(*lower), b"/proc/self/fd/%d/%s" % (work, tmp),
-                          follow=False)
+        self._copy_xattrs(self.br.at(*lower), (work, tmp))
         tfd = os.open(tmp, _DIR_OPEN, dir_fd=work)
         try:
             self._write_marker(tfd, record)
@@ -1716,11 +1819,9 @@ class UnionFS:
 
     # --- FUSE operations: xattrs -----------------------------------------------------------
 
-    def _xattr_target(self, node: Node) -> bytes | int:
+    def _xattr_target(self, node: Node) -> XTarget:
         if node.path is not None:
-            if node.branch == 0:
-                return self.br.xattr_path(0, node.path)
-            return self.br.xattr_path(node.branch, node.bpath)
+            return self._loc(node)
         for fd in node.fds:
             return fd
         raise _errno(errno.ESTALE)
@@ -1730,11 +1831,24 @@ class UnionFS:
             if name == STATS_XATTR:
                 return self.stats_json().encode()
             raise _errno(errno.ENODATA)
-        return os.getxattr(self._xattr_target(self.nodes[ino]), name, follow_symlinks=False)
+        node = self.nodes[ino]
+        if name == CAPS_XATTR:
+            # Asked before every write (the kernel checks whether it must drop file
+            # capabilities): remembered per inode, since every change goes through here.
+            if node.caps is None:
+                try:
+                    node.caps = xattr_get(self._xattr_target(node), name)
+                except OSError as err:
+                    if err.errno != errno.ENODATA:
+                        raise
+                    node.caps = b""
+            if not node.caps:
+                raise _errno(errno.ENODATA)
+            return node.caps
+        return xattr_get(self._xattr_target(node), name)
 
     def listxattr(self, ino: int) -> bytes:
-        names = os.listxattr(self._xattr_target(self.nodes[ino]), follow_symlinks=False)
-        return b"".join(os.fsencode(n) + b"\0" for n in names)
+        return b"".join(n + b"\0" for n in xattr_list(self._xattr_target(self.nodes[ino])))
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         if ino == fp.ROOT_ID and name.startswith(STATS_XATTR):
@@ -1744,12 +1858,14 @@ class UnionFS:
             raise _errno(errno.EPERM)
         node = self.nodes[ino]
         self._to_top(node)
-        os.setxattr(self._xattr_target(node), name, value, flags, follow_symlinks=False)
+        node.caps = None
+        xattr_set(self._xattr_target(node), name, value, flags)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         node = self.nodes[ino]
         self._to_top(node)
-        os.removexattr(self._xattr_target(node), name, follow_symlinks=False)
+        node.caps = None
+        xattr_remove(self._xattr_target(node), name)
 
     # --- counters ----------------------------------------------------------------------------
 
