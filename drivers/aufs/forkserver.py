@@ -149,41 +149,67 @@ def _reap(signum: int = 0, frame: object = None) -> None:
             return
 
 
-def _fork_server(argv: list[str], sock: socket.socket) -> dict[str, object]:
-    from . import unionfs
+class _Spare:
+    """A server forked ahead of time, waiting for its arguments: the fork (and the copying
+    of the pages it touches first) is off the path of the next mount request."""
 
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    def __init__(self, sock: socket.socket) -> None:
+        from . import unionfs
+
+        argv_r, self.argv_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(self.argv_w)
+                os.close(self.ready_r)
+                sock.close()
+                for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                unionfs.warm_up(touch=True)
+                data = b""
+                while chunk := os.read(argv_r, 1 << 16):
+                    data += chunk
+                if not data:
+                    os._exit(0)  # the fork server is closing: never used
+                os.close(argv_r)
+                unionfs.serve_forked(json.loads(data), ready_w)
+            finally:
+                os._exit(1)
+        os.close(argv_r)
+        os.close(ready_w)
+
+    def start(self, argv: list[str]) -> dict[str, object]:
+        """Hand the spare its mount; wait for the mount to be live (or the error)."""
         try:
-            os.close(rfd)
-            sock.close()
-            for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, signal.SIG_DFL)
-            unionfs.serve_forked(argv, wfd)
+            os.write(self.argv_w, json.dumps(argv).encode())
         finally:
-            os._exit(1)
-    os.close(wfd)
-    chunks = []
-    try:
-        poller = select.poll()
-        poller.register(rfd, select.POLLIN)
-        while True:
-            if not poller.poll(READY_TIMEOUT * 1000):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                return {"error": f"the union server did not report its mount live within "
-                                 f"{READY_TIMEOUT:.0f} s"}
-            chunk = os.read(rfd, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(rfd)
-    msg = b"".join(chunks)
-    if msg[:1] == b"R":
-        return {"pid": pid}
-    return {"error": msg[1:].decode(errors="replace") or "the server exited before mounting"}
+            os.close(self.argv_w)
+        chunks = []
+        try:
+            poller = select.poll()
+            poller.register(self.ready_r, select.POLLIN)
+            while True:
+                if not poller.poll(READY_TIMEOUT * 1000):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid, signal.SIGKILL)
+                    return {"error": f"the union server did not report its mount live "
+                                     f"within {READY_TIMEOUT:.0f} s"}
+                chunk = os.read(self.ready_r, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(self.ready_r)
+        msg = b"".join(chunks)
+        if msg[:1] == b"R":
+            return {"pid": self.pid}
+        return {"error": msg[1:].decode(errors="replace")
+                or "the server exited before mounting"}
+
+    def discard(self) -> None:
+        os.close(self.argv_w)  # it reads EOF and exits (reaped like any other)
+        os.close(self.ready_r)
 
 
 def serve(fd: int) -> int:
@@ -194,9 +220,11 @@ def serve(fd: int) -> int:
 
     unionfs.warm_up()
     sock = socket.socket(fileno=fd)
+    spare: _Spare | None
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # objects of the warm-up stay shared with the servers (fewer COW faults)
+    spare = _Spare(sock)
     while True:
         try:
             data = sock.recv(1 << 20)
@@ -212,12 +240,17 @@ def serve(fd: int) -> int:
             reply: dict[str, object] = {"error": f"bad request: {err}"}
             ident = None
         else:
-            reply = _fork_server(argv, sock)
+            reply = spare.start(argv)
+            spare = None
         reply["id"] = ident
         try:
             sock.send(json.dumps(reply).encode())
         except OSError:
             break
+        if spare is None:
+            spare = _Spare(sock)  # for the next request, once this one is answered
+    if spare is not None:
+        spare.discard()
     sock.close()
     # The owner is gone: wait for the servers (their mounts are still live).
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
