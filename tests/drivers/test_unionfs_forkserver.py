@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from layerfs_drivers.aufs.forkserver import MODULE, ForkServer
 
 from layerfs import mount as mountlib
-from layerfs_drivers.aufs.forkserver import MODULE, ForkServer
 
 from ..conftest import close_and_check, open_store_or_skip
 from .unionfs_fixtures import Union, is_mounted
@@ -108,7 +108,7 @@ def test_errors_come_back_and_the_fork_server_goes_on(forker: ForkServer,
     (u.top / "sub").mkdir()
     with pytest.raises(OSError, match="inside branch"):
         forker.mount(helper_of(u), str(u.top / "sub"))
-    with pytest.raises(OSError, match="unrecognized arguments|invalid"):
+    with pytest.raises(OSError, match=r"unrecognized arguments|invalid"):
         forker.mount((*helper_of(u), "--no-such-option"), str(u.mnt))
     rotop = tmp_path / "rotop"
     rotop.mkdir()
