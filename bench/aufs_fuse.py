@@ -425,6 +425,18 @@ def seq_read(rounds: int = 5, size: int = 200 * MB) -> list[Row]:
     return rows
 
 
+def _first_append(kind: str, base: Path, lower: Path, size: int, *options: str) -> float:
+    """Time of the first 1-byte append to ``lower/big`` (a full copy-up) on a fresh upper."""
+    upper = _fresh(base / "upper")
+    with mounted(kind, [upper, lower], base / f"m_{kind}", *options) as mnt:
+        def go() -> None:
+            with open(mnt / "big", "ab") as f:
+                f.write(b"!")
+        t = _time(go)
+        assert os.stat(upper / "big").st_size == size + 1
+    return t
+
+
 def copy_up(rounds: int = 7, size: int = 100 * MB) -> list[Row]:
     base = _fresh(SCRATCH / "copyup")
     lower = base / "lower"
@@ -435,14 +447,7 @@ def copy_up(rounds: int = 7, size: int = 100 * MB) -> list[Row]:
     _read_all(lower / "big")
 
     def append(kind: str, *options: str) -> float:
-        upper = _fresh(base / "upper")
-        with mounted(kind, [upper, lower], base / f"m_{kind}", *options) as mnt:
-            def go() -> None:
-                with open(mnt / "big", "ab") as f:
-                    f.write(b"!")
-            t = _time(go)
-            assert os.stat(upper / "big").st_size == size + 1
-        return t
+        return _first_append(kind, base, lower, size, *options)
 
     res = _interleave({"union": lambda: append("union"),
                        "union --copyup-fsync": lambda: append("union", "--copyup-fsync"),
@@ -590,18 +595,8 @@ def copy_up_btrfs(rounds: int = 5, sizes: tuple[int, ...] = (16 * MB, 256 * MB, 
             _write_file(lower / "big", size)
             os.sync()
 
-            def append(kind: str, base: Path = base, lower: Path = lower,
-                       size: int = size) -> float:
-                upper = _fresh(base / "upper")
-                with mounted(kind, [upper, lower], base / f"m_{kind}") as mnt:
-                    def go() -> None:
-                        with open(mnt / "big", "ab") as f:
-                            f.write(b"!")
-                    t = _time(go)
-                    assert os.stat(upper / "big").st_size == size + 1
-                return t
-
-            res = _interleave({k: (lambda k=k: append(k))  # type: ignore[misc]
+            res = _interleave({k: (lambda k=k, b=base, lw=lower, sz=size:  # type: ignore[misc]
+                                   _first_append(k, b, lw, sz))
                                for k in ("union", "fuse-overlayfs", "overlay")}, rounds)
             for name, t in res.items():
                 rows.append((f"{size // MB} MiB", name, _ms(t),
@@ -617,7 +612,7 @@ def copy_up_btrfs(rounds: int = 5, sizes: tuple[int, ...] = (16 * MB, 256 * MB, 
 def mount(rounds: int = 30, lowers: int = 5) -> list[Row]:
     """Mount + stat of the root + unmount, per contender, interleaved; the mount alone is
     the time until the mount command (or fork server) returns."""
-    from layerfs_drivers.aufs.forkserver import ForkServer
+    from layerfs_drivers.aufs.forkserver import ForkServer, reap_children
 
     base = _fresh(SCRATCH / "mount")
     branches = [base / "upper", *[base / f"l{i}" for i in range(lowers)]]
@@ -665,22 +660,12 @@ def mount(rounds: int = 30, lowers: int = 5) -> list[Row]:
     finally:
         forker.close()
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        _reap_children()
+        reap_children()
     rows: list[Row] = [(name, _ms(t), _ratio(t, res["fuse-overlayfs"]))
                        for name, t in res.items()]
     _print_table(f"mount of {lowers} lowers + upper until the mount is live (median of "
                  f"{rounds}, interleaved)", ("how", "time", "vs fuse-overlayfs"), rows)
     return rows
-
-
-def _reap_children() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 SCENARIOS: dict[str, Callable[..., list[Row]]] = {

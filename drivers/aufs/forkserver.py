@@ -139,7 +139,8 @@ class ForkServer:
 
 # --- the zygote --------------------------------------------------------------------------------
 
-def _reap(signum: int = 0, frame: object = None) -> None:
+def reap_children(signum: int = 0, frame: object = None) -> None:
+    """Reap every child that has exited, without waiting (also a SIGCHLD handler)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -221,7 +222,7 @@ def serve(fd: int) -> int:
     unionfs.warm_up()
     sock = socket.socket(fileno=fd)
     spare: _Spare | None
-    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGCHLD, reap_children)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # objects of the warm-up stay shared with the servers (fewer COW faults)
     spare = _Spare(sock)
