@@ -76,7 +76,9 @@ so a file whose data is about to change in its copy (opened for writing,
 truncated) while handles opened on its lower file are still open gets a new
 inode: the request fails with ESTALE, which the kernel retries once after
 looking the name up again. The handles open before keep reading the lower
-file (as with fuse-overlayfs), and the name's st_ino changes.
+file (as with fuse-overlayfs), and the name's st_ino changes; another hard
+link name the kernel still caches opens the new inode the same way, but a
+stat of it may show the old inode's attributes until it is looked up again.
 Without passthrough (``--no-passthrough``, older kernels, a backing
 filesystem that is itself stacked), reads and writes are served here, with
 the kernel's page cache kept across opens (``--keep-cache``), and read-only
@@ -1680,6 +1682,10 @@ class UnionFS:
 
     def open(self, ino: int, flags: int) -> bytes:
         node = self.nodes[ino]
+        if node.key == ("split", node.ino):
+            # Reached through another cached name (a hard link) of a split file: ESTALE makes
+            # the kernel look the name up again and find the file's new inode.
+            raise _errno(errno.ESTALE)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             stale = self._stale_backing(node)
             self._copy_up(node, 0 if flags & os.O_TRUNC else None)

@@ -230,3 +230,29 @@ def test_copy_up_on_btrfs_is_a_reflink(btrfs_pool: Path, tmp_path: Path) -> None
     finally:
         u.force_cleanup()
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+def test_copy_up_under_an_open_passthrough_reader_of_a_hard_link(tmp_path: Path) -> None:
+    """The kernel holds one backing file per inode: writing through another name of a
+    lower file that a passthrough handle has open moves the names to a new inode (the
+    request is retried after ESTALE); every later open, by either name, sees the copy."""
+    u = Union(tmp_path, lowers=1)
+    x = u.lowers[0] / "x"
+    x.write_bytes(b"lower data")
+    os.link(x, u.lowers[0] / "y")
+    with u:
+        m = u.mnt
+        reader = os.open(m / "x", os.O_RDONLY)
+        try:
+            assert os.pread(reader, 5, 0) == b"lower"
+            os.stat(m / "y")  # both names cached by the kernel
+            with open(m / "y", "r+b") as f:
+                f.write(b"UPPER")
+            assert os.pread(reader, 10, 0) == b"lower data"  # opened before: the lower file
+            assert (m / "y").read_bytes() == b"UPPER data"
+            assert (m / "x").read_bytes() == b"UPPER data"
+            assert os.stat(m / "x").st_ino == os.stat(m / "y").st_ino
+        finally:
+            os.close(reader)
+        assert u.stats()["passthrough_opens"] >= 3
+    assert os.stat(u.top / "x").st_ino == os.stat(u.top / "y").st_ino  # linked up together
