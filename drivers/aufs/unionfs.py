@@ -153,7 +153,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -169,6 +168,21 @@ from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from . import fuseproto as fp
+from .backing import (
+    DIR_OPEN,
+    LIST_OPEN,
+    Branches,
+    Layer,
+    XTarget,
+    fallocate,
+    join,
+    parent_of,
+    renameat2,
+    xattr_get,
+    xattr_list,
+    xattr_remove,
+    xattr_set,
+)
 
 log = logging.getLogger("layerfs.unionfs")
 
@@ -196,31 +210,6 @@ S_IFLNK = stat.S_IFLNK
 
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
-_DIR_OPEN = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LIST_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-Layer = tuple[int, bytes]  # (branch index, backing path in that branch; b"" is its root)
-
-
-def _renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> None:
-    if _libc.renameat2(src_fd, src, dst_fd, dst, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def _parent_of(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
 def _check_new_name(name: bytes) -> None:
     # A name with the whiteout prefix could not be told from a whiteout.
     if name.startswith(WH):
@@ -229,108 +218,6 @@ def _check_new_name(name: bytes) -> None:
 
 def _errno(code: int) -> OSError:
     return OSError(code, os.strerror(code))
-
-
-# --- xattrs relative to a directory fd -------------------------------------------------------
-# Linux 6.13 added getxattrat(2) and friends; before that, /proc/self/fd/DIRFD/NAME names
-# the entry in a short path (the xattr calls take no directory fd).
-XTarget = int | tuple[int, bytes]  # an open fd, or (directory fd, name) not followed
-_AT_SYMLINK_NOFOLLOW = 0x100
-_SYS_SETXATTRAT, _SYS_GETXATTRAT, _SYS_LISTXATTRAT, _SYS_REMOVEXATTRAT = 463, 464, 465, 466
-_libc.syscall.restype = ctypes.c_long
-_xattrat = True  # until the kernel says ENOSYS
-
-
-class _XattrArgs(ctypes.Structure):
-    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32)]
-
-
-# size_t arguments of the variadic syscall(): a plain Python int would go as a 32-bit int,
-# leaving the upper half of the register undefined.
-_ARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_XattrArgs))
-
-
-def _proc_path(target: tuple[int, bytes]) -> bytes:
-    return b"/proc/self/fd/%d/%s" % target
-
-
-def _xattrat_call(number: int, *args: Any) -> int | None:
-    """The syscall's result, or None when this kernel lacks the *xattrat calls."""
-    global _xattrat
-    if not _xattrat:
-        return None
-    rc = int(_libc.syscall(number, *args))
-    if rc < 0:
-        err = ctypes.get_errno()
-        if err == errno.ENOSYS:
-            _xattrat = False
-            return None
-        raise OSError(err, os.strerror(err))
-    return rc
-
-
-def xattr_get(target: XTarget, name: bytes) -> bytes:
-    if isinstance(target, int):
-        return os.getxattr(target, name)
-    size = 256
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        args = _XattrArgs(ctypes.addressof(buf), size, 0)
-        try:
-            n = _xattrat_call(_SYS_GETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, name,
-                              ctypes.byref(args), _ARGS_SIZE)
-        except OSError as err:
-            if err.errno != errno.ERANGE:
-                raise
-            args = _XattrArgs(0, 0, 0)
-            needed = _xattrat_call(_SYS_GETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW,
-                                   name, ctypes.byref(args), _ARGS_SIZE)
-            size = max(needed or 0, size * 2)
-            continue
-        if n is None:
-            return os.getxattr(_proc_path(target), name, follow_symlinks=False)
-        return buf.raw[:n]
-
-
-def xattr_list(target: XTarget) -> list[bytes]:
-    if isinstance(target, int):
-        return [os.fsencode(n) for n in os.listxattr(target)]
-    size = 1024
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        try:
-            n = _xattrat_call(_SYS_LISTXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, buf,
-                              ctypes.c_size_t(size))
-        except OSError as err:
-            if err.errno != errno.ERANGE:
-                raise
-            size *= 4
-            continue
-        if n is None:
-            return [os.fsencode(x) for x in os.listxattr(_proc_path(target),
-                                                           follow_symlinks=False)]
-        return [x for x in buf.raw[:n].split(b"\0") if x]
-
-
-def xattr_set(target: XTarget, name: bytes, value: bytes, flags: int = 0) -> None:
-    if isinstance(target, int):
-        os.setxattr(target, name, value, flags)
-        return
-    buf = ctypes.create_string_buffer(value, len(value))
-    args = _XattrArgs(ctypes.addressof(buf), len(value), flags)
-    if _xattrat_call(_SYS_SETXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW, name,
-                     ctypes.byref(args), _ARGS_SIZE) is None:
-        os.setxattr(_proc_path(target), name, value, flags, follow_symlinks=False)
-
-
-def xattr_remove(target: XTarget, name: bytes) -> None:
-    if isinstance(target, int):
-        os.removexattr(target, name)
-        return
-    if _xattrat_call(_SYS_REMOVEXATTRAT, target[0], target[1], _AT_SYMLINK_NOFOLLOW,
-                     name) is None:
-        os.removexattr(_proc_path(target), name, follow_symlinks=False)
 
 
 class Stats:
@@ -423,79 +310,6 @@ class Node:
         return out
 
 
-class Branches:
-    """The branch directories, reached only through directory fds.
-
-    ``dirfd(branch, bpath)`` is an ``O_PATH`` fd of a directory, cached; a
-    missing one is opened from its nearest cached ancestor one component at a
-    time (``O_NOFOLLOW``: a symlink in a branch is never followed), so no
-    system call ever sees more than one name. The cache is trimmed only
-    between requests (:meth:`trim`), so an fd handed out stays open for the
-    request that asked for it.
-    """
-
-    LIMIT = 4096
-
-    def __init__(self, roots: list[bytes]) -> None:
-        self.roots = roots
-        self.root_fds: list[int] = []
-        for root in roots:
-            self.root_fds.append(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        self.cache: dict[Layer, int] = {}
-
-    def dirfd(self, branch: int, bpath: bytes) -> int:
-        if not bpath:
-            return self.root_fds[branch]
-        fd = self.cache.get((branch, bpath))
-        if fd is not None:
-            return fd
-        names = []
-        cur = bpath
-        while True:
-            head, _, tail = cur.rpartition(b"/")
-            names.append(tail)
-            if not head:
-                fd = self.root_fds[branch]
-                break
-            cached = self.cache.get((branch, head))
-            if cached is not None:
-                fd = cached
-                break
-            cur = head
-        prefix = head
-        for name in reversed(names):
-            fd = os.open(name, _DIR_OPEN, dir_fd=fd)
-            prefix = _join(prefix, name)
-            self.cache[(branch, prefix)] = fd
-        return fd
-
-    def at(self, branch: int, bpath: bytes) -> tuple[int, bytes]:
-        """(directory fd, name) of a backing entry, for the ``*at()`` calls."""
-        if not bpath:
-            return self.root_fds[branch], b"."
-        head, _, tail = bpath.rpartition(b"/")
-        return self.dirfd(branch, head), tail
-
-    def forget_top(self, path: bytes) -> None:
-        """A top-branch directory moved or went away: drop its fds and those below it."""
-        prefix = path + b"/"
-        for key in [k for k in self.cache if k[0] == 0 and (k[1] == path
-                                                             or k[1].startswith(prefix))]:
-            os.close(self.cache.pop(key))
-
-    def trim(self) -> None:
-        if len(self.cache) > self.LIMIT:
-            for key in list(self.cache)[:len(self.cache) - self.LIMIT // 2]:
-                os.close(self.cache.pop(key))
-
-    def close(self) -> None:
-        for fd in [*self.cache.values(), *self.root_fds]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.cache.clear()
-        self.root_fds = []
-
-
 def parse_redirect(data: bytes) -> bytes | None:
     """The union path (``b"a/b"``, ``b""`` for the root) a redirect record names, or None
     for a plain opaque marker or anything malformed."""
@@ -561,8 +375,8 @@ class UnionFS:
         try:
             os.mkdir(WORKDIR, 0o700, dir_fd=top)
         except FileExistsError:
-            self.work_fd = os.open(WORKDIR, _DIR_OPEN, dir_fd=top)
-            lfd = os.open(b".", _LIST_OPEN, dir_fd=self.work_fd)
+            self.work_fd = os.open(WORKDIR, DIR_OPEN, dir_fd=top)
+            lfd = os.open(b".", LIST_OPEN, dir_fd=self.work_fd)
             try:
                 leftovers = os.listdir(lfd)
             finally:
@@ -579,7 +393,7 @@ class UnionFS:
                 except OSError:
                     pass
         else:
-            self.work_fd = os.open(WORKDIR, _DIR_OPEN, dir_fd=top)
+            self.work_fd = os.open(WORKDIR, DIR_OPEN, dir_fd=top)
             # The scratch dir is an internal: the union's root keeps its times.
             os.utime(b".", ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=top)
 
@@ -740,7 +554,7 @@ class UnionFS:
     def _child(self, parent: Node, name: bytes) -> Node:
         if parent.path is None or parent.kind != S_IFDIR:
             raise _errno(errno.ENOENT)
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         node = self.paths.get(path)
         if node is not None:
             return node
@@ -756,12 +570,12 @@ class UnionFS:
             return node
         cur = self.paths[b""]
         for name in path.split(b"/") if path else ():
-            child = self.paths.get(_join(cur.path or b"", name))
+            child = self.paths.get(join(cur.path or b"", name))
             if child is None:
                 res = self._find(self._layers(cur), name)
                 if res is None or res[3] is None:
                     raise _errno(errno.ENOENT)
-                child = Node(0, _join(cur.path or b"", name), S_IFDIR, res[1], res[2], res[3],
+                child = Node(0, join(cur.path or b"", name), S_IFDIR, res[1], res[2], res[3],
                              None)  # transient: not registered
             cur = child
         return cur
@@ -824,7 +638,7 @@ class UnionFS:
         fsencode = os.fsencode
         for b, bp in self._layers(node):
             try:
-                dfd = os.open(b".", _LIST_OPEN, dir_fd=self.br.dirfd(b, bp))
+                dfd = os.open(b".", LIST_OPEN, dir_fd=self.br.dirfd(b, bp))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             try:
@@ -865,7 +679,7 @@ class UnionFS:
             names.append(tail)
             cur = self._dir_node(head)
         for name in reversed(names):
-            base = _join(base, name)
+            base = join(base, name)
         return base
 
     # --- changing the top branch -----------------------------------------------------------
@@ -890,7 +704,7 @@ class UnionFS:
                 st = os.lstat(name, dir_fd=fd)
             except (FileNotFoundError, NotADirectoryError):
                 missing.append(cur)
-                cur = _parent_of(cur)
+                cur = parent_of(cur)
                 continue
             if st.st_mode & S_IFMT != S_IFDIR:
                 raise _errno(errno.EIO)  # the top branch contradicts the union
@@ -989,7 +803,7 @@ class UnionFS:
         self.stats.other_probes += 1
         sfd, sname = self.br.at(node.branch, node.bpath)
         st = os.lstat(sname, dir_fd=sfd)
-        ptimes = self._ensure_top_dir(_parent_of(path))
+        ptimes = self._ensure_top_dir(parent_of(path))
         tmp = self._tmp_name()
         work = self.work_fd
         dfd, dname = self.br.at(0, path)
@@ -1012,7 +826,7 @@ class UnionFS:
         node.bpath = path
         # Names of the same lower file the kernel knows: keep them one file.
         for alt in node.alt or ():
-            aptimes = self._ensure_top_dir(_parent_of(alt))
+            aptimes = self._ensure_top_dir(parent_of(alt))
             afd, aname = self.br.at(0, alt)
             os.link(dname, aname, src_dir_fd=dfd, dst_dir_fd=afd, follow_symlinks=False)
             os.utime(b".", ns=aptimes, dir_fd=afd, follow_symlinks=False)
@@ -1133,7 +947,7 @@ class UnionFS:
         """Remove the whiteouts (and markers) of a top-branch directory the union shows as
         empty."""
         dfd = self.br.dirfd(0, path)
-        lfd = os.open(b".", _LIST_OPEN, dir_fd=dfd)
+        lfd = os.open(b".", LIST_OPEN, dir_fd=dfd)
         try:
             names = [os.fsencode(n) for n in os.listdir(lfd)]
         finally:
@@ -1222,7 +1036,7 @@ class UnionFS:
         os.chown(tmp, src.st_uid, src.st_gid, dir_fd=work, follow_symlinks=False)
         os.chmod(tmp, src.st_mode & 0o7777, dir_fd=work)
         self._copy_xattrs(self.br.at(*lower), (work, tmp))
-        tfd = os.open(tmp, _DIR_OPEN, dir_fd=work)
+        tfd = os.open(tmp, DIR_OPEN, dir_fd=work)
         try:
             self._write_marker(tfd, record)
         finally:
@@ -1247,7 +1061,7 @@ class UnionFS:
         if res is None:
             s.lookups_negative += 1
             return self.times.negative
-        node = self._attach(_join(parent.path, name), *res)
+        node = self._attach(join(parent.path, name), *res)
         node.nlookup += 1
         return self._entry(node, res[0])
 
@@ -1347,7 +1161,7 @@ class UnionFS:
         parent = self.nodes[parent_ino]
         self._prepare_create(parent, name)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         fd = self.br.dirfd(0, parent.path)
         uid, gid = self._new_owner(parent, ctx)
         os.mknod(name, mode, rdev, dir_fd=fd)
@@ -1360,7 +1174,7 @@ class UnionFS:
         parent = self.nodes[parent_ino]
         removed = self._prepare_create(parent, name)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         fd = self.br.dirfd(0, parent.path)
         uid, gid = self._new_owner(parent, ctx)
         os.mkdir(name, mode & 0o7777, dir_fd=fd)
@@ -1374,7 +1188,7 @@ class UnionFS:
         parent = self.nodes[parent_ino]
         self._prepare_create(parent, name)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         fd = self.br.dirfd(0, parent.path)
         uid, gid = self._new_owner(parent, ctx)
         os.symlink(target, name, dir_fd=fd)
@@ -1386,7 +1200,7 @@ class UnionFS:
         parent = self.nodes[parent_ino]
         self._prepare_create(parent, name)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         uid, gid = self._new_owner(parent, ctx)
         fd = os.open(name, (flags & ~_OPEN_STRIP) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      mode & 0o7777, dir_fd=self.br.dirfd(0, parent.path))
@@ -1408,7 +1222,7 @@ class UnionFS:
         self._copy_up(node)
         self._prepare_create(parent, new_name)
         assert parent.path is not None
-        path = _join(parent.path, new_name)
+        path = join(parent.path, new_name)
         sfd, sname = self.br.at(0, node.path)
         dfd = self.br.dirfd(0, parent.path)
         os.link(sname, new_name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
@@ -1426,7 +1240,7 @@ class UnionFS:
         if node.kind == S_IFDIR:
             raise _errno(errno.EISDIR)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         nlink = 0
         if node.branch == 0:
             need_wh = self._lower_has(parent, name)
@@ -1451,7 +1265,7 @@ class UnionFS:
         if self._merge(node):
             raise _errno(errno.ENOTEMPTY)
         assert parent.path is not None
-        path = _join(parent.path, name)
+        path = join(parent.path, name)
         layers = self._layers(node)
         need_wh = any(b != 0 for b, _ in layers) or self._lower_has(parent, name)
         if need_wh and len(name) > WH_NAME_MAX:
@@ -1480,8 +1294,8 @@ class UnionFS:
             return
         _check_new_name(new_name)
         assert oparent.path is not None
-        old = _join(oparent.path, old_name)
-        new = _join(nparent.path, new_name)
+        old = join(oparent.path, old_name)
+        new = join(nparent.path, new_name)
         dst = self.paths.get(new)
         if dst is None:
             with contextlib.suppress(FileNotFoundError):
@@ -1567,8 +1381,8 @@ class UnionFS:
                   new_name: bytes) -> None:
         """RENAME_EXCHANGE: both entries to the top branch, then swapped there."""
         assert oparent.path is not None and nparent.path is not None
-        old = _join(oparent.path, old_name)
-        new = _join(nparent.path, new_name)
+        old = join(oparent.path, old_name)
+        new = join(nparent.path, new_name)
         dst = self._child(nparent, new_name)
         if dst is src:
             return
@@ -1578,7 +1392,7 @@ class UnionFS:
             raise _errno(errno.EXDEV)
         for (node, _from_parent, path, to_parent, to_name), has_lower in zip(moves, lower,
                                                                              strict=True):
-            self._ensure_top_dir(_parent_of(path))
+            self._ensure_top_dir(parent_of(path))
             if node.kind != S_IFDIR:
                 self._copy_up(node)
             elif has_lower:
@@ -1591,7 +1405,7 @@ class UnionFS:
                     self._mark_opaque(path)
         ofd, oname = self.br.at(0, old)
         nfd, nname = self.br.at(0, new)
-        _renameat2(ofd, oname, nfd, nname, RENAME_EXCHANGE)
+        renameat2(ofd, oname, nfd, nname, RENAME_EXCHANGE)
         # Swap the bookkeeping through a name no real path can have.
         parked = b"\0exchange"
         self._move_name(src, old, parked)
@@ -1748,9 +1562,7 @@ class UnionFS:
         entry = self.files.get(fh)
         if entry is not None and entry[0].branch != 0:
             self._copy_up(entry[0])  # never for a writable handle: opening copied it up
-        if _libc.fallocate(fh, mode, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        fallocate(fh, mode, offset, length)
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
         return os.lseek(fh, offset, whence)
@@ -1784,7 +1596,7 @@ class UnionFS:
             if i == 0:
                 ino = node.ino
             else:
-                up = (node if not node.path else self.paths.get(_parent_of(node.path)))
+                up = (node if not node.path else self.paths.get(parent_of(node.path)))
                 ino = up.ino if up is not None else node.ino
             if not out.add_plus(fp.dot_entry(), ino, b"." * (i + 1), S_IFDIR, i + 1):
                 return out.data()
@@ -1798,7 +1610,7 @@ class UnionFS:
                 st = os.lstat(bname, dir_fd=fd)
             except FileNotFoundError:
                 continue
-            child = self._attach(_join(base, name), st, b, bpath,
+            child = self._attach(join(base, name), st, b, bpath,
                                  list(dirs) if dirs is not None else None)
             if not out.add_plus(self._entry(child, st), child.ino, name, st.st_mode, i + 1):
                 if child.nlookup == 0 and child.ino != fp.ROOT_ID:
@@ -1817,7 +1629,7 @@ class UnionFS:
         node: Node = self.dirs[fh][0]
         if node.branch != 0 or node.path is None:
             return
-        fd = os.open(b".", _LIST_OPEN, dir_fd=self.br.dirfd(0, node.path))
+        fd = os.open(b".", LIST_OPEN, dir_fd=self.br.dirfd(0, node.path))
         try:
             os.fsync(fd)
         finally:
