@@ -10,8 +10,11 @@ The machine is noisy (MACHINE.md), so columns compare best within one run,
 as ratios.
 
 Scenarios (:mod:`layerfs_bench.scenarios`) are plain functions
-``fn(ctx, **params)``. They time work through :meth:`Ctx.run_probes` (or record
-numbers they computed with :meth:`Ctx.record`). A :class:`Probe` is one timed
+``fn(ctx, **params)``; a *joint* one (``io-throughput``, ``mount``) gets every
+target's ``Ctx`` at once and times them together, repetition by repetition
+(:func:`run_joint_probes`), for comparisons across targets that must not
+drift. They time work through :meth:`Ctx.run_probes` (or record numbers they
+computed with :meth:`Ctx.record`). A :class:`Probe` is one timed
 operation with an untimed ``setup`` that hands it its argument (a fresh lower
 file, a path), so each repetition can have its own input. Probes in one group
 run repetition by repetition (A B C, A B C, ...), never all of A first.
@@ -505,6 +508,31 @@ class Ctx:
         return [v * 1e9 / _UNIT_NS[p.unit] for v in data]
 
 
+def run_joint_probes(groups: Sequence[tuple[Ctx, Sequence[Probe]]], reps: int, *,
+                     label: str = "") -> None:
+    """Time several targets' probes together and record each target's results: per
+    repetition, each probe on every target in turn (A B C, then the next probe), so the
+    machine's drift falls on every target alike. One target: :meth:`Ctx.run_probes`."""
+    if len(groups) == 1:
+        ctx, probes = groups[0]
+        ctx.run_probes(probes, reps, label=label)
+        return
+    if not groups:
+        return
+    samples: list[list[list[float]]] = [[[] for _ in probes] for _, probes in groups]
+    longest = max(len(probes) for _, probes in groups)
+    for rep in range(reps):
+        if label:
+            groups[0][0].step(f"{label} {rep + 1}/{reps}")
+        for i in range(longest):
+            for g, (ctx, probes) in enumerate(groups):
+                if i < len(probes):
+                    samples[g][i].append(ctx._time_once(probes[i], rep))
+    for g, (ctx, probes) in enumerate(groups):
+        for i, p in enumerate(probes):
+            ctx.record(p.metric, samples[g][i], unit=p.unit, params=p.params, note=p.note)
+
+
 # --- preparing a target -------------------------------------------------------------------------
 
 class TargetSession:
@@ -717,9 +745,12 @@ def run(targets: Sequence[Target], scenario_names: Sequence[str], profile: str =
             reporter.finish("setup", target.label, "ok" if session.reason is None else "skipped")
             sessions.append(session)
         for name in names:
+            override = (params_override or {}).get(name)
+            if sc.SCENARIOS[name].joint:
+                run_joint_scenario(sessions, name, report, reporter, override)
+                continue
             for session in sessions:
-                run_scenario(session, name, report, reporter,
-                             (params_override or {}).get(name))
+                run_scenario(session, name, report, reporter, override)
     finally:
         for session in sessions:
             with contextlib.suppress(Exception):
@@ -728,6 +759,57 @@ def run(targets: Sequence[Target], scenario_names: Sequence[str], profile: str =
         shutil.rmtree(run_dir, ignore_errors=True)
         report.seconds = time.perf_counter() - t0
     return report
+
+
+def run_joint_scenario(sessions: Sequence[TargetSession], name: str, report: Report,
+                       reporter: Reporter, override: dict[str, Any] | None = None) -> str:
+    """Run a joint scenario once over every prepared target; returns ok / skipped / error."""
+    from . import scenarios as sc
+
+    scenario = sc.SCENARIOS[name]
+    active = []
+    for session in sessions:
+        reporter.start(name, session.target.label)
+        if session.reason is None:
+            active.append(session)
+            continue
+        report.skipped.append({"target": session.target.label, "scenario": name,
+                               "metric": None, "params": {}, "reason": session.reason})
+        reporter.finish(name, session.target.label, "skipped")
+    if not active:
+        return "skipped"
+    params = dict(scenario.profiles[active[0].profile])
+    params.update(override or {})
+    ctxs = [Ctx(s, name, report, reporter) for s in active]
+    forker = next((s.forker for s in active if s.forker is not None), None)
+    previous_forker = mountlib.set_fuse_forker(forker)
+    started = time.perf_counter()
+    status = "ok"
+    try:
+        scenario.fn(ctxs, **params)
+    except ScenarioSkip as err:
+        status = "skipped"
+        for ctx in ctxs:
+            ctx.skip(str(err))
+    except (LayerfsError, OSError, subprocess.SubprocessError, AssertionError) as err:
+        status = "error"
+        for s in active:
+            report.errors.append({"target": s.target.label, "scenario": name,
+                                  "error": f"{type(err).__name__}: {err}"})
+    finally:
+        for ctx in ctxs:
+            try:
+                ctx.close()
+            except (LayerfsError, OSError) as err:
+                report.errors.append({"target": ctx.target.label, "scenario": name,
+                                      "error": f"cleanup: {type(err).__name__}: {err}"})
+                status = "error"
+        mountlib.set_fuse_forker(previous_forker)
+    elapsed = time.perf_counter() - started
+    for s in active:
+        s.active += elapsed / len(active)
+        reporter.finish(name, s.target.label, f"{status} {elapsed:.1f}s (joint)")
+    return status
 
 
 def run_scenario(session: TargetSession, name: str, report: Report, reporter: Reporter,
@@ -750,7 +832,7 @@ def run_scenario(session: TargetSession, name: str, report: Report, reporter: Re
     status = "ok"
     previous_forker = mountlib.set_fuse_forker(session.forker)
     try:
-        scenario.fn(ctx, **params)
+        scenario.fn([ctx] if scenario.joint else ctx, **params)
     except ScenarioSkip as err:
         status = "skipped"
         ctx.skip(str(err))

@@ -71,7 +71,7 @@ from layerfs import mount as mountlib
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
-from .harness import Ctx, Probe, ScenarioSkip, drop_caches
+from .harness import Ctx, Probe, ScenarioSkip, drop_caches, run_joint_probes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FIXED_MTIME = 1_700_000_000
@@ -777,8 +777,9 @@ class _RandomIO:
         os.close(self.fd)
 
 
-def io_throughput(ctx: Ctx, *, size: int, reps: int, rand_ops: int) -> None:
-    """Reads and writes of lower, copied-up and new files; the copy-up itself."""
+@contextlib.contextmanager
+def _io_target(ctx: Ctx, size: int, reps: int, rand_ops: int) -> Iterator[list[Probe]]:
+    """One target's files (a base layer, a container layer on it, mounted) and its probes."""
     store = ctx.store
     ctx.step(f"writing {reps + 2} lower files of {human(size)}")
     base = store.create().id
@@ -790,53 +791,76 @@ def io_throughput(ctx: Ctx, *, size: int, reps: int, rand_ops: int) -> None:
             write_file(mnt / "cu" / str(rep), size)
     os.sync()
     box = store.create(base).id
-    with store.mounted(box) as mnt:
-        _append(mnt / "copied.bin")  # copied up once, untimed: its I/O is what is measured
-        write_file(mnt / "new.bin", size)
-        os.sync()
-        files = {"lower": mnt / "lower.bin", "copied-up": mnt / "copied.bin",
-                 "new": mnt / "new.bin"}
+    try:
+        with store.mounted(box) as mnt:
+            _append(mnt / "copied.bin")  # copied up once, untimed: its I/O is measured
+            write_file(mnt / "new.bin", size)
+            os.sync()
+            files = {"lower": mnt / "lower.bin", "copied-up": mnt / "copied.bin",
+                     "new": mnt / "new.bin"}
+            yield _io_probes(mnt, files, size, rand_ops)
+    finally:
+        store.remove(box)
+        store.remove(base)
 
-        def cold(path: Path) -> Callable[[int], Path]:
-            def setup(rep: int) -> Path:
-                drop_caches()
-                return path
-            return setup
 
-        def warm(path: Path) -> Callable[[int], Path]:
-            def setup(rep: int) -> Path:
-                _read_all(path)
-                return path
-            return setup
+def _io_probes(mnt: Path, files: dict[str, Path], size: int, rand_ops: int) -> list[Probe]:
+    def cold(path: Path) -> Callable[[int], Path]:
+        def setup(rep: int) -> Path:
+            drop_caches()
+            return path
+        return setup
 
-        def rand(path: Path, write: bool) -> Callable[[int], _RandomIO]:
-            return lambda rep: _RandomIO(path, size, rand_ops, rep, write=write)
+    def warm(path: Path) -> Callable[[int], Path]:
+        def setup(rep: int) -> Path:
+            _read_all(path)
+            return path
+        return setup
 
-        probes = [Probe("seq_read", _read_all, {"file": "lower", "cache": "cold", "size": size},
-                        cold(files["lower"]), unit="ms",
-                        note="read a whole file in 1 MiB reads, page cache dropped first")]
-        for name, path in files.items():
-            probes.append(Probe("seq_read", _read_all, {"file": name, "cache": "warm",
-                                                          "size": size},
-                                warm(path), unit="ms", primary=name == "lower"))
-        probes.append(Probe("seq_write", lambda p: _write_new(p, size),
-                            {"file": "new", "size": size},
-                            lambda rep: mnt / f"w{rep}", lambda p: os.unlink(p), unit="ms",
-                            note="write a new file in 1 MiB writes (page cache, no fsync)"))
-        for name in ("lower", "copied-up"):
-            probes.append(Probe("rand_read_4k", lambda r: r.read(), {"file": name},
-                                rand(files[name], False), lambda r: r.close(), unit="us",
-                                batch=rand_ops, note="per 4 KiB pread at a random offset"))
-        for name in ("copied-up", "new"):
-            probes.append(Probe("rand_write_4k", lambda r: r.write(), {"file": name},
-                                rand(files[name], True), lambda r: r.close(), unit="us",
-                                batch=rand_ops, note="per 4 KiB pwrite at a random offset"))
-        probes.append(Probe("copy_up", _append, {"size": size},
-                            lambda rep: mnt / "cu" / str(rep), unit="ms",
-                            note="first 1-byte append to a lower file: copies it up"))
-        ctx.run_probes(probes, reps, label="io")
-    store.remove(box)
-    store.remove(base)
+    def rand(path: Path, write: bool) -> Callable[[int], _RandomIO]:
+        return lambda rep: _RandomIO(path, size, rand_ops, rep, write=write)
+
+    probes = [Probe("seq_read", _read_all, {"file": "lower", "cache": "cold", "size": size},
+                    cold(files["lower"]), unit="ms",
+                    note="read a whole file in 1 MiB reads, page cache dropped first")]
+    for name, path in files.items():
+        probes.append(Probe("seq_read", _read_all, {"file": name, "cache": "warm", "size": size},
+                            warm(path), unit="ms", primary=name == "lower"))
+    probes.append(Probe("seq_write", lambda p: _write_new(p, size), {"file": "new", "size": size},
+                        lambda rep: mnt / f"w{rep}", lambda p: os.unlink(p), unit="ms",
+                        note="write a new file in 1 MiB writes (page cache, no fsync)"))
+    for name in ("lower", "copied-up"):
+        probes.append(Probe("rand_read_4k", lambda r: r.read(), {"file": name},
+                            rand(files[name], False), lambda r: r.close(), unit="us",
+                            batch=rand_ops, note="per 4 KiB pread at a random offset"))
+    for name in ("copied-up", "new"):
+        probes.append(Probe("rand_write_4k", lambda r: r.write(), {"file": name},
+                            rand(files[name], True), lambda r: r.close(), unit="us",
+                            batch=rand_ops, note="per 4 KiB pwrite at a random offset"))
+    probes.append(Probe("copy_up", _append, {"size": size},
+                        lambda rep: mnt / "cu" / str(rep), unit="ms",
+                        note="first 1-byte append to a lower file: copies it up"))
+    return probes
+
+
+def _joint(ctxs: Sequence[Ctx], reps: int, label: str,
+           target: Callable[[Ctx], contextlib.AbstractContextManager[list[Probe]]]) -> None:
+    """Set every target up (a target that cannot run the scenario records why), then time
+    them together, repetition by repetition."""
+    with contextlib.ExitStack() as stack:
+        groups: list[tuple[Ctx, list[Probe]]] = []
+        for ctx in ctxs:
+            try:
+                groups.append((ctx, stack.enter_context(target(ctx))))
+            except ScenarioSkip as err:
+                ctx.skip(str(err))
+        run_joint_probes(groups, reps, label=label)
+
+
+def io_throughput(ctxs: Sequence[Ctx], *, size: int, reps: int, rand_ops: int) -> None:
+    """Reads and writes of lower, copied-up and new files; the copy-up itself. Every target
+    is measured in the same repetitions (a joint scenario)."""
+    _joint(ctxs, reps, "io", lambda ctx: _io_target(ctx, size, reps, rand_ops))
 
 
 # --- mount ---------------------------------------------------------------------------------------
@@ -850,8 +874,8 @@ def _no_fuse_forker() -> Iterator[None]:
         mountlib.set_fuse_forker(previous)
 
 
-def mount(ctx: Ctx, *, image_layers: int, reps: int) -> None:
-    """Mount and unmount of a container layer over an image; aufs warm and cold."""
+@contextlib.contextmanager
+def _mount_target(ctx: Ctx, image_layers: int) -> Iterator[list[Probe]]:
     store = ctx.store
     chain: list[str] = []
     for i in range(image_layers):
@@ -878,20 +902,30 @@ def mount(ctx: Ctx, *, image_layers: int, reps: int) -> None:
                             lambda _: box, store.unmount,
                             note="the FUSE server started by its helper command"))
     try:
-        ctx.run_probes(probes, reps, label="mount")
+        yield probes
     finally:
         store.remove(box)
+
+
+def mount(ctxs: Sequence[Ctx], *, image_layers: int, reps: int) -> None:
+    """Mount and unmount of a container layer over an image, every target in the same
+    repetitions; aufs both from its fork server and through its cold helper command."""
+    _joint(ctxs, reps, "mount", lambda ctx: _mount_target(ctx, image_layers))
 
 
 # --- the registry -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Scenario:
+    """``joint``: ``fn`` takes every target's context at once and times them together,
+    repetition by repetition (for comparisons that must not drift); else one at a time."""
+
     name: str
     fn: Callable[..., None]
     title: str
     shows: str
     profiles: dict[str, dict[str, Any]]
+    joint: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -941,12 +975,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "adds a round trip per request unless the kernel passes I/O through",
              {"tiny": dict(size=8 * MiB, reps=3, rand_ops=500),
               "quick": dict(size=64 * MiB, reps=5, rand_ops=2000),
-              "full": dict(size=256 * MiB, reps=7, rand_ops=10000)}),
+              "full": dict(size=256 * MiB, reps=7, rand_ops=10000)}, joint=True),
     Scenario("mount", mount, "mount/unmount of a container layer over 5 image layers",
              "a kernel mount is a syscall; a FUSE mount starts a server: from a warm fork "
              "server (aufs under the daemon) or a cold command",
              {"tiny": dict(image_layers=5, reps=5), "quick": dict(image_layers=5, reps=15),
-              "full": dict(image_layers=5, reps=40)}),
+              "full": dict(image_layers=5, reps=40)}, joint=True),
 )}
 
 
