@@ -1,7 +1,7 @@
 """The ``layerfs`` executable's entry point.
 
 Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
-timed against runc), so they go straight to :mod:`layerfs.cli_run` without
+timed against runc), so they go straight to :mod:`layerfs.cli.run` without
 importing rich and every other command group; everything else goes to
 :mod:`layerfs.cli`.
 """
@@ -30,7 +30,7 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if _command(args) in _FAST and not {"-h", "--help"} & set(args):
-        from .cli_run import main as run_main
+        from .cli.run import main as run_main
 
         return run_main(args)
     from .cli import main as cli_main

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from layerfs.registry_client import RegistryOptions, push
+from layerfs.distribution import RegistryOptions, push
 from layerfs.testing import images as timg
-from layerfs.testing.registry import Distribution, Fault, FaultProxy
+from tests.support.registry import Distribution, Fault, FaultProxy
 
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, manifest_of, open_overlay2
