@@ -473,6 +473,11 @@ def _drop_caches() -> None:
         f.write("3\n")
 
 
+def _read_all_cold(mnt: Path, _round: int) -> float:
+    _drop_caches()
+    return _read_all(mnt / "big")
+
+
 def _write_all(path: Path, size: int) -> float:
     chunk = os.urandom(MB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -527,7 +532,7 @@ def io(rounds: int = 5, size: int = 200 * MB, ops: int = 20_000) -> list[Row]:
                 f.write(b"!")
             mnts[name] = mnt
         tests: dict[str, Callable[[Path, int], float]] = {
-            "seq read, cold": lambda m, r: (_drop_caches(), _read_all(m / "big"))[1],
+            "seq read, cold": _read_all_cold,
             "seq read, warm": lambda m, r: (_read_all(m / "big"), _read_all(m / "big"))[1],
             "seq write, new file": lambda m, r: _write_all(m / f"new{r}", size),
             "rand 4K read, lower": lambda m, r: _random_io(m / "big", size, ops, write=False,

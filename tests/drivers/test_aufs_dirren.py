@@ -20,9 +20,10 @@ import pytest
 
 from layerfs.changes import ChangeKind
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance import close_and_check
+from layerfs.testing.conformance.suite import make_base, manifest_of
 
-from ..conformance.test_conformance import make_base, manifest_of
-from ..conftest import close_and_check, open_store_or_skip
+from ..conftest import open_store_or_skip
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts filesystems: run as root")
 

@@ -19,8 +19,9 @@ import pytest
 from layerfs_drivers.aufs.forkserver import MODULE, ForkServer
 
 from layerfs import mount as mountlib
+from layerfs.testing.conformance import close_and_check
 
-from ..conftest import close_and_check, open_store_or_skip
+from ..conftest import open_store_or_skip
 from .unionfs_fixtures import Union, is_mounted
 
 pytestmark = [

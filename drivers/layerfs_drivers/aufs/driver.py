@@ -48,10 +48,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import PAGE_SIZE, FuseForker, Mount
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
+from layerfs.options import DriverOptions
+from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
 if TYPE_CHECKING:
     from layerfs.metastore import DriverState
@@ -68,7 +70,7 @@ def kernel_has_aufs() -> bool:
 
 class AufsDriver(Driver):
     name = "aufs"
-    capabilities = Capabilities(native_diff=True, native_changes=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True,
                                 whiteout_format=WhiteoutFormat.AUFS)
     known_options = {"mode", "entry_timeout", "attr_timeout", "keep_cache", "dirren",
                      "passthrough"}
@@ -211,23 +213,23 @@ class AufsDriver(Driver):
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if self._has_redirects(self._branches(layer_id)):
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), WhiteoutFormat.AUFS,
                                      self._exists_below(layer_id))
 
     @translate_errors("aufs diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if self._has_redirects([self._diff(layer_id)]):
-            return super().diff(layer_id, parent, out)
+            return self.naive.diff(layer_id, parent, out)
         return export_native(self._diff(layer_id), WhiteoutFormat.AUFS, out)
 
     @translate_errors("aufs apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         return apply_layer(self._diff(layer_id), stream, WhiteoutFormat.AUFS)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
         if self._has_redirects([self._diff(layer_id)]):
-            return super().diff_size(layer_id, parent)
+            return self.naive.diff_size(layer_id, parent)
         seen: set[int] = set()
         total = 0
         for dirpath, _dirs, files in os.walk(self._diff(layer_id)):
