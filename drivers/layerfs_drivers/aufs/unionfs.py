@@ -1927,10 +1927,13 @@ def _serve_detached(args: argparse.Namespace, dirs: list[str], writable: bool,
 
         code = _run(args, dirs, writable, ready)
     except BaseException as err:  # report to whoever waits, never return to its caller
-        with contextlib.suppress(OSError):
-            os.write(notify_fd, b"E" + str(err).encode(errors="replace"))
         if args.log:
             log.exception("unionfs server failed")
+        # Nothing of the branches may stay open once the waiter hears of the failure
+        # (it may unmount them at once: EBUSY), so close every fd before reporting.
+        _close_inherited(notify_fd)
+        with contextlib.suppress(OSError):
+            os.write(notify_fd, b"E" + str(err).encode(errors="replace"))
     finally:
         os._exit(code)
 
