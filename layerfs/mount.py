@@ -240,7 +240,9 @@ class FuseForker(Protocol):
     ``mount(helper, target)`` does what running ``[*helper, target]`` would do
     and returns True once the mount is live; False when it cannot serve that
     helper (the mount module then runs the command); it raises OSError, its
-    ``strerror`` the reason, when mounting failed.
+    ``strerror`` the reason, when mounting failed. One that also works in
+    processes forked after it was made (the daemon's workers) says so with a
+    true ``fork_safe`` attribute.
     """
 
     def mount(self, helper: Sequence[str], target: str) -> bool: ...

@@ -132,6 +132,52 @@ def test_errors_come_back_and_the_fork_server_goes_on(forker: ForkServer,
         u.force_cleanup()
 
 
+def test_processes_forked_from_the_owner_mount_concurrently(forker: ForkServer,
+                                                            tmp_path: Path) -> None:
+    """The daemon's workers are forks of the process that made the fork server, and mount
+    at the same time: each must get its own answer (its mount live, or its own error)."""
+    unions = [Union(tmp_path / f"u{i}", lowers=1) for i in range(6)]
+    for i, u in enumerate(unions):
+        u.put(u.lowers[0], f"f{i}", str(i).encode())
+    inside = unions[-1].top / "inside"  # the last one's mount point is inside a branch
+    inside.mkdir()
+    owner = Union(tmp_path / "owner", lowers=1)
+    assert forker.fork_safe
+    pids = []
+    try:
+        for i, u in enumerate(unions):
+            pid = os.fork()
+            if pid == 0:  # a worker: exit 0 only if its own request came back
+                code = 1
+                try:
+                    if u is unions[-1]:
+                        try:
+                            forker.mount(helper_of(u), str(inside))
+                        except OSError as err:
+                            code = 0 if "inside branch" in str(err) else 3
+                    elif forker.mount(helper_of(u), str(u.mnt)):
+                        code = 0 if os.listdir(u.mnt) == [f"f{i}"] else 2
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        # The owner mounts meanwhile, too.
+        assert forker.mount(helper_of(owner), str(owner.mnt))
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        pids = []
+        assert codes == [0] * len(unions)
+        assert all(is_mounted(u.mnt) for u in unions[:-1]) and is_mounted(owner.mnt)
+        assert not is_mounted(inside)
+        assert len(servers_of(forker.pid)) == len(unions)
+    finally:
+        for pid in pids:
+            os.waitpid(pid, 0)
+        for u in [*unions, owner]:
+            if is_mounted(u.mnt):
+                mountlib.unmount(u.mnt)
+            u.force_cleanup()
+    assert wait_for(lambda: servers_of(forker.pid) == {}), servers_of(forker.pid)
+
+
 def test_mount_module_forks_from_the_installed_forker(forker: ForkServer,
                                                       tmp_path: Path) -> None:
     store = open_store_or_skip("aufs", tmp_path / "root", ["mode=fuse"])

@@ -25,19 +25,27 @@ Wiring it into the mount module (what a long-lived process does at its start)::
 without naming this module.) Without a forker the mount module runs the helper
 command, so everything works the same, only slower to mount.
 
+Fork safety: a :class:`ForkServer` may be used from the process that made it,
+from its threads, and from processes forked from it afterwards (the daemon's
+workers mount concurrently): each request travels with its own reply channel,
+so no caller can read another's answer (``fork_safe`` says so to the daemon).
+
 Lifetime: the zygote is its own session (a Ctrl-C to its owner does not reach
-it). When its owner closes the socket or dies, it stops taking requests and
+it). When every process holding the request socket (its owner, and children
+forked from the owner) has closed it or died, it stops taking requests and
 stays only until the servers it started have exited (their mounts unmounted),
 reaping them, then exits. Servers keep serving their mounts meanwhile; a
 server whose zygote was killed is re-parented like a cold helper's.
 
-Protocol (a SOCK_SEQPACKET socketpair, one JSON message each way per mount):
-``{"id": N, "argv": [helper options..., branches..., mountpoint]}`` →
-``{"id": N, "pid": PID}`` or ``{"id": N, "error": "..."}``.
+Protocol: a SOCK_SEQPACKET socketpair carries requests one way, each one
+message ``{"argv": [helper options..., branches..., mountpoint]}`` with, in
+SCM_RIGHTS, one end of a new socketpair for the answer: ``{"pid": PID}`` or
+``{"error": "..."}``. The zygote serves the requests one at a time, in order.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import json
@@ -47,7 +55,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 
 MODULE = "layerfs_drivers.aufs.unionfs"
@@ -55,11 +62,14 @@ READY_TIMEOUT = 60.0  # seconds a server may take to report its mount live
 
 
 class ForkServer:
-    """The owner's side: starts the zygote and asks it for mounts (thread-safe).
+    """The owner's side: starts the zygote and asks it for mounts (thread- and fork-safe).
 
     Start it early: it spawns a fresh interpreter (never forks its owner, so the
     owner's threads, locks and memory do not matter).
     """
+
+    #: Usable from processes forked after it was made (each request has its own channel).
+    fork_safe = True
 
     def __init__(self, *, timeout: float = READY_TIMEOUT) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -73,10 +83,11 @@ class ForkServer:
             raise
         finally:
             theirs.close()
+        # Sends block at most this long when the zygote is stuck with a full queue.
+        ours.settimeout(timeout + 5)
         self._sock = ours
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._serial = 0
+        self._owner = os.getpid()
         self._closed = False
 
     @property
@@ -85,7 +96,11 @@ class ForkServer:
         return self._proc.pid
 
     def alive(self) -> bool:
-        return not self._closed and self._proc.poll() is None
+        """Whether mounts may still be asked for (a dead zygote shows at the next request)."""
+        if self._closed:
+            return False
+        # Only the owner can wait for the zygote: in a forked child it is no child.
+        return os.getpid() != self._owner or self._proc.poll() is None
 
     def mount(self, helper: Sequence[str], target: str) -> bool:
         """Mount what the helper command ``helper`` would mount on ``target``.
@@ -97,25 +112,27 @@ class ForkServer:
         """
         if len(helper) < 3 or tuple(helper[1:3]) != ("-m", MODULE) or not self.alive():
             return False
-        with self._lock:
-            self._serial += 1
-            ident = self._serial
-            request = json.dumps({"id": ident, "argv": [*helper[3:], target]}).encode()
+        request = json.dumps({"argv": [*helper[3:], target]}).encode()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with mine:
             try:
-                self._sock.settimeout(self._timeout + 5)
-                self._sock.send(request)
-                while True:
-                    data = self._sock.recv(1 << 16)
-                    if not data:
-                        raise OSError(errno.EPIPE, "the union fork server exited")
-                    reply = json.loads(data)
-                    if reply.get("id") == ident:
-                        break  # earlier ids: answers to requests that timed out
+                with theirs:
+                    self._sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     array.array("i", [theirs.fileno()]))])
             except (BrokenPipeError, ConnectionResetError):
-                return False
+                return False  # the zygote is gone: the caller runs the helper
+            except TimeoutError as err:
+                raise OSError(errno.ETIMEDOUT, "the union fork server takes no requests "
+                                               "(its queue is full)") from err
+            mine.settimeout(self._timeout + 5)
+            try:
+                data = mine.recv(1 << 16)
             except TimeoutError as err:
                 raise OSError(errno.ETIMEDOUT, f"the union fork server did not answer "
                                                f"within {self._timeout + 5:.0f} s") from err
+        if not data:
+            raise OSError(errno.EPIPE, "the union fork server exited")
+        reply = json.loads(data)
         if "error" in reply:
             raise OSError(errno.EIO, str(reply["error"]))
         return True
@@ -127,8 +144,9 @@ class ForkServer:
             return
         self._closed = True
         self._sock.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(wait)
+        if os.getpid() == self._owner:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(wait)
 
     def __enter__(self) -> ForkServer:
         return self
@@ -226,28 +244,33 @@ def serve(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # objects of the warm-up stay shared with the servers (fewer COW faults)
     spare = _Spare(sock)
+    fd_size = array.array("i").itemsize
     while True:
         try:
-            data = sock.recv(1 << 20)
+            data, ancdata, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(fd_size))
         except OSError:
             break
         if not data:
             break
-        try:
-            request = json.loads(data)
-            argv = [str(a) for a in request["argv"]]
-            ident = request.get("id")
-        except (ValueError, KeyError, TypeError) as err:
-            reply: dict[str, object] = {"error": f"bad request: {err}"}
-            ident = None
-        else:
-            reply = spare.start(argv)
-            spare = None
-        reply["id"] = ident
-        try:
-            sock.send(json.dumps(reply).encode())
-        except OSError:
-            break
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fd_size])
+        if not fds:
+            continue  # nowhere to answer
+        for extra in fds[1:]:
+            os.close(extra)
+        with socket.socket(fileno=fds[0]) as answer:
+            try:
+                argv = [str(a) for a in json.loads(data)["argv"]]
+            except (ValueError, KeyError, TypeError) as err:
+                reply: dict[str, object] = {"error": f"bad request: {err}"}
+            else:
+                reply = spare.start(argv)
+                spare = None
+            # A caller that went away misses its answer; the zygote goes on.
+            with contextlib.suppress(OSError):
+                answer.send(json.dumps(reply).encode(), socket.MSG_NOSIGNAL)
         if spare is None:
             spare = _Spare(sock)  # for the next request, once this one is answered
     if spare is not None:
