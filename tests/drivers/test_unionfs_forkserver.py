@@ -8,7 +8,10 @@ mount module uses it once a long-lived process installs it
 
 from __future__ import annotations
 
+import array
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -176,6 +179,33 @@ def test_processes_forked_from_the_owner_mount_concurrently(forker: ForkServer,
                 mountlib.unmount(u.mnt)
             u.force_cleanup()
     assert wait_for(lambda: servers_of(forker.pid) == {}), servers_of(forker.pid)
+
+
+def test_malformed_requests_leave_the_fork_server_serving(forker: ForkServer,
+                                                          tmp_path: Path) -> None:
+    def send(data: bytes, fd: int | None) -> None:
+        fds = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [fd]))]
+        forker._sock.sendmsg([data], fds)
+
+    send(b'{"argv": []}', None)  # no reply channel: dropped
+    r, w = os.pipe()
+    try:
+        send(b'{"argv": []}', r)  # a reply channel that is no socket: dropped
+    finally:
+        os.close(r)
+        os.close(w)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with mine, theirs:
+        send(b"not json", theirs.fileno())
+        mine.settimeout(30)
+        assert "bad request" in json.loads(mine.recv(4096))["error"]
+    u = Union(tmp_path, lowers=1)
+    try:
+        assert forker.mount(helper_of(u), str(u.mnt)) is True
+        mountlib.unmount(u.mnt)
+    finally:
+        u.force_cleanup()
 
 
 def test_mount_module_forks_from_the_installed_forker(forker: ForkServer,

@@ -260,7 +260,12 @@ def serve(fd: int) -> int:
             continue  # nowhere to answer
         for extra in fds[1:]:
             os.close(extra)
-        with socket.socket(fileno=fds[0]) as answer:
+        try:
+            answer = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket: nowhere to answer either
+            os.close(fds[0])
+            continue
+        with answer:
             try:
                 argv = [str(a) for a in json.loads(data)["argv"]]
             except (ValueError, KeyError, TypeError) as err:
