@@ -25,7 +25,7 @@ from layerfs import mount as mountlib
 from layerfs.testing.conformance import close_and_check
 
 from ..conftest import open_store_or_skip
-from .unionfs_fixtures import Union, is_mounted
+from .unionfs_fixtures import Union, is_mounted, server_pids, subreaper, wait_gone
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems: run as root"),
@@ -205,6 +205,35 @@ def test_malformed_requests_leave_the_fork_server_serving(forker: ForkServer,
         assert forker.mount(helper_of(u), str(u.mnt)) is True
         mountlib.unmount(u.mnt)
     finally:
+        u.force_cleanup()
+
+
+def test_a_killed_fork_server_falls_back_to_the_helper(tmp_path: Path) -> None:
+    fs = ForkServer()
+    u = Union(tmp_path, lowers=1)
+    m = mountlib.Mount("fuse.layerfs-union", "layerfs-union", (), helper=helper_of(u))
+    previous = mountlib.set_fuse_forker(fs)
+    try:
+        fs._proc.kill()
+        fs._proc.wait()
+        pid = os.fork()
+        if pid == 0:  # a worker: it cannot wait for the zygote, it finds its socket shut
+            code = 1
+            try:
+                code = 0 if fs.mount(helper_of(u), str(u.mnt)) is False else 2
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert fs.mount(helper_of(u), str(u.mnt)) is False
+        with subreaper():  # the cold helper's server becomes our child, to be reaped
+            mountlib.mount(m, u.mnt)  # the helper command, as without a forker
+            assert os.listdir(u.mnt) == []
+            (server,) = server_pids(u.mnt)
+            mountlib.unmount(u.mnt)
+            assert wait_gone(server) == 0
+    finally:
+        mountlib.set_fuse_forker(previous)
+        fs.close()
         u.force_cleanup()
 
 

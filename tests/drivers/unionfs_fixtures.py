@@ -11,6 +11,7 @@ after unmount. PID 1 on these machines does not reap orphans.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 def _subreaper(on: bool) -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Orphans of this process (a helper's daemonized server) become its children."""
+    _subreaper(True)
+    try:
+        yield
+    finally:
+        _subreaper(False)
 
 
 def helper_argv(branches: list[str], *options: str) -> list[str]:
