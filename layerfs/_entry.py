@@ -3,7 +3,12 @@
 Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
 timed against runc), so they go straight to :mod:`layerfs.cli.run` without
 importing rich and every other command group; everything else goes to
-:mod:`layerfs.cli`.
+:mod:`layerfs.cli`. Both end in :func:`layerfs.cli.boundary.dispatch`, which
+turns every failure into one line on stderr.
+
+Ctrl-C or SIGTERM may come before a command even starts (the imports take a good
+part of a second on a busy machine): the handlers are installed first, and an
+interrupt during the imports is one word too, never a traceback of them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def run_here(args: list[str]) -> int:
+    """Run the command in this process."""
     if _command(args) in _FAST and not {"-h", "--help"} & set(args):
         from .cli.run import main as run_main
 
@@ -36,6 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 
     return cli_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    from .cli.boundary import EXIT_INTERRUPTED, Terminated, error_line, install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        return run_here(args)
+    except KeyboardInterrupt:        # before the command ran: while importing or parsing
+        error_line("interrupted")
+        return EXIT_INTERRUPTED
+    except Terminated as t:
+        error_line(t.word)
+        return t.exit_code
 
 
 if __name__ == "__main__":

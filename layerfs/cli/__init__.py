@@ -53,33 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..errors import LayerfsError
+    from .boundary import dispatch
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerfsError as e:
-        from .console import err
-
-        err.print(f"[red]layerfs: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        from .console import err
-
-        err.print("layerfs: interrupted")
-        return 130
-    except BrokenPipeError:
-        return 141
-    except PermissionError as e:
-        from .console import err
-
-        err.print(f"[red]layerfs: error:[/] {e} (most commands need root)", highlight=False,
-                  soft_wrap=True)
-        return 1
+    return dispatch(build_parser(), argv)
 
 
 __all__ = ["build_parser", "main"]

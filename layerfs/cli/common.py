@@ -14,6 +14,8 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
+from ..errors import LayerfsError
+
 if TYPE_CHECKING:
     from ..layers import LayerStore
 
@@ -50,6 +52,18 @@ def open_store(args: argparse.Namespace) -> LayerStore:
     from ..layers import LayerStore
 
     return LayerStore.open(args.root, args.driver, args.storage_opt or None)
+
+
+def with_source(err: LayerfsError, source: str) -> LayerfsError:
+    """``err`` with the file (or stream) it is about named first, as one more error of
+    its type (the library sees a stream; the command knows the path)."""
+    message = str(err)
+    if message.startswith(f"{source}:"):
+        return err
+    try:
+        return type(err)(f"{source}: {message}")
+    except TypeError:   # an error type with other constructor arguments
+        return LayerfsError(f"{source}: {message}")
 
 
 def emit_json(data: Any) -> None:

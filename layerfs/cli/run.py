@@ -128,7 +128,9 @@ def _exit_code_for(err: LayerfsError) -> int | None:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"layerfs: error: {message}\n")
+    from .boundary import error_line
+
+    error_line(message)
 
 
 def _duration(seconds: float) -> str:
@@ -226,22 +228,20 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([_state_dict(st) for st in listed])
         return 0
-    from rich.table import Table
+    import shlex
 
-    from .console import out
+    from .console import print_table
 
-    table = Table(title=f"containers ({len(listed)})", title_justify="left")
-    for col in ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"):
-        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    rows = []
     for st in listed:
-        import shlex
         command = shlex.join(st.argv)
         if not args.no_trunc and len(command) > 30:
             command = command[:29] + "…"
-        table.add_row(st.id if args.no_trunc else st.short_id, st.image_ref, command,
-                      f"{_duration(time.time() - st.created)} ago", _status_text(st),
-                      ", ".join(st.ports), st.name or "")
-    out.print(table)
+        rows.append([st.id if args.no_trunc else st.short_id, st.image_ref, command,
+                     f"{_duration(time.time() - st.created)} ago", _status_text(st),
+                     ", ".join(st.ports), st.name or ""])
+    print_table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"],
+                rows, title=f"containers ({len(listed)})", no_trunc=args.no_trunc)
     return 0
 
 
@@ -559,23 +559,13 @@ def register(sub: SubParsers) -> None:
 # --- python -m layerfs.cli.run: these commands alone ----------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    from .boundary import dispatch
+
     parser = argparse.ArgumentParser(prog="layerfs", description="layerfs container commands")
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
     register(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerfsError as e:
-        _error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 141
+    return dispatch(parser, argv)
 
 
 __all__ = ["main", "register"]
