@@ -214,6 +214,20 @@ class Driver(ABC):
     def cleanup(self) -> None:
         """Release driver-wide resources (a pool, a daemon); layers stay on disk."""
 
+    def destroy(self) -> list[str]:
+        """Remove everything the driver keeps for its root once no layer is left: its
+        home, and what it made elsewhere (a pool, devices). Used by ``layerfs system
+        reset`` and when a root without layers switches driver. Returns what was done,
+        one line each. The default unmounts what is left under the home and deletes it.
+        """
+        self.cleanup()
+        for info in mountlib.mounts_under(self.home):   # deepest first
+            mountlib.unmount(info.target, lazy=True)
+        if not self.home.exists():
+            return []
+        shutil.rmtree(self.home)
+        return [f"removed {self.home}"]
+
     # --- reading a layer's merged view ----------------------------------------------------
     @contextlib.contextmanager
     def view(self, layer_id: str | None) -> Iterator[Path | None]:
@@ -250,13 +264,15 @@ class Driver(ABC):
             return naive_changes(lower, upper)
 
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
-        """Write the layer's changes as an uncompressed OCI layer tar; return its size."""
+        """Write the layer's changes as an uncompressed OCI layer tar; return its size (the
+        bytes of regular-file data in it, each hardlinked file once -- not the tar's length)."""
         with self.view(parent) as lower, self.view(layer_id) as upper:
             assert upper is not None
             return export_changes(upper, naive_changes(lower, upper), out)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
-        """Apply an OCI layer tar (any compression) onto the layer; return its size."""
+        """Apply an OCI layer tar (any compression) onto the layer; return its size (the
+        bytes of regular-file data, as :meth:`diff` counts them)."""
         with self.writable_view(layer_id) as target:
             return apply_layer(target, stream, WhiteoutFormat.IN_PLACE)
 

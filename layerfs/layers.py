@@ -57,8 +57,81 @@ class LayerStore:
     def open(cls, root: str | os.PathLike[str], driver: str | None = None,
              options: dict[str, str] | list[str] | None = None, *,
              recover: bool = True) -> LayerStore:
+        """Open a root, creating it (one directory: its parent must exist) on first use.
+
+        ``driver`` names a registered driver; None means the root's own, else the first
+        supported one (:func:`layerfs.plugins.select`). A root belongs to one driver;
+        while it holds no layer it may switch to another (the old driver's state is
+        torn down first). Nothing is left behind when opening fails: a root this call
+        would have created is not there afterwards.
+        """
+        if not os.fspath(root).strip():
+            raise InvalidArgument("the root path is empty: give a directory, e.g. "
+                                  "/var/lib/layerfs")
         root_path = Path(root).absolute()
-        root_path.mkdir(parents=True, exist_ok=True)
+        if driver:
+            plugins.load(driver)   # an unknown name fails here, before anything is made
+        if (root_path / "layerfs.db").is_file():
+            return cls._open_existing(root_path, driver, options, recover)
+        return cls._create(root_path, driver, options)
+
+    @staticmethod
+    def check_new_root(root_path: Path) -> bool:
+        """Raise unless a root can be made at ``root_path`` (a directory there, or one
+        that can be made in its existing parent); True if the directory must be made."""
+        made_root = not root_path.exists()
+        if made_root:
+            parent = root_path.parent
+            if not parent.exists():
+                raise NotFound(f"cannot make root {root_path}: {parent} does not exist (the "
+                               "root's parent directory must)")
+            if not parent.is_dir():
+                raise InvalidArgument(f"cannot make root {root_path}: {parent} is not a "
+                                      "directory")
+        elif not root_path.is_dir():
+            raise InvalidArgument(f"root {root_path} is not a directory")
+        where = root_path if not made_root else root_path.parent
+        if not os.access(where, os.W_OK):
+            why = "is on a read-only file system" if \
+                os.statvfs(where).f_flag & os.ST_RDONLY else "cannot be written"
+            raise LayerfsError(f"cannot make root {root_path}: {where} {why}")
+        return made_root
+
+    @classmethod
+    def _create(cls, root_path: Path, driver: str | None,
+                options: dict[str, str] | list[str] | None) -> LayerStore:
+        opts = DriverOptions.parse(options)
+        made_root = cls.check_new_root(root_path)
+        # Choose (and check) the driver before anything is written, so that a driver
+        # that cannot work here leaves no root, database or directory behind.
+        name, _ = plugins.select(root_path, driver, opts)
+        before = set() if made_root else set(os.listdir(root_path))
+        store: MetaStore | None = None
+        drv: Driver | None = None
+        try:
+            if made_root:
+                root_path.mkdir()
+            store = MetaStore(root_path / "layerfs.db")
+            drv = plugins.load(name)(plugins.home_of(root_path, name), opts,
+                                     DriverState(store, name))
+            with store.transaction():
+                store.set_setting("driver", name)
+                if options:
+                    store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
+            return cls(root_path, drv, store)
+        except BaseException:
+            if drv is not None:   # a pool the driver made must not outlive its files
+                with contextlib.suppress(Exception):
+                    drv.destroy()
+            if store is not None:
+                store.close()
+            _remove_new_entries(root_path, None if made_root else before)
+            raise
+
+    @classmethod
+    def _open_existing(cls, root_path: Path, driver: str | None,
+                       options: dict[str, str] | list[str] | None,
+                       recover: bool) -> LayerStore:
         store = MetaStore(root_path / "layerfs.db")
         try:
             # Driver options are part of the root: given once (first open, or
@@ -70,9 +143,10 @@ class LayerStore:
                 opts = DriverOptions(json.loads(saved) if saved else {})
             owner = store.get_setting("driver")
             if driver and owner and driver != owner:
-                raise InvalidArgument(
-                    f"root {root_path} holds layers of driver {owner!r}, not {driver!r}; "
-                    f"use --driver {owner} or another --root")
+                cls._switch_driver(root_path, store, owner, driver)
+                owner = None
+                if not options:
+                    opts = DriverOptions({})   # the old driver's options are not the new one's
             name, _ = plugins.select(root_path, driver or owner, opts)
             cls_ = plugins.load(name)
             drv = cls_(plugins.home_of(root_path, name), opts, DriverState(store, name))
@@ -87,6 +161,31 @@ class LayerStore:
         if recover:
             self.recover()
         return self
+
+    @staticmethod
+    def _switch_driver(root_path: Path, store: MetaStore, owner: str, wanted: str) -> None:
+        """Give a root without layers to another driver: tear the old driver's state down."""
+        refusal = (f"root {root_path} holds layers of driver {owner!r}, not {wanted!r}; "
+                   f"use --driver {owner}, another --root, or empty it first "
+                   f"(`layerfs --root {root_path} system reset`)")
+        if store.list_layers(state=None):
+            raise InvalidArgument(refusal)
+        # The new driver must work here before the old one's state goes.
+        plugins.select(root_path, wanted, DriverOptions({}))
+        saved = store.get_setting("driver_options")
+        try:
+            old = plugins.load(owner)(plugins.home_of(root_path, owner),
+                                      DriverOptions(json.loads(saved) if saved else {}),
+                                      DriverState(store, owner))
+            old.destroy()
+        except LayerfsError as err:
+            raise InvalidArgument(f"{refusal} ({owner} cannot be torn down here: {err})") \
+                from err
+        with store.transaction() as db:
+            if db.execute("SELECT COUNT(*) FROM layers").fetchone()[0]:
+                raise InvalidArgument(refusal)   # another process made one meanwhile
+            db.execute("DELETE FROM driver_state WHERE driver = ?", (owner,))
+            db.execute("DELETE FROM settings WHERE key IN ('driver', 'driver_options')")
 
     def close(self) -> None:
         self.driver.cleanup()
@@ -160,6 +259,25 @@ class LayerStore:
         if rec is None or rec.state != "ready":
             raise NotFound(f"layer {layer_id} not found in {self.root}")
         return rec
+
+    def resolve(self, ref: str) -> str:
+        """The id of the layer ``ref`` names: its whole id or a unique prefix of it (the
+        12 characters ``layerfs layer ls`` prints, say)."""
+        text = ref.strip()
+        if not text:
+            raise InvalidArgument("empty layer id")
+        if self.exists(text):
+            return text
+        with self.store._lock:
+            rows = self.store.db.execute(
+                "SELECT id FROM layers WHERE state = 'ready' AND substr(id, 1, length(?)) = ?",
+                (text, text)).fetchall()
+        if len(rows) == 1:
+            return str(rows[0][0])
+        if rows:
+            raise InvalidArgument(f"layer id prefix {text!r} is ambiguous ({len(rows)} layers); "
+                                  "give more characters")
+        raise NotFound(f"layer {ref} not found in {self.root}")
 
     def exists(self, layer_id: str) -> bool:
         rec = self.store.get_layer(layer_id)
@@ -368,7 +486,12 @@ class LayerStore:
 
     # --- diffs ----------------------------------------------------------------------------------------
     def diff(self, layer_id: str, out: IO[bytes]) -> int:
-        """Write the layer's changes against its parent as an OCI layer tar; return its size."""
+        """Write the layer's changes against its parent as an OCI layer tar to ``out``.
+
+        Returns the layer's size as Docker counts it: the bytes of regular-file data
+        the tar carries (each hardlinked file once), the number :meth:`apply` returns
+        for the same tar -- not the tar's length, which adds headers and padding.
+        """
         rec = self.get(layer_id)
         return self.driver.diff(layer_id, rec.parent, out)
 
@@ -382,7 +505,9 @@ class LayerStore:
 
     # --- maintenance ----------------------------------------------------------------------------------
     def wipe(self) -> None:
-        """Remove every layer and the root's contents (tests and ``layerfs reset``)."""
+        """Remove every layer, unmounting what the root mounted; the driver's state and
+        the root itself stay (tests; ``layerfs system reset`` goes on from here, see
+        :func:`layerfs.system.reset`)."""
         self.unmount_all()
         for rec in sorted(self.store.list_layers(state=None), key=lambda r: -r.depth):
             with contextlib.suppress(LayerfsError):
@@ -391,6 +516,23 @@ class LayerStore:
                 db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
         self.driver.cleanup()
         shutil.rmtree(self.mnt_dir, ignore_errors=True)
+
+
+def _remove_new_entries(root: Path, before: set[str] | None) -> None:
+    """Undo a root's creation: the whole root (``before`` is None: it did not exist), or
+    the entries that were not in it before. Mounts below go first (a driver may have
+    mounted a probe); nothing that was there before is touched."""
+    targets = [root] if before is None else \
+        [root / n for n in os.listdir(root) if n not in before] if root.is_dir() else []
+    for target in targets:
+        for info in mountlib.mounts_under(target):   # deepest first
+            with contextlib.suppress(LayerfsError):
+                mountlib.unmount(info.target, lazy=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
 
 
 def open_root(root: str | os.PathLike[str], driver: str | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
 from layerfs.errors import DriverNotSupported, NotFound, translate_errors
-from layerfs.mount import Mount
+from layerfs.mount import Mount, can_mount
 
 
 class VfsDriver(Driver):
@@ -35,6 +35,8 @@ class VfsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (a bind mount) needs root")
         if shutil.which("cp") is None:
             raise DriverNotSupported(cls.name, "GNU cp is required to copy layers")
 

@@ -38,7 +38,7 @@ from typing import IO
 from layerfs.changes import Change, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
-from layerfs.mount import PAGE_SIZE, Mount
+from layerfs.mount import PAGE_SIZE, Mount, can_mount
 from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
 
 WH_PREFIX = ".wh."
@@ -71,6 +71,8 @@ class AufsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (kernel aufs, or the FUSE union with allow_other) needs root")
         if kernel_has_aufs() and options.get_str("mode", "auto") != "fuse":
             return
         if not os.path.exists("/dev/fuse"):
