@@ -398,6 +398,9 @@ class _TarReader:
                         raise InvalidArgument(f"layer stream is truncated: {self._compression} "
                                               f"data ends before any tar content")
                     raise InvalidArgument("layer stream is empty: not a tar archive")
+                if not self._seen and not self._compression:
+                    raise InvalidArgument(f"layer stream is not a tar archive ({len(block)} "
+                                          f"bytes: less than one {BLOCK}-byte tar header)")
                 if not block and not pax and long_name is None and long_link is None:
                     raise InvalidArgument("layer tar is truncated: the stream ends without "
                                           "an end-of-archive marker")

@@ -23,12 +23,12 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from ..errors import InvalidArgument, LayerfsError
 from ..images import ImageStore
-from .common import SubParsers, command_parser, emit_json, human_size, open_store
-from .console import err, out
+from .boundary import error_line
+from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
+from .console import err, print_table
 
 
 @contextmanager
@@ -101,13 +101,16 @@ def _age(created: Any) -> str:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with image_store(args) as images, progress_for(args) as progress:
-        if args.source == "-":
-            image = images.import_rootfs(None, args.name, stream=sys.stdin.buffer,
-                                         changes=args.change or (), message=args.message,
-                                         progress=progress)
-        else:
-            image = images.import_rootfs(args.source, args.name, changes=args.change or (),
-                                         message=args.message, progress=progress)
+        try:
+            if args.source == "-":
+                image = images.import_rootfs(None, args.name, stream=sys.stdin.buffer,
+                                             changes=args.change or (), message=args.message,
+                                             progress=progress)
+            else:
+                image = images.import_rootfs(args.source, args.name, changes=args.change or (),
+                                             message=args.message, progress=progress)
+        except InvalidArgument as e:
+            raise with_source(e, "stdin" if args.source == "-" else args.source) from e
     print(image.id)
     return 0
 
@@ -120,9 +123,9 @@ def cmd_load(args: argparse.Namespace) -> int:
             loaded = images.load(stream=sys.stdin.buffer, repo=args.name, progress=progress)
         else:
             loaded = images.load(args.input, repo=args.name, progress=progress)
-    for image in loaded:
-        if image.names:
-            for name in image.names:
+    for image in loaded:   # the names in the archive, not every name the image has here
+        if image.loaded_as:
+            for name in image.loaded_as:
                 print(f"Loaded image: {name}")
         else:
             print(f"Loaded image ID: {image.id}")
@@ -161,16 +164,18 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image in listed:
             print(image.id if args.no_trunc else image.short_id)
         return 0
-    table = Table(title=f"images ({len(listed)})", title_justify="left")
-    for col in ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"):
-        table.add_column(col, no_wrap=col != "REPOSITORY")
+    rows = []
     for image in listed:
         ident = image.id if args.no_trunc else image.short_id
         created = _age(image.config.get("created"))
         for name in image.names or ["<none>:<none>"]:
             repo, _, tag = name.rpartition(":")
-            table.add_row(repo, tag, ident, created, human_size(image.size))
-    out.print(table)
+            rows.append([repo, tag, ident, created, human_size(image.size)])
+    count = f"{len(listed)} image{'s' if len(listed) != 1 else ''}"
+    if len(rows) != len(listed):
+        count += f", {len(rows)} names"
+    print_table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows,
+                title=f"images ({count})", no_trunc=args.no_trunc)
     return 0
 
 
@@ -184,7 +189,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             except LayerfsError as e:
                 if len(args.images) == 1:
                     raise
-                err.print(f"[red]layerfs: error:[/] {e}", highlight=False)
+                error_line(str(e))
                 failures += 1
     return 1 if failures else 0
 
@@ -202,18 +207,19 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([e.__dict__ for e in entries])
         return 0
-    table = Table(title=f"history of {image.names[0] if image.names else image.short_id}",
-                  title_justify="left")
-    for col in ("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"):
-        table.add_column(col, overflow="fold" if args.no_trunc else "ellipsis",
-                         no_wrap=not args.no_trunc and col != "COMMENT")
+    columns = ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
+    rows = []
     for i, e in enumerate(entries):
         ident = (image.id if args.no_trunc else image.short_id) if i == 0 else "<missing>"
         created_by = e.created_by if args.no_trunc or len(e.created_by) <= 45 else \
             e.created_by[:44] + "…"
-        table.add_row(ident, _age(e.created), created_by,
-                      "0 B" if e.empty_layer else human_size(e.size), e.comment)
-    out.print(table)
+        rows.append([ident, _age(e.created), created_by,
+                     "0 B" if e.empty_layer else human_size(e.size), e.comment])
+    if not any(row[-1] for row in rows):   # no comment anywhere: no empty last column
+        columns.pop()
+        rows = [row[:-1] for row in rows]
+    print_table(columns, rows, no_trunc=args.no_trunc,
+                title=f"history of {image.names[0] if image.names else image.short_id}")
     return 0
 
 
