@@ -45,17 +45,22 @@ def run_here(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    from .cli.boundary import EXIT_INTERRUPTED, Terminated, error_line, install_signal_handlers
-
-    install_signal_handlers()
     try:
+        from .cli.boundary import install_signal_handlers
+
+        install_signal_handlers()
         return run_here(args)
-    except KeyboardInterrupt:        # before the command ran: while importing or parsing
-        error_line("interrupted")
-        return EXIT_INTERRUPTED
-    except Terminated as t:
-        error_line(t.word)
-        return t.exit_code
+    except KeyboardInterrupt:   # before the command ran: while importing or parsing
+        sys.stderr.write("layerfs: error: interrupted\n")
+        return 130
+    except Exception:
+        raise
+    except BaseException as exc:   # SIGTERM or SIGHUP before the command ran
+        boundary = sys.modules.get("layerfs.cli.boundary")
+        if boundary is None or not isinstance(exc, boundary.Terminated):
+            raise
+        boundary.error_line(exc.word)
+        return int(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class LayerStore:
         self.store = store
         self.mnt_dir = root / "mnt"
         self.mnt_dir.mkdir(exist_ok=True)
+        #: This open made the root directory (see :meth:`discard`).
+        self.created_root = False
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -118,7 +120,9 @@ class LayerStore:
                 store.set_setting("driver", name)
                 if options:
                     store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
-            return cls(root_path, drv, store)
+            self = cls(root_path, drv, store)
+            self.created_root = made_root
+            return self
         except BaseException:
             if drv is not None:   # a pool the driver made must not outlive its files
                 with contextlib.suppress(Exception):
@@ -190,6 +194,20 @@ class LayerStore:
     def close(self) -> None:
         self.driver.cleanup()
         self.store.close()
+
+    def discard(self) -> bool:
+        """Close; and if this open made the root and it still holds no layer, remove it
+        again (the driver's state too). For a first command that failed: it leaves
+        nothing behind. True if the root was removed."""
+        if not self.created_root or self.store.list_layers(state=None):
+            self.close()
+            return False
+        try:
+            self.driver.destroy()
+        finally:
+            self.store.close()
+        _remove_new_entries(self.root, None)
+        return True
 
     def __enter__(self) -> LayerStore:
         return self

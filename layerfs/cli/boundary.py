@@ -119,15 +119,34 @@ def _os_error(err: OSError, root: str | None) -> str:
     return f"{where}{cause}"
 
 
+def _read_only(path: str | None) -> bool:
+    try:
+        return bool(path) and bool(os.statvfs(path).f_flag & os.ST_RDONLY)  # type: ignore[arg-type]
+    except OSError:
+        return False
+
+
+def _nearly_full(path: str | None) -> bool:
+    # sqlite reports a write that found no space as "disk I/O error" when it was the
+    # WAL index that could not grow: look at the file system instead of the message.
+    try:
+        st = os.statvfs(path)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def _sqlite_error(err: Exception, root: str | None) -> str:
     text = str(err)
     where = f"the metadata database in {root}" if root else "the metadata database"
+    if _read_only(root):
+        return f"{where} cannot be written: {text} ({root} is on a read-only file system)"
     if "readonly database" in text:
         hint = ("layerfs needs root" if os.geteuid() != 0 else
-                "is the root on a read-only file system, or the database read-only?")
+                "is the database file read-only?")
         return f"{where} cannot be written: {text} ({hint})"
-    if "disk is full" in text or "database or disk is full" in text:
-        return f"{where}: {text} (no space left on the root's file system)"
+    if "disk is full" in text or _nearly_full(root):
+        return f"{where}: {text} (no space left on the file system of {root})"
     if "unable to open database file" in text:
         return f"{where} cannot be opened: {text} (can its directory be written?)"
     return f"{where}: {text}"

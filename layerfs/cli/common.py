@@ -8,10 +8,12 @@ module on their fast path, and a container start is timed against runc.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LayerfsError
@@ -47,11 +49,20 @@ def command_parser(sub: SubParsers, name: str, help: str, description: str, exam
     return parser
 
 
-def open_store(args: argparse.Namespace) -> LayerStore:
-    """The root the global options name."""
+@contextlib.contextmanager
+def open_store(args: argparse.Namespace) -> Iterator[LayerStore]:
+    """``with open_store(args) as store:`` the root the global options name. A command
+    that made the root and then failed before storing anything removes it again:
+    ``layerfs --root NEW layer apply bad.tar`` leaves no NEW behind."""
     from ..layers import LayerStore
 
-    return LayerStore.open(args.root, args.driver, args.storage_opt or None)
+    store = LayerStore.open(args.root, args.driver, args.storage_opt or None)
+    try:
+        yield store
+    except BaseException:
+        store.discard()
+        raise
+    store.close()
 
 
 def with_source(err: LayerfsError, source: str) -> LayerfsError:

@@ -283,7 +283,9 @@ def _add_save(sub: argparse._SubParsersAction, name: str = "save") -> None:  # t
                        "  layerfs save busybox | docker load\n")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE|DIR", help="default: stdout (not a terminal)")
-    p.add_argument("--format", choices=["docker", "oci", "oci-dir"], default="docker")
+    p.add_argument("--format", choices=["docker", "oci", "oci-dir"], default="docker",
+                   help="docker (`docker load` reads it), oci (an OCI layout in a tar) or "
+                   "oci-dir (an OCI layout directory); default: %(default)s")
     p.add_argument("--compression", choices=["none", "gzip", "zstd"], default="none",
                    help="layer blobs in oci formats (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -295,7 +297,7 @@ def _add_images(sub: argparse._SubParsersAction, name: str = "images") -> None: 
                        "List images: one row per name; untagged images show as <none>.",
                        "  layerfs images\n  layerfs images busybox\n  layerfs images --json\n")
     p.add_argument("filter", nargs="?", metavar="REPOSITORY[:TAG]")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="every field and the config, as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only image ids")
     p.add_argument("--no-trunc", action="store_true", help="full image ids")
     p.set_defaults(func=cmd_images)
@@ -318,8 +320,8 @@ def _add_history(sub: argparse._SubParsersAction, name: str = "history") -> None
                        "The image config's history, newest first, with the size of each layer.",
                        "  layerfs history busybox\n  layerfs history --no-trunc --json lab/app\n")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--json", action="store_true", help="the history entries, as JSON")
+    p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.set_defaults(func=cmd_history)
 
 
@@ -337,10 +339,12 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(func=cmd_tag)
     _add_history(sub)
 
-    image = sub.add_parser("image", help="image commands: inspect, ls, rm, prune, ...",
-                           description="Images are named stacks of read-only layers plus a "
-                           "config (command, environment, ...). See also the top-level "
-                           "import, load, save, images, rmi, tag and history.")
+    image = command_parser(sub, "image", "image commands: inspect, ls, rm, prune, ...",
+                           "Images are named stacks of read-only layers plus a config "
+                           "(command, environment, ...). See also the top-level import, load, "
+                           "save, images, rmi, tag and history.",
+                           "  layerfs image ls\n  layerfs image inspect busybox\n"
+                           "  layerfs image prune\n")
     isub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     p = command_parser(isub, "inspect", "everything about images, as JSON",
                        "Like `docker image inspect`, plus where layerfs keeps the layers.",

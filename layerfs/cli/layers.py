@@ -6,11 +6,12 @@ Thin, like every command group: parse, call :class:`~layerfs.layers.LayerStore`,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.text import Text
 
@@ -172,35 +173,44 @@ def cmd_layer_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_diff(args: argparse.Namespace) -> int:
+    to_file = bool(args.output) and args.output != "-"
+    if not to_file and sys.stdout.isatty():
+        raise InvalidArgument("refusing to write a tar to a terminal; use -o FILE or a pipe")
     with open_store(args) as store:
         layer_id = store.resolve(args.id)
-        if args.output and args.output != "-":
-            with open(args.output, "wb") as f:
-                size = store.diff(layer_id, f)
-            err.print(f"wrote {args.output}: {human_size(size)} of file data", soft_wrap=True,
-                      markup=False, highlight=False)
-        else:
-            if sys.stdout.isatty():
-                raise InvalidArgument("refusing to write a tar to a terminal; use -o FILE or a "
-                                      "pipe")
+        if not to_file:
             store.diff(layer_id, sys.stdout.buffer)
             sys.stdout.buffer.flush()
+            return 0
+        existed = os.path.lexists(args.output)
+        try:
+            with open(args.output, "wb") as f:
+                size = store.diff(layer_id, f)
+        except BaseException:
+            if not existed:   # no half-written tar left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(args.output)
+            raise
+    err.print(f"wrote {args.output}: {human_size(size)} of file data", soft_wrap=True,
+              markup=False, highlight=False)
     return 0
 
 
 def cmd_layer_apply(args: argparse.Namespace) -> int:
-    if args.file != "-" and os.path.isdir(args.file):
-        raise InvalidArgument(f"{args.file}: is a directory, not a layer tar (`layerfs import "
-                              f"{args.file}` makes an image from a directory)")
-    with open_store(args) as store:
+    # The input first: a tar that cannot be read must not make a root on the way.
+    with contextlib.ExitStack() as stack:
+        if args.file == "-":
+            source: IO[bytes] = sys.stdin.buffer
+        else:
+            if os.path.isdir(args.file):
+                raise InvalidArgument(f"{args.file}: is a directory, not a layer tar "
+                                      f"(`layerfs import {args.file}` makes an image from a "
+                                      "directory)")
+            source = stack.enter_context(open(args.file, "rb"))
+        store = stack.enter_context(open_store(args))
         parent = store.resolve(args.parent) if args.parent else None
         try:
-            if args.file == "-":
-                rec = store.apply(sys.stdin.buffer, parent, layer_id=args.id,
-                                  labels=_labels(args.label))
-            else:
-                with open(args.file, "rb") as f:
-                    rec = store.apply(f, parent, layer_id=args.id, labels=_labels(args.label))
+            rec = store.apply(source, parent, layer_id=args.id, labels=_labels(args.label))
         except InvalidArgument as e:
             raise with_source(e, "stdin" if args.file == "-" else args.file) from e
     print(rec.id)

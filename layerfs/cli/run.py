@@ -466,7 +466,7 @@ def register(sub: SubParsers) -> None:
                        "  layerfs ps --json\n")
     p.add_argument("-a", "--all", action="store_true", help="not only running containers")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="every field, as JSON")
     p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.set_defaults(func=cmd_ps)
 
@@ -507,9 +507,12 @@ def register(sub: SubParsers) -> None:
     p.add_argument("-d", "--detach", action="store_true", help="do not wait for it")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-e", "--env", action="append", metavar="K=V")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("-u", "--user", metavar="UID[:GID]")
+    p.add_argument("-e", "--env", action="append", metavar="K=V",
+                   help="environment variable (repeatable; default: the container's)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory (default: the "
+                   "container's)")
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="user and group, numbers or names "
+                   "(default: the container's)")
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD ...")
     p.set_defaults(func=cmd_exec)

@@ -72,7 +72,8 @@ class AufsDriver(Driver):
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
         if not can_mount():
-            raise DriverNotSupported(cls.name, "mounting a layer (kernel aufs, or the FUSE union with allow_other) needs root")
+            raise DriverNotSupported(cls.name, "mounting a layer (kernel aufs, or the FUSE union "
+                                               "with allow_other) needs root")
         if kernel_has_aufs() and options.get_str("mode", "auto") != "fuse":
             return
         if not os.path.exists("/dev/fuse"):
