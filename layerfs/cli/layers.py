@@ -16,7 +16,7 @@ from typing import IO, Any
 from rich.text import Text
 
 from .. import plugins
-from ..driver import DriverOptions, driver_info
+from ..driver import DriverOptions, backing_filesystem, driver_info
 from ..errors import InvalidArgument, LayerfsError
 from ..layers import LayerStore
 from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
@@ -30,9 +30,11 @@ def _root_info(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         LayerStore.check_new_root(root)
         opts = DriverOptions.parse(args.storage_opt or None)
         name, _ = plugins.select(root, args.driver, opts)
+        existing = next(p for p in (root, *root.parents) if p.exists())
         return {"driver": name, "created": False,
                 "status": {"Root": f"{root} (not made yet: the first command that stores "
-                                   f"something makes it, for driver {name})"}}
+                                   f"something makes it, for driver {name})",
+                           "Backing Filesystem": backing_filesystem(existing)}}
     # The root's own driver: opening with --driver could switch an empty root.
     with LayerStore.open(root, None, args.storage_opt or None) as store:
         data: dict[str, Any] = {"driver": store.driver.name, "created": True,
