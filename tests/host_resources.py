@@ -46,3 +46,12 @@ def rmdir_retry(path: Path) -> None:
                 raise
             time.sleep(0.01)
     path.rmdir()
+
+
+def cgroup_dirs(parent: str) -> list[Path]:
+    """Where the runner makes the cgroups of containers under ``parent`` (v2 or v1)."""
+    from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
+
+    if detect(DEFAULT_ROOT) == "v2":
+        return [DEFAULT_ROOT / parent]
+    return [DEFAULT_ROOT / c / parent for c in ("memory", "cpu", "pids", "devices")]

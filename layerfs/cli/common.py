@@ -14,7 +14,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import LayerfsError
 
@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/var/lib/layerfs"
 
-#: argparse's type for ``parser.add_subparsers()``; its type parameter is private.
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
+#: argparse's type for ``parser.add_subparsers()`` (generic only in the type stubs).
+if TYPE_CHECKING:
+    SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    SubParsers = argparse._SubParsersAction
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:

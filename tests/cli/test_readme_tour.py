@@ -15,13 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from layerfs import mount as mountlib
-from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
+
+from ..host_resources import cgroup_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOUR_GLOB = "layerfs-tour.*"
@@ -35,21 +33,6 @@ def tour_block() -> str:
     match = re.search(r"```sh\n(.*?)```", section, re.S)
     assert match, "README.md: no sh block in the tour"
     return match.group(1)
-
-
-def cgroup_dirs(parent: str) -> list[Path]:
-    if detect(DEFAULT_ROOT) == "v2":
-        return [DEFAULT_ROOT / parent]
-    return [DEFAULT_ROOT / c / parent for c in ("memory", "cpu", "pids", "devices")]
-
-
-@pytest.fixture
-def cgroup_parent() -> Iterator[str]:
-    name = "lfstour" + os.urandom(3).hex()
-    yield name
-    for d in cgroup_dirs(name):
-        if d.is_dir():
-            d.rmdir()   # empty if the tour removed its containers; else this fails the test
 
 
 def _clean_up_after_failure(tour: Path) -> None:

@@ -15,24 +15,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from layerfs import mount as mountlib
-from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
 from layerfs.runtime.containers import ContainerManager, RunOptions
 from layerfs.runtime.engine import RuntimeConfig
 from layerfs.testing import images as timg
 
 from ..conftest import NATIVE_DRIVERS, open_store_or_skip, root_for
-
-
-def cgroup_dirs(parent: str) -> list[Path]:
-    if detect(DEFAULT_ROOT) == "v2":
-        return [DEFAULT_ROOT / parent]
-    return [DEFAULT_ROOT / c / parent for c in ("memory", "cpu", "pids", "devices")]
+from ..host_resources import cgroup_dirs
 
 
 class Cli:
@@ -53,15 +46,6 @@ class Cli:
     def df(self) -> dict[str, dict[str, int]]:
         usage = json.loads(self("system", "df", "--json").stdout)
         return {row["kind"]: row for row in usage["rows"]}
-
-
-@pytest.fixture
-def cgroup_parent() -> Iterator[str]:
-    name = "lfssys" + os.urandom(3).hex()
-    yield name
-    for d in cgroup_dirs(name):
-        if d.is_dir():
-            d.rmdir()
 
 
 def dm_devices(prefix: str) -> list[str]:
