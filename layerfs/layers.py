@@ -196,10 +196,13 @@ class LayerStore:
         self.store.close()
 
     def discard(self) -> bool:
-        """Close; and if this open made the root and it still holds no layer, remove it
-        again (the driver's state too). For a first command that failed: it leaves
-        nothing behind. True if the root was removed."""
-        if not self.created_root or self.store.list_layers(state=None):
+        """Close; and if this open made the root and it still holds nothing -- no layer,
+        and no scratch file kept for a later command (a pull's partial download) --
+        remove it again, the driver's state too. For a first command that failed: it
+        leaves nothing behind. True if the root was removed."""
+        scratch = self.driver.scratch
+        kept = scratch.is_dir() and any(scratch.iterdir())
+        if not self.created_root or kept or self.store.list_layers(state=None):
             self.close()
             return False
         try:
