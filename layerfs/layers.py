@@ -30,9 +30,12 @@ from typing import IO, Any
 from . import mount as mountlib
 from . import plugins
 from .changes import Change
-from .driver import Driver, DriverOptions, Usage, parse_size, scratch_owner
+from .driver import Driver, Usage, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
+from .options import DriverOptions
+from .tar import Readable
+from .units import parse_size
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -56,13 +59,14 @@ class LayerStore:
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | os.PathLike[str], driver: str | None = None,
+    def open(cls, root: str | os.PathLike[str], driver: str | type[Driver] | None = None,
              options: dict[str, str] | list[str] | None = None, *,
              recover: bool = True) -> LayerStore:
         """Open a root, creating it (one directory: its parent must exist) on first use.
 
-        ``driver`` names a registered driver; None means the root's own, else the first
-        supported one (:func:`layerfs.plugins.select`). A root belongs to one driver;
+        ``driver`` is a registered driver's name, a driver class (used as is, whether
+        registered or not), or None: the root's own driver, else the first supported one
+        (:func:`layerfs.plugins.select`). A root belongs to one driver;
         while it holds no layer it may switch to another (the old driver's state is
         torn down first). Nothing is left behind when opening fails: a root this call
         would have created is not there afterwards.
@@ -71,7 +75,7 @@ class LayerStore:
             raise InvalidArgument("the root path is empty: give a directory, e.g. "
                                   "/var/lib/layerfs")
         root_path = Path(root).absolute()
-        if driver:
+        if isinstance(driver, str) and driver:
             plugins.load(driver)   # an unknown name fails here, before anything is made
         if (root_path / "layerfs.db").is_file():
             return cls._open_existing(root_path, driver, options, recover)
@@ -100,13 +104,13 @@ class LayerStore:
         return made_root
 
     @classmethod
-    def _create(cls, root_path: Path, driver: str | None,
+    def _create(cls, root_path: Path, driver: str | type[Driver] | None,
                 options: dict[str, str] | list[str] | None) -> LayerStore:
         opts = DriverOptions.parse(options)
         made_root = cls.check_new_root(root_path)
         # Choose (and check) the driver before anything is written, so that a driver
         # that cannot work here leaves no root, database or directory behind.
-        name, _ = plugins.select(root_path, driver, opts)
+        name, driver_cls = _driver_class(root_path, driver, opts)
         before = set() if made_root else set(os.listdir(root_path))
         store: MetaStore | None = None
         drv: Driver | None = None
@@ -114,8 +118,7 @@ class LayerStore:
             if made_root:
                 root_path.mkdir()
             store = MetaStore(root_path / "layerfs.db")
-            drv = plugins.load(name)(plugins.home_of(root_path, name), opts,
-                                     DriverState(store, name))
+            drv = driver_cls(plugins.home_of(root_path, name), opts, DriverState(store, name))
             with store.transaction():
                 store.set_setting("driver", name)
                 if options:
@@ -133,7 +136,7 @@ class LayerStore:
             raise
 
     @classmethod
-    def _open_existing(cls, root_path: Path, driver: str | None,
+    def _open_existing(cls, root_path: Path, driver: str | type[Driver] | None,
                        options: dict[str, str] | list[str] | None,
                        recover: bool) -> LayerStore:
         store = MetaStore(root_path / "layerfs.db")
@@ -146,13 +149,13 @@ class LayerStore:
                 saved = store.get_setting("driver_options")
                 opts = DriverOptions(json.loads(saved) if saved else {})
             owner = store.get_setting("driver")
-            if driver and owner and driver != owner:
+            wanted = driver.name if isinstance(driver, type) else driver
+            if driver and owner and wanted != owner:
                 cls._switch_driver(root_path, store, owner, driver)
                 owner = None
                 if not options:
                     opts = DriverOptions({})   # the old driver's options are not the new one's
-            name, _ = plugins.select(root_path, driver or owner, opts)
-            cls_ = plugins.load(name)
+            name, cls_ = _driver_class(root_path, driver or owner, opts)
             drv = cls_(plugins.home_of(root_path, name), opts, DriverState(store, name))
             if owner is None:
                 store.set_setting("driver", name)
@@ -167,15 +170,17 @@ class LayerStore:
         return self
 
     @staticmethod
-    def _switch_driver(root_path: Path, store: MetaStore, owner: str, wanted: str) -> None:
+    def _switch_driver(root_path: Path, store: MetaStore, owner: str,
+                       driver: str | type[Driver]) -> None:
         """Give a root without layers to another driver: tear the old driver's state down."""
+        wanted = driver.name if isinstance(driver, type) else driver
         refusal = (f"root {root_path} holds layers of driver {owner!r}, not {wanted!r}; "
                    f"use --driver {owner}, another --root, or empty it first "
                    f"(`layerfs --root {root_path} system reset`)")
         if store.list_layers(state=None):
             raise InvalidArgument(refusal)
         # The new driver must work here before the old one's state goes.
-        plugins.select(root_path, wanted, DriverOptions({}))
+        _driver_class(root_path, driver, DriverOptions({}))
         saved = store.get_setting("driver_options")
         try:
             old = plugins.load(owner)(plugins.home_of(root_path, owner),
@@ -386,7 +391,7 @@ class LayerStore:
             raise
         return self._finish_create(rec.id, 0 if parent is None else None)
 
-    def apply(self, stream: IO[bytes], parent: str | None = None, *,
+    def apply(self, stream: Readable, parent: str | None = None, *,
               layer_id: str | None = None, labels: dict[str, str] | None = None) -> LayerRecord:
         """Create a read-only layer on ``parent`` from an OCI layer tar (any compression).
 
@@ -539,6 +544,17 @@ class LayerStore:
         shutil.rmtree(self.mnt_dir, ignore_errors=True)
 
 
+def _driver_class(root_path: Path, driver: str | type[Driver] | None,
+                  opts: DriverOptions) -> tuple[str, type[Driver]]:
+    """The driver to open ``root_path`` with, checked to work there: a class as given, a
+    name, or (None) the first supported one."""
+    if isinstance(driver, type):
+        driver.check(plugins.home_of(root_path, driver.name), opts)
+        return driver.name, driver
+    name, _ = plugins.select(root_path, driver, opts)
+    return name, plugins.load(name)
+
+
 def _remove_new_entries(root: Path, before: set[str] | None) -> None:
     """Undo a root's creation: the whole root (``before`` is None: it did not exist), or
     the entries that were not in it before. Mounts below go first (a driver may have
@@ -556,9 +572,10 @@ def _remove_new_entries(root: Path, before: set[str] | None) -> None:
                 target.unlink()
 
 
-def open_root(root: str | os.PathLike[str], driver: str | None = None,
+def open_root(root: str | os.PathLike[str], driver: str | type[Driver] | None = None,
               options: dict[str, str] | list[str] | None = None) -> LayerStore:
-    """Open (creating if needed) a layerfs root with ``driver`` or auto-selection."""
+    """Open (creating if needed) a layerfs root with ``driver`` (a name or a driver class)
+    or auto-selection."""
     return LayerStore.open(root, driver, options)
 
 

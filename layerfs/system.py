@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import mount as mountlib
-from .driver import layer_dir_usage
 from .errors import InUse, LayerfsError, NotFound
+from .fsinfo import layer_dir_usage
 
 if TYPE_CHECKING:
     from .layers import LayerStore

@@ -23,11 +23,8 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/var/lib/layerfs"
 
-#: argparse's type for ``parser.add_subparsers()`` (generic only in the type stubs).
-if TYPE_CHECKING:
-    SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
-else:
-    SubParsers = argparse._SubParsersAction
+#: What ``parser.add_subparsers()`` returns (argparse names the class privately).
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:

@@ -16,9 +16,11 @@ from typing import IO, Any
 from rich.text import Text
 
 from .. import plugins
-from ..driver import DriverOptions, backing_filesystem, driver_info
 from ..errors import InvalidArgument, LayerfsError
+from ..fsinfo import backing_filesystem
 from ..layers import LayerStore
+from ..options import DriverOptions
+from ..plugins import driver_info
 from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
 from .console import err, out, print_table
 
