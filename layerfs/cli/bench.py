@@ -56,7 +56,7 @@ examples:
   layerfs bench overlay2 --peers                    + fuse-overlayfs and Docker rows
   layerfs bench overlay2 --json out.json --plot charts/
   layerfs bench devicemapper --vm                   device-mapper inside the qemu guest
-  layerfs bench --from-json out.json --plot charts/ redraw from a saved run
+  layerfs bench --from-json out.json --plot charts/  # redraw from a saved run
 
 docs/bench.md explains every metric and chart, with results from this machine."""
 

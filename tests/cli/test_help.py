@@ -4,6 +4,8 @@ examples (docs/runner.md promises examples on every page)."""
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,3 +55,60 @@ def test_a_mistyped_option_prints_the_commands_own_usage() -> None:
         assert proc.returncode == 2, proc
         assert proc.stderr.startswith(usage), proc.stderr
         assert "unrecognized arguments" in proc.stderr.splitlines()[-1]
+
+
+def example_commands(page: argparse.ArgumentParser) -> Iterator[list[str]]:
+    """The ``layerfs ...`` commands in a page's examples (indented lines), as words: a
+    description after two or more spaces or a ``#`` is dropped, ``$(...)`` is one word,
+    ``;``, ``&&`` and ``|`` separate commands."""
+    epilog = page.epilog or ""
+    for line in epilog.split("examples:", 1)[-1].splitlines():
+        if not line.startswith("  "):
+            continue   # prose below the examples
+        code = re.split(r"\s{2,}|\s#", line.strip(), maxsplit=1)[0]
+        code = re.sub(r"\$\([^)]*\)", "WORD", code)
+        lexer = shlex.shlex(code, posix=True, punctuation_chars=";&|>")
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for word in [*lexer, ";"]:
+            if word.strip(";&|>"):
+                command.append(word)
+                continue
+            if command and command[0] == "layerfs" and not word.startswith(">"):
+                yield command
+            command = [] if not word.startswith(">") else command
+            if word.startswith(">"):
+                command.append(">")   # the file name after it is dropped below
+
+
+def _without_redirections(words: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for word in words:
+        if word == ">":
+            skip = True
+        elif skip:
+            skip = False
+        else:
+            out.append(word)
+    return out
+
+
+PARSER = build_parser()
+EXAMPLES = sorted({shlex.join(_without_redirections(cmd)) for page in PAGES.values()
+                   for cmd in example_commands(page)})
+
+
+def test_examples_are_found() -> None:
+    assert len(EXAMPLES) > 80
+    assert "layerfs --driver btrfs info" in EXAMPLES
+
+
+@pytest.mark.parametrize("command", EXAMPLES)
+def test_every_example_parses(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An example whose command or option was renamed fails here, not on a user."""
+    try:
+        _args, extra = PARSER.parse_known_args(shlex.split(command)[1:])
+    except SystemExit:
+        pytest.fail(f"`{command}`: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert not extra, f"`{command}`: layerfs does not take {extra}"
