@@ -59,44 +59,42 @@ def test_a_mistyped_option_prints_the_commands_own_usage() -> None:
 
 def example_commands(page: argparse.ArgumentParser) -> Iterator[list[str]]:
     """The ``layerfs ...`` commands in a page's examples (indented lines), as words: a
-    description after two or more spaces or a ``#`` is dropped, ``$(...)`` is one word,
-    ``;``, ``&&`` and ``|`` separate commands."""
+    description after two or more spaces or a ``#`` is dropped; ``;``, ``&&`` and ``|``
+    separate commands, and those in ``$(...)`` count too."""
     epilog = page.epilog or ""
     for line in epilog.split("examples:", 1)[-1].splitlines():
         if not line.startswith("  "):
             continue   # prose below the examples
         code = re.split(r"\s{2,}|\s#", line.strip(), maxsplit=1)[0]
-        code = re.sub(r"\$\([^)]*\)", "WORD", code)
-        lexer = shlex.shlex(code, posix=True, punctuation_chars=";&|>")
-        lexer.whitespace_split = True
-        command: list[str] = []
-        for word in [*lexer, ";"]:
-            if word.strip(";&|>"):
-                command.append(word)
-                continue
-            if command and command[0] == "layerfs" and not word.startswith(">"):
-                yield command
-            command = [] if not word.startswith(">") else command
-            if word.startswith(">"):
-                command.append(">")   # the file name after it is dropped below
+        inner = re.findall(r"\$\(([^)]*)\)", code)   # base=$(layerfs layer apply ...)
+        for part in [re.sub(r"\$\([^)]*\)", "WORD", code), *inner]:
+            yield from _commands(part)
 
 
-def _without_redirections(words: list[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for word in words:
-        if word == ">":
-            skip = True
-        elif skip:
-            skip = False
+def _commands(code: str) -> Iterator[list[str]]:
+    """The ``layerfs`` commands of one shell line without ``$(...)``; redirections
+    (``> FILE``, ``2> FILE``) are dropped."""
+    lexer = shlex.shlex(code, posix=True, punctuation_chars=";&|>")
+    lexer.whitespace_split = True
+    command: list[str] = []
+    skip_next = False
+    for word in [*lexer, ";"]:
+        if skip_next:
+            skip_next = False
+        elif word.startswith(">"):
+            skip_next = True
+            if command and command[-1].isdigit():
+                command.pop()   # the 2 of 2>
+        elif word.strip(";&|"):
+            command.append(word)
         else:
-            out.append(word)
-    return out
+            if command[:1] == ["layerfs"]:
+                yield command
+            command = []
 
 
 PARSER = build_parser()
-EXAMPLES = sorted({shlex.join(_without_redirections(cmd)) for page in PAGES.values()
-                   for cmd in example_commands(page)})
+EXAMPLES = sorted({shlex.join(cmd) for page in PAGES.values() for cmd in example_commands(page)})
 
 
 def test_examples_are_found() -> None:
