@@ -37,7 +37,7 @@ from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, NotFound, translate_errors
 from layerfs.fsinfo import layer_dir_usage
 from layerfs.metastore import process_alive, process_token
-from layerfs.mount import Mount
+from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
 
 
@@ -60,6 +60,8 @@ class VfsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (a bind mount) needs root")
         for tool in ("cp", "setpriv"):
             if shutil.which(tool) is None:
                 raise DriverNotSupported(cls.name, f"{tool} (coreutils, util-linux) is "
