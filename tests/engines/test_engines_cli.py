@@ -69,7 +69,8 @@ def test_a_live_socket_is_refused_and_a_stale_one_replaced(tmp_path: Path) -> No
 def test_a_root_of_another_driver_is_refused(tmp_path: Path) -> None:
     from layerfs.layers import LayerStore
 
-    LayerStore.open(tmp_path / "r", "vfs").close()
+    with LayerStore.open(tmp_path / "r", "vfs") as store:
+        store.create()  # a root without layers is handed to the driver asked for
     message = one_line_error(engines("--root", str(tmp_path / "r"), "--driver", "overlay2",
                                      "--containerd-snapshotter", str(tmp_path / "s.sock")))
     assert "holds layers of driver 'vfs'" in message
