@@ -52,9 +52,18 @@ def pad(data: bytes) -> bytes:
 
 
 def member(name: bytes, typeflag: bytes = b"0", data: bytes = b"", **kw: object) -> bytes:
-    """A header plus its (padded) data; ``size`` defaults to ``len(data)``."""
+    """A header plus its (padded) data; ``size`` defaults to ``len(data)``.
+
+    A name or link name longer than ustar's 100 bytes (an escape aimed at a long temp
+    folder) goes whole into a PAX record before the header, as real tar writers do;
+    cut at 100 bytes it would aim somewhere else and the case would test nothing."""
     kw.setdefault("size", len(data))
-    return header(name, typeflag, **kw) + pad(data)  # type: ignore[arg-type]
+    linkname = kw.get("linkname", b"")
+    assert isinstance(linkname, bytes)
+    long = {key: value for key, value in ((b"path", name), (b"linkpath", linkname))
+            if len(value) > 100}
+    prefix = pax(long) if long else b""
+    return prefix + header(name, typeflag, **kw) + pad(data)  # type: ignore[arg-type]
 
 
 def pax(records: dict[bytes, bytes], name: bytes = b"PaxHeaders.0/x",
