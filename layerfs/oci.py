@@ -149,6 +149,9 @@ def parse_json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidArgument(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        # json's decoder recurses once per level: 100,000 '[' end the interpreter's stack.
+        raise InvalidArgument(f"{what}: JSON nested too deep") from None
 
 
 def canonical_json(value: Any) -> bytes:

@@ -37,8 +37,9 @@ from ..digests import chain_ids, hasher_for, short_id
 from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
+from . import limits as bounds
 from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
-from .errors import Cancelled, RegistryError, ssl_error, transport_message
+from .errors import Cancelled, RegistryError, ssl_error, transfer_error, transport_message
 from .transport import CHUNK, Manifest, Registry, RegistryOptions
 
 if TYPE_CHECKING:
@@ -191,75 +192,94 @@ class _Download:
         failures = 0
         progress_at = -1    # offset of the last failure: attempts count only without progress
         delay = 0.2
-        while offset < self.size:
-            headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            try:
-                reg.requests += 1
-                with reg.client.stream("GET", url, headers=headers) as r:
-                    stream = r.extensions.get("network_stream")
-                    self._socket = stream.get_extra_info("socket") if stream else None
-                    if self.cancelled.is_set():
-                        raise Cancelled()
-                    if r.status_code == 416 and offset:
-                        # The server does not agree our partial file is a prefix.
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.partial)
-                        raise RegistryError(f"the registry refused to resume at byte "
-                                            f"{offset}; the partial download was removed, "
-                                            f"run the pull again")
-                    if r.status_code in (429, 500, 502, 503, 504):
-                        raise _Retry(f"HTTP {r.status_code}")
-                    if r.status_code not in (200, 206):
-                        raise reg.status_error(r, what)
-                    skip = offset if (r.status_code == 200 and offset) else 0
-                    if r.status_code == 206:
-                        start = _content_range_start(r.headers.get("content-range"))
-                        if start != offset:
-                            raise InvalidArgument(f"asked for bytes from {offset}, got a "
-                                                  f"range starting at {start}")
-                    for chunk in r.iter_raw(CHUNK):
+        opts = reg.options
+        # curl's speed limit: at least speed_limit bytes/s over every speed_time window.
+        # The window's end is the deadline of every network wait, so a stall or a
+        # drip fails at the window's end, not at the next byte.
+        window = max(1, int(opts.speed_limit * opts.speed_time))
+        slow = (f"slower than {opts.speed_limit} bytes/s for {opts.speed_time:g} s "
+                f"(run the pull again to resume)")
+        with bounds.deadline(opts.speed_time, slow) as rate:
+            assert rate is not None
+            while offset < self.size:
+                headers = {"Accept-Encoding": "identity"}
+                if offset:
+                    headers["Range"] = f"bytes={offset}-"
+                try:
+                    rate.at, window_bytes = time.monotonic() + opts.speed_time, 0
+                    reg.requests += 1
+                    with reg.client.stream("GET", url, headers=headers) as r:
+                        stream = r.extensions.get("network_stream")
+                        self._socket = stream.get_extra_info("socket") if stream else None
                         if self.cancelled.is_set():
                             raise Cancelled()
-                        if skip:
-                            drop = min(skip, len(chunk))
-                            chunk, skip = chunk[drop:], skip - drop
-                            if not chunk:
-                                continue
-                        if offset + len(chunk) > self.size:
-                            raise InvalidArgument(f"longer than the {self.size} bytes the "
-                                                  f"manifest says")
-                        os.pwrite(fd, chunk, offset)
-                        hasher.update(chunk)
-                        offset += len(chunk)
-                        self.network_bytes += len(chunk)
-                        src.count_bytes(len(chunk))
-                        self._grow(len(chunk))
-                        if src.progress is not None:
-                            src.progress.advance(key, len(chunk))
-                self._socket = None
-                if offset < self.size:
-                    raise _Retry("connection closed early")
-            except (httpx.TransportError, _Retry) as err:
-                self._socket = None
-                if self.cancelled.is_set():
-                    raise Cancelled() from err
-                if isinstance(err, httpx.TransportError) and ssl_error(err) is not None \
-                        and offset == 0:
-                    raise reg._connect_error(err, url) from err
-                if offset > progress_at:
-                    failures, progress_at = 0, offset
-                failures += 1
-                if failures > reg.options.retries:
-                    raise RegistryError(f"download failed at byte {offset} of {self.size}: "
-                                        f"{transport_message(err)} ({failures} attempts "
-                                        f"without progress; run the pull again to resume)"
-                                        ) from err
-                log.info("%s: %s at byte %d; resuming", what, transport_message(err), offset)
-                src.resumes += 1
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                        if r.status_code == 416 and offset:
+                            # The server does not agree our partial file is a prefix.
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(self.partial)
+                            raise RegistryError(f"the registry refused to resume at byte "
+                                                f"{offset}; the partial download was removed, "
+                                                f"run the pull again")
+                        if r.status_code in (429, 500, 502, 503, 504):
+                            raise _Retry(f"HTTP {r.status_code}")
+                        if r.status_code not in (200, 206):
+                            raise reg.status_error(r, what)
+                        skip = offset if (r.status_code == 200 and offset) else 0
+                        if r.status_code == 206:
+                            start = _content_range_start(r.headers.get("content-range"))
+                            if start != offset:
+                                raise InvalidArgument(f"asked for bytes from {offset}, got a "
+                                                      f"range starting at {start}")
+                        for chunk in r.iter_raw(CHUNK):
+                            if self.cancelled.is_set():
+                                raise Cancelled()
+                            if skip:
+                                drop = min(skip, len(chunk))
+                                chunk, skip = chunk[drop:], skip - drop
+                                if not chunk:
+                                    continue
+                            if offset + len(chunk) > self.size:
+                                raise InvalidArgument(f"longer than the {self.size} bytes the "
+                                                      f"manifest says")
+                            os.pwrite(fd, chunk, offset)
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            self.network_bytes += len(chunk)
+                            src.count_bytes(len(chunk))
+                            self._grow(len(chunk))
+                            if src.progress is not None:
+                                src.progress.advance(key, len(chunk))
+                            window_bytes += len(chunk)
+                            if window_bytes >= window:
+                                window_bytes, rate.at = 0, time.monotonic() + opts.speed_time
+                    self._socket = None
+                    if offset < self.size:
+                        raise _Retry("connection closed early")
+                except (httpx.HTTPError, _Retry) as err:
+                    self._socket = None
+                    if self.cancelled.is_set():
+                        raise Cancelled() from err
+                    if isinstance(err, httpx.HTTPError):
+                        final = transfer_error(err, what, rate)
+                        if final is not None:
+                            raise final from err
+                        if not isinstance(err, httpx.TransportError):
+                            raise RegistryError(f"{what}: {transport_message(err)}") from err
+                    if isinstance(err, httpx.TransportError) and ssl_error(err) is not None \
+                            and offset == 0:
+                        raise reg._connect_error(err, url) from err
+                    if offset > progress_at:
+                        failures, progress_at = 0, offset
+                    failures += 1
+                    if failures > reg.options.retries:
+                        raise RegistryError(f"download failed at byte {offset} of {self.size}: "
+                                            f"{transport_message(err)} ({failures} attempts "
+                                            f"without progress; run the pull again to resume)"
+                                            ) from err
+                    log.info("%s: %s at byte %d; resuming", what, transport_message(err), offset)
+                    src.resumes += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         return offset
 
 
