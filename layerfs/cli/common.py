@@ -8,6 +8,7 @@ module on their fast path, and a container start is timed against runc.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -59,6 +60,12 @@ def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         return 141
     except PermissionError as e:
         error(f"{e} (most commands need root)")
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{e.filename}: " if isinstance(e.filename, str) else ""
+        error(f"{where}no space left on the filesystem ({e.strerror})")
         return 1
 
 

@@ -18,6 +18,7 @@ already applied).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ import httpx
 
 from .. import oci
 from ..digests import chain_ids, hasher_for, short_id
-from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
+from ..errors import CorruptState, DiskFull, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
 from . import limits as bounds
@@ -166,6 +167,15 @@ class _Download:
                     progress.advance(key, offset)
             try:
                 offset = self._fetch(fd, offset, hasher, key)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Kept, the partial file would hold the disk at 100% for nothing: the
+                # next pull cannot resume into space that is not there.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.partial)
+                raise DiskFull(f"no space left in {src.stage} after {offset} of {self.size} "
+                               f"bytes; the partial download was removed") from None
             finally:
                 if progress is not None:
                     progress.end(key)
@@ -285,6 +295,15 @@ class _Download:
 
 class _Retry(Exception):
     pass
+
+
+def _resumable(job: _Download) -> bool:
+    """Whether a failed download left bytes a later pull can continue from."""
+    for f in (job.final, job.partial):
+        with contextlib.suppress(FileNotFoundError):
+            if f.stat().st_size > 0:
+                return True
+    return False
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -512,8 +531,9 @@ class RemoteSource:
 
     def close(self, success: bool) -> None:
         """Stop downloads, close files; remove staged blobs that are no longer needed
-        (all, after a success; after a failure, the ones whose layer got stored anyway —
-        the rest stay for the next pull to resume)."""
+        (all, after a success; after a failure, the ones whose layer got stored anyway,
+        and those with nothing to resume from: no bytes kept, a digest mismatch, a full
+        disk — the rest stay for the next pull to resume)."""
         for job in self._all_jobs:
             job.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -525,7 +545,7 @@ class RemoteSource:
                 job.read_fd = -1
         for digest in {job.digest for job in self._all_jobs}:
             job = self._jobs[digest]
-            if not success and self._needed(digest)():
+            if not success and self._needed(digest)() and _resumable(job):
                 continue
             with blob_lock(job.lock_path, wait=False) as held:
                 if not held:

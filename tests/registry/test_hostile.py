@@ -62,8 +62,8 @@ def assert_no_image(root: Path) -> None:
 # --- a small valid image the routes can serve -----------------------------------------------
 
 class Image:
-    def __init__(self) -> None:
-        self.layer = timg.LayerTar().file("hello", b"hi\n").bytes()
+    def __init__(self, layer: bytes | None = None) -> None:
+        self.layer = layer or timg.LayerTar().file("hello", b"hi\n").bytes()
         self.layer_digest = sha256_digest(self.layer)
         self.config = json.dumps({"architecture": "amd64", "os": "linux",
                                   "rootfs": {"type": "layers",
@@ -137,6 +137,14 @@ def test_an_endless_body_stops_at_its_cap(tmp_path: Path, image: Image, part: st
     else:
         assert_one_line_failure(proc, "-byte limit")
     assert_no_image(tmp_path / "root")
+
+
+def test_a_manifest_nested_too_deep_is_one_line(tmp_path: Path, image: Image) -> None:
+    """200 KB, under the size cap: json's decoder recursed until RecursionError."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with HostileRegistry(image.routes(manifest=lambda h: reply(h, 200, deep))) as reg:
+        proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure")
+    assert_one_line_failure(proc, "nested too deep")
 
 
 # --- item 6: slow drip --------------------------------------------------------------------
@@ -256,3 +264,81 @@ def test_the_password_goes_to_a_plain_http_realm_on_the_insecure_host_itself(
     assert proc.returncode == 1
     expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     assert expected in _basic_sent(reg)
+
+
+# --- item 8: a full disk ------------------------------------------------------------------
+
+def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
+                           "vfs", *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, COLUMNS="5000"))
+
+
+def _staged(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.endswith((".partial", ".lock")) or
+                  ("registry-blobs" in p.parts and p.is_file()))
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Write zeros into ``path`` until only ``leave`` bytes stay free (0: none at all)."""
+    st = os.statvfs(path.parent)
+    room = st.f_bavail * st.f_frsize - leave
+    with open(path, "wb") as f:
+        try:
+            while room > 0:
+                room -= f.write(bytes(min(room, 1 << 20)))
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MiB tmpfs, unmounted afterwards (by its exact path)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "lfs-test-small-disk",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_listings_still_work(small_disk: Path,
+                                                          tmp_path: Path) -> None:
+    root = small_disk / "root"
+    small = Image()
+    archive = timg.build_image(tmp_path / "small.tar", [small.layer], name="small:1",
+                               cmd=["sh"])
+    assert _cli(root, "load", "-q", "-i", str(archive.path)).returncode == 0
+    # A layer twice the free space left: the download runs into ENOSPC.
+    big = Image(timg.LayerTar().file("big", os.urandom(8 << 20)).bytes())
+    _fill(small_disk / "filler", leave=4 << 20)
+    with HostileRegistry(big.routes()) as reg:
+        proc, _ = pull_cli(root, f"{reg.host}/lab/big:1", "--insecure")
+    assert _staged(root) == [], "the failed pull kept files that hold the space"
+    assert_one_line_failure(proc, "no space left")
+
+    # Now nothing at all is free: read-only commands list, writes fail in one line.
+    _fill(small_disk / "filler2", leave=0)
+    for args in (["layer", "ls"], ["images"]):
+        proc = _cli(root, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "small" in _cli(root, "images").stdout
+    for args in (["layer", "create"], ["load", "-q", "-i", str(archive.path)]):
+        assert_one_line_failure(_cli(root, *args), "no space left")
+    (small_disk / "filler2").unlink()
+    (small_disk / "filler").unlink()
+    assert _cli(root, "layer", "create").returncode == 0
+
+
+def test_a_digest_mismatch_leaves_no_staged_file(tmp_path: Path, image: Image) -> None:
+    wrong = bytearray(image.layer)
+    wrong[600] ^= 0xFF
+    with HostileRegistry(image.routes(layer=lambda h: reply(h, 200, bytes(wrong)))) as reg:
+        proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure")
+    assert_one_line_failure(proc, "digest mismatch")
+    assert _staged(tmp_path / "root") == []
