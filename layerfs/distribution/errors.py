@@ -63,12 +63,15 @@ def transport_message(err: BaseException) -> str:
 def transfer_error(err: httpx.HTTPError, what: str, current: Deadline | None
                    ) -> RegistryError | None:
     """A one-line error for failures not worth retrying: the request's deadline passed,
-    or a redirect loop. None for the others."""
+    a redirect loop, or anything else that is not a transport error (a bad encoding, a
+    bad URL). None for transport errors, which the caller may retry."""
     if current is not None and current.passed():
         return RegistryError(f"{what}: {current.reason}")
     if isinstance(err, httpx.TooManyRedirects):
         return RegistryError(f"{what}: too many redirects (the registry sends the request "
                              f"round in a loop)")
+    if not isinstance(err, httpx.TransportError):
+        return RegistryError(f"{what}: {transport_message(err)}")
     return None
 
 

@@ -273,8 +273,6 @@ class _Download:
                         final = transfer_error(err, what, rate)
                         if final is not None:
                             raise final from err
-                        if not isinstance(err, httpx.TransportError):
-                            raise RegistryError(f"{what}: {transport_message(err)}") from err
                     if isinstance(err, httpx.TransportError) and ssl_error(err) is not None \
                             and offset == 0:
                         raise reg._connect_error(err, url) from err

@@ -151,7 +151,7 @@ class Registry:
         self.close()
 
     # -- low level --------------------------------------------------------------------------
-    def _connect_error(self, err: httpx.TransportError, url: str) -> RegistryError:
+    def _connect_error(self, err: httpx.HTTPError, url: str) -> RegistryError:
         tls = ssl_error(err)
         if tls is not None and isinstance(tls, ssl.SSLCertVerificationError):
             return RegistryError(
@@ -210,8 +210,6 @@ class Registry:
                     final = transfer_error(err, what, current)
                     if final is not None:
                         raise final from err
-                    if not isinstance(err, httpx.TransportError):
-                        raise RegistryError(f"{what}: {transport_message(err)}") from err
                     if attempt + 1 < attempts and ssl_error(err) is None:
                         log.debug("%s %s: %s; retrying", method, target, err)
                         time.sleep(delay)
@@ -258,9 +256,6 @@ class Registry:
                     final = transfer_error(err, self.host, current)
                     if final is not None:
                         raise final from err
-                    if not isinstance(err, httpx.TransportError):
-                        raise RegistryError(f"{self.host}: {transport_message(err)}") \
-                            from err
                     last = self._connect_error(err, target)
                     last.__cause__ = err
                     if scheme == "https" and len(schemes) > 1:

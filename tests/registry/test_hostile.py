@@ -182,20 +182,12 @@ def test_a_blob_slower_than_the_speed_limit_fails(tmp_path: Path, image: Image) 
 
 # --- item 9: redirect loops -----------------------------------------------------------------
 
-def test_a_redirect_loop_is_one_line(tmp_path: Path, image: Image) -> None:
+@pytest.mark.parametrize("part", ["manifest", "layer"])
+def test_a_redirect_loop_is_one_line(tmp_path: Path, image: Image, part: str) -> None:
     def loop(h: object) -> None:
         reply(h, 302, b"", {"Location": h.path})  # type: ignore[arg-type,attr-defined]
 
-    with HostileRegistry(image.routes(manifest=loop)) as reg:
-        proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure")
-    assert_one_line_failure(proc, "too many redirects")
-
-
-def test_a_blob_redirect_loop_is_one_line(tmp_path: Path, image: Image) -> None:
-    def loop(h: object) -> None:
-        reply(h, 307, b"", {"Location": h.path})  # type: ignore[arg-type,attr-defined]
-
-    with HostileRegistry(image.routes(layer=loop)) as reg:
+    with HostileRegistry(image.routes(**{part: loop})) as reg:
         proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure")
     assert_one_line_failure(proc, "too many redirects")
     assert_no_image(tmp_path / "root")

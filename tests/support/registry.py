@@ -72,6 +72,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_http(handle: Callable[[http.server.BaseHTTPRequestHandler], None], name: str, *,
+               tls: CertPair | None = None) -> http.server.ThreadingHTTPServer:
+    """An HTTP/1.1 server on 127.0.0.1 (an ephemeral port; TLS with ``tls``) calling
+    ``handle`` for every request, whatever the method, served by a daemon thread.
+    Stop it with ``shutdown()`` and ``server_close()``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            handle(self)
+
+        do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
+
+
 # --- certificates ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -630,24 +657,8 @@ class FaultProxy:
         return h.rfile.read(int(length))
 
     def start(self) -> FaultProxy:
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                outer._serve(self)
-
-            do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True).start()
+        self._server = serve_http(self._serve, "fault-proxy")
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
@@ -714,29 +725,8 @@ class HostileRegistry:
         reply(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"no such thing"}]}')
 
     def start(self) -> HostileRegistry:
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                outer._serve(self)
-
-            do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if self.tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
-            server.socket = ctx.wrap_socket(server.socket, server_side=True)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="hostile-registry",
-                         daemon=True).start()
+        self._server = serve_http(self._serve, "hostile-registry", tls=self.tls)
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
