@@ -296,11 +296,12 @@ class RegistryAuth(httpx.Auth):
         if self.credentials is None:
             return None
         if url.scheme == "https":
+            where = url.netloc.decode()
             if not self._same_host(url) and _KNOWN_REALMS.get(self.host) != url.host and \
-                    url.host not in self._warned:
-                self._warned.add(url.host)
+                    where not in self._warned:
+                self._warned.add(where)
                 log.warning("%s: sending the credentials to the token service on another "
-                            "host, %s (HTTPS)", self.host, url.host)
+                            "host, %s (HTTPS)", self.host, where)
             return self.credentials
         if url.scheme == "http" and self.insecure and self._same_host(url):
             return self.credentials
