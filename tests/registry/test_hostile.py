@@ -334,3 +334,20 @@ def test_a_digest_mismatch_leaves_no_staged_file(tmp_path: Path, image: Image) -
         proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure")
     assert_one_line_failure(proc, "digest mismatch")
     assert _staged(tmp_path / "root") == []
+
+
+def test_an_https_realm_on_another_host_gets_the_password_with_a_warning(
+        tmp_path: Path, config_dir: Path, ca: TestCA) -> None:
+    """Docker Hub's layout (registry and token service on two hosts, both HTTPS) keeps
+    working; the user is told where the password went."""
+    tls_catcher = HostileRegistry({r"^/token": lambda h: reply(h, 401, b"{}")},
+                                  tls=ca.issue("tls-catcher"))
+    with tls_catcher, _fishing_registry(f"{tls_catcher.url}/token", tls=ca) as reg:
+        CredentialStore(config_dir / "config.json").store(reg.host,
+                                                          Credentials(USER, PASSWORD))
+        proc, _ = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--ca", str(ca.cert))
+    assert proc.returncode == 1
+    expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert expected in _basic_sent(tls_catcher)
+    assert f"token service on another host, {tls_catcher.host} (HTTPS)" in proc.stderr
+    assert PASSWORD not in proc.stderr
