@@ -159,28 +159,9 @@ class AufsDriver(Driver):
         return mounts
 
     # --- native diffs -------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str):  # type: ignore[no-untyped-def]
-        lowers = self._branches(layer_id)[1:]
-
-        def exists_below(path: str) -> bool:
-            parts = path.strip("/").split("/")
-            for branch in lowers:
-                parent = branch.joinpath(*parts[:-1])
-                if (parent / (WH_PREFIX + parts[-1])).exists():
-                    return False
-                if os.path.lexists(parent / parts[-1]):
-                    return True
-                # An opaque ancestor in this branch hides the branches below.
-                for depth in range(len(parts) - 1, 0, -1):
-                    if (branch.joinpath(*parts[:depth]) / OPAQUE).exists():
-                        return False
-            return False
-
-        return exists_below
-
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         return changes_from_diff_dir(self._diff(layer_id), WhiteoutFormat.AUFS,
-                                     self._exists_below(layer_id))
+                                     self._branches(layer_id)[1:])
 
     @translate_errors("aufs diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:

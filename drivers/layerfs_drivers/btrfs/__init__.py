@@ -36,7 +36,13 @@ from typing import IO
 
 import btrfsutil
 
-from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, naive_changes
+from layerfs.changes import (
+    Change,
+    ChangeKind,
+    entry_differs,
+    naive_changes,
+    with_parent_directories,
+)
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, backing_filesystem, layer_dir_usage
 from layerfs.errors import (
     DriverNotSupported,
@@ -248,13 +254,6 @@ class BtrfsDriver(Driver):
         return info
 
 
-def entry_differs(lpath: str, upath: str, lo: os.stat_result, up: os.stat_result) -> bool:
-    """The naive walk's per-entry rule (layerfs.changes), for one pair of paths."""
-    return (_stat_differs(lo, up)
-            or (stat.S_ISLNK(up.st_mode) and os.readlink(lpath) != os.readlink(upath))
-            or not _same_xattrs(lpath, upath))
-
-
 def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -330,4 +329,4 @@ def classify(lower: Path, upper: Path, summary: SendSummary) -> list[Change]:
         if entry_differs(lo_root + path, up_root + path, lo, up) or (
                 linked and _link_group(lower, lo) != _link_group(upper, up)):
             result[path] = ChangeKind.MODIFY
-    return sorted(Change(p, k) for p, k in result.items())
+    return with_parent_directories(Change(p, k) for p, k in result.items())
