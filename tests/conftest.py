@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from layerfs import mount as mountlib
 from layerfs import plugins
 from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance.fixtures import DriverFactory, open_or_skip
+
+# The suite's fixtures (store, capabilities, ...); driver_name, layer_root and
+# driver_factory are overridden below.
+pytest_plugins = ["layerfs.testing.conformance.fixtures"]
 
 ALL_DRIVERS = sorted(plugins.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
@@ -65,21 +69,7 @@ def driver_name(request: pytest.FixtureRequest) -> str:
 def open_store_or_skip(driver: str, root: Path, options: list[str] | None = None) -> LayerStore:
     from .dm_fixtures import options_for  # devicemapper: a small loopback pool
 
-    options = options_for(driver, options)
-    try:
-        return LayerStore.open(root, driver, options)
-    except DriverNotSupported as e:
-        pytest.skip(f"{driver} not supported here: {e.reason}")
-
-
-def close_and_check(store: LayerStore) -> None:
-    root = store.root
-    store.wipe()
-    store.close()
-    leftovers = mountlib.mounts_under(root)
-    for m in leftovers:
-        mountlib.unmount(m.target, lazy=True)
-    assert not leftovers, f"mounts left under {root}: {[m.target for m in leftovers]}"
+    return open_or_skip(driver, root, options_for(driver, options))
 
 
 @pytest.fixture
@@ -91,13 +81,10 @@ def layer_root(driver_name: str, tmp_path: Path, request: pytest.FixtureRequest)
 
 
 @pytest.fixture
-def store(driver_name: str, layer_root: Path) -> Iterator[LayerStore]:
-    """A fresh LayerStore on its own root; wiped and checked for leaked mounts afterwards."""
-    s = open_store_or_skip(driver_name, layer_root)
-    try:
-        yield s
-    finally:
-        close_and_check(s)
+def driver_factory(driver_name: str) -> DriverFactory:
+    """The shipped suite's ``store`` (layerfs.testing.conformance.fixtures) opens roots
+    through this: devicemapper gets the small loopback pool of tests/dm_fixtures.py."""
+    return lambda root: open_store_or_skip(driver_name, root)
 
 
 def in_guest() -> bool:

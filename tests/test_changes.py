@@ -17,7 +17,7 @@ from layerfs.changes import (
     with_parent_directories,
 )
 from layerfs.errors import InvalidArgument, NotFound
-from layerfs.tarlayer import WhiteoutFormat
+from layerfs.tar import WhiteoutFormat
 from layerfs.testing.trees import Device, Dir, File, Hardlink, Symlink, make_tree
 
 A, C, D = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from .. import pool
-from ..driver import parse_size
 from ..errors import InvalidArgument
+from ..units import parse_size
 from .common import SubParsers
 
 

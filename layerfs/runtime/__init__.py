@@ -16,6 +16,7 @@ Modules: :mod:`.spec` (what to run), :mod:`.engine` (lifecycle and state),
 :mod:`.network` (bridge, veth, IPAM, nftables). docs/runtime.md has the design.
 """
 
+from ..units import parse_size  # re-exported: the runtime API takes sizes
 from .engine import (
     ExecProcess,
     ExitStatus,
@@ -33,7 +34,6 @@ from .spec import (
     Volume,
     parse_env,
     parse_port,
-    parse_size,
     parse_user,
     parse_volume,
 )

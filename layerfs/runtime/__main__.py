@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from ..errors import LayerfsError
+    from ..units import parse_size
     from . import engine, spec
     from . import state as records
 
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
             user=spec.parse_user(one["-u"]) if "-u" in one else (0, 0),
             hostname=one.get("-h"),
             volumes=[spec.parse_volume(v) for v in opts.get("-v", [])],
-            memory=spec.parse_size(one["-m"]) if "-m" in one else None,
+            memory=parse_size(one["-m"]) if "-m" in one else None,
             cpus=float(one["--cpus"]) if "--cpus" in one else None,
             pids_limit=int(one["--pids"]) if "--pids" in one else None,
             network=one.get("--network", "bridge"),  # type: ignore[arg-type]

@@ -30,9 +30,6 @@ _ID_RE = re.compile(r"^[a-f0-9]{12,64}$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _HOSTNAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
                           r"(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 @dataclass(frozen=True)
 class Volume:
     """A host directory or file bind-mounted into the container (``-v src:dst[:ro]``)."""
@@ -244,14 +241,6 @@ def parse_port(text: str) -> PortMapping:
         if not 1 <= port <= 65535:
             raise InvalidArgument(f"port mapping {text!r}: {what} port {port} is not in 1-65535")
     return PortMapping(host, cont, proto or "tcp", host_ip)
-
-
-def parse_size(text: str) -> int:
-    """``"64m"``, ``"1g"``, ``"1048576"`` → bytes (Docker's units, powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise InvalidArgument(f"size {text!r}: use a number with an optional b, k, m, g suffix")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
 def parse_user(text: str) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from layerfs.changes import naive_changes
 from layerfs.layers import LayerStore
-from layerfs.tarlayer import export_changes
+from layerfs.tar import export_changes
 from layerfs.testing.trees import (
     EDIT_KINDS,
     Device,

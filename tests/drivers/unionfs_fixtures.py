@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from layerfs import mount as mountlib
+
 MODULE = "layerfs_drivers.aufs.unionfs"
 PR_SET_CHILD_SUBREAPER = 36
 MNT_DETACH = 2
@@ -39,9 +41,7 @@ def helper_argv(branches: list[str], *options: str) -> list[str]:
 
 
 def is_mounted(target: Path) -> bool:
-    real = os.path.realpath(target)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return any(line.split()[4] == real for line in f)
+    return mountlib.is_mounted(target)
 
 
 def server_pids(target: Path) -> list[int]:

@@ -33,36 +33,28 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 import btrfsutil
 
-from layerfs.changes import (
-    Change,
-    ChangeKind,
-    entry_differs,
-    with_parent_directories,
-)
-from layerfs.driver import (
-    Capabilities,
-    Driver,
-    DriverOptions,
-    Usage,
-    backing_filesystem,
-    layer_dir_usage,
-    scratch_prefix,
-)
+from layerfs.changes import Change, ChangeKind, entry_differs, with_parent_directories
+from layerfs.driver import Capabilities, Driver, Usage, scratch_prefix
 from layerfs.errors import (
     DriverNotSupported,
+    InUse,
     InvalidArgument,
     LayerfsError,
     NotFound,
     command_error,
     translate_errors,
 )
+from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
-from layerfs.tarlayer import export_changes
+from layerfs.options import DriverOptions
+from layerfs.tar import export_changes
 
 from .trees import FIRST_INODE, Candidates, changed_paths, highest_inode, link_group
 
@@ -73,10 +65,11 @@ TREE_SEARCH_MIN_INODES = 5000
 
 class BtrfsDriver(Driver):
     name = "btrfs"
-    capabilities = Capabilities(native_changes=True, block_level_cow=True, quotas=True)
+    CAPABILITIES = Capabilities(native_changes=True, block_level_cow=True, quotas=True)
     known_options = {"size", "native_changes"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         self.subvolumes = self.home / "subvolumes"
         self.subvolumes.mkdir(exist_ok=True)
@@ -89,6 +82,8 @@ class BtrfsDriver(Driver):
         if self.tree_search not in ("auto", "true", "false"):
             raise InvalidArgument(f"btrfs: native_changes={self.tree_search!r}: use auto, "
                                   f"true or false")
+        if self.tree_search == "false":
+            self.capabilities = replace(self.CAPABILITIES, native_changes=False)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
@@ -160,7 +155,7 @@ class BtrfsDriver(Driver):
             subprocess.run(["btrfs", "subvolume", "sync", str(self.home), str(subvol_id)],
                            capture_output=True, timeout=60)
         except subprocess.TimeoutExpired as err:
-            raise LayerfsError(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
+            raise InUse(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
                                f"its qgroup 0/{subvol_id} remains") from err
         proc = subprocess.run(["btrfs", "qgroup", "destroy", f"0/{subvol_id}", str(self.home)],
                               capture_output=True, text=True)
@@ -202,12 +197,12 @@ class BtrfsDriver(Driver):
     # --- changes -------------------------------------------------------------------------------
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if parent is None or not self._use_tree_search(layer_id, parent):
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return self._native_changes(layer_id, parent)
 
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if parent is None or not self._use_tree_search(layer_id, parent):
-            return super().diff(layer_id, parent, out)
+            return self.naive.diff(layer_id, parent, out)
         return export_changes(self._path(layer_id), self._native_changes(layer_id, parent), out)
 
     def _use_tree_search(self, layer_id: str, parent: str) -> bool:

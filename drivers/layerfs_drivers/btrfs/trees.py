@@ -49,7 +49,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import btrfsutil  # type: ignore[import-not-found]  # no stubs (python-btrfsutil)
+import btrfsutil
 
 from layerfs.errors import LayerfsError
 
