@@ -25,6 +25,7 @@ import errno
 import io
 import os
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,6 +176,33 @@ def test_a_copy_up_that_changes_nothing_is_no_change(store: LayerStore, referenc
             (root / "tmp" / "scratch").unlink()
 
     assert compare(store, reference, base_tar, edit) == []
+
+
+@pytest.mark.parametrize("order", ["file first", "whiteout first"])
+def test_a_whiteout_hides_only_the_parents_entry(store: LayerStore, order: str) -> None:
+    """OCI: ``[x, .wh.x]`` over a parent's ``x`` keeps this layer's ``x``, as
+    ``[.wh.x, x]`` does (Docker's applier deletes it in the first order)."""
+    parent = store.apply(io.BytesIO(tar_of({"x": b"old", "y": b"kept"}))).id
+    members = [("x", b"new"), (".wh.x", b"")]
+    if order == "whiteout first":
+        members.reverse()
+    layer = store.apply(io.BytesIO(tar_of(dict(members))), parent).id
+    with store.mounted(layer, readonly=True) as path:
+        assert (path / "x").read_bytes() == b"new"
+        assert (path / "y").read_bytes() == b"kept"
+    store.remove(layer)
+    store.remove(parent)
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """A layer tar of regular files, in the order given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), NS // 10**9
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 EDITS = st.lists(st.builds(Edit, kind=st.sampled_from(EDIT_KINDS), pick=st.integers(0, 40),
