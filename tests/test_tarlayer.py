@@ -576,6 +576,44 @@ def test_export_emits_parents_first_and_whiteouts(tmp_path: Path) -> None:
     assert names(buf.getvalue()) == ["a", "a/b", "a/b/c", "a/b/c/file", "z", "z/.wh.gone"]
 
 
+# The issue-22 layer: /b and /file1 deleted, a/ changed (a/file2 deleted, a/new
+# added), file4 added. Before, the root's whiteouts came after a/'s entries.
+WHITEOUTS_FIRST = [".wh.b", ".wh.file1", "a", "a/.wh.file2", "a/new", "file4"]
+
+
+def test_export_changes_puts_each_directorys_whiteouts_first(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t", {"a/new": b"n", "a-b": b"x", "file4": b"4"})
+    changes = [Change("/a", ChangeKind.MODIFY), Change("/a/file2", ChangeKind.DELETE),
+               Change("/a/new", ChangeKind.ADD), Change("/b", ChangeKind.DELETE),
+               Change("/file1", ChangeKind.DELETE), Change("/file4", ChangeKind.ADD)]
+    buf = io.BytesIO()
+    export_changes(tree, changes, buf)
+    assert names(buf.getvalue()) == WHITEOUTS_FIRST
+    # Without deletions: plain path order, as before ("a-b" before "a/new").
+    buf = io.BytesIO()
+    export_changes(tree, [Change("/a", ChangeKind.MODIFY), Change("/a/new", ChangeKind.ADD),
+                          Change("/a-b", ChangeKind.ADD)], buf)
+    assert names(buf.getvalue()) == ["a", "a-b", "a/new"]
+
+
+@pytest.mark.parametrize("fmt", [WhiteoutFormat.OVERLAY, WhiteoutFormat.AUFS],
+                         ids=lambda f: f.value)
+def test_export_native_puts_each_directorys_whiteouts_first(tmp_path: Path,
+                                                            fmt: WhiteoutFormat) -> None:
+    def gone(name: str) -> dict[str, object]:
+        if fmt is WhiteoutFormat.AUFS:
+            parent, _, base = name.rpartition("/")
+            return {f"{parent}/.wh.{base}" if parent else f".wh.{base}": b""}
+        return {name: Device("chr", 0, 0)}
+
+    upper = make_tree(tmp_path / "upper", {
+        "a/new": b"n", **gone("a/file2"), **gone("b"), **gone("file1"),  # type: ignore[dict-item]
+        "file4": b"4", "-first": b"sorts before .wh."})
+    buf = io.BytesIO()
+    export_native(upper, fmt, buf)
+    assert names(buf.getvalue()) == [*WHITEOUTS_FIRST[:2], "-first", *WHITEOUTS_FIRST[2:]]
+
+
 def test_export_delete_before_add_of_the_same_path(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "t", {"p/": Dir(), "p/q": b"new"})
     buf = io.BytesIO()

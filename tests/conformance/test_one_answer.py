@@ -194,6 +194,25 @@ def test_a_whiteout_hides_only_the_parents_entry(store: LayerStore, order: str) 
     store.remove(parent)
 
 
+def test_export_puts_each_directorys_whiteouts_first(store: LayerStore) -> None:
+    """The OCI spec's order in ``layer diff`` on every driver: in each directory its
+    whiteouts, then its other entries (the root's used to come after ``a/``)."""
+    base = store.apply(io.BytesIO(tar_of({"a/file2": b"2", "a/keep": b"k", "b/x": b"x",
+                                          "file1": b"1"}))).id
+    child = store.create(base).id
+    with store.mounted(child) as path:
+        shutil.rmtree(path / "b")
+        (path / "file1").unlink()
+        (path / "a" / "file2").unlink()
+        (path / "a" / "new").write_bytes(b"n")
+        (path / "file4").write_bytes(b"4")
+    with tarfile.open(fileobj=io.BytesIO(diff_of(store, child))) as tar:
+        assert [m.name.rstrip("/") for m in tar.getmembers()] == [
+            ".wh.b", ".wh.file1", "a", "a/.wh.file2", "a/new", "file4"]
+    store.remove(child)
+    store.remove(base)
+
+
 def tar_of(files: dict[str, bytes]) -> bytes:
     """A layer tar of regular files, in the order given."""
     buf = io.BytesIO()
