@@ -64,6 +64,7 @@ __all__ = [
     "changes_from_diff_dir",
     "entry_differs",
     "is_private_xattr",
+    "lstat_or_none",
     "naive_changes",
     "with_parent_directories",
 ]
@@ -405,7 +406,7 @@ class _Branches:
             top = self.lookup(rel, self.merged(parent))
             if top is not None and stat.S_ISDIR(top[1].st_mode):
                 for root in self.merged(parent):
-                    st = _lstat_or_none(f"{root}/{rel}")
+                    st = lstat_or_none(f"{root}/{rel}")
                     if self._whited_out(root, rel, st):
                         break
                     if st is None:
@@ -425,7 +426,7 @@ class _Branches:
             merged_parent = self.merged(rel.rpartition("/")[0])
         for root in merged_parent:
             path = f"{root}/{rel}"
-            st = _lstat_or_none(path)
+            st = lstat_or_none(path)
             if self._whited_out(root, rel, st):
                 return None
             if st is not None:
@@ -455,7 +456,8 @@ class _Branches:
         return shown
 
 
-def _lstat_or_none(path: str) -> os.stat_result | None:
+def lstat_or_none(path: str) -> os.stat_result | None:
+    """``os.lstat``, or None where nothing is (also when a component is not a directory)."""
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):

@@ -39,7 +39,13 @@ from typing import IO
 
 import btrfsutil
 
-from layerfs.changes import Change, ChangeKind, entry_differs, with_parent_directories
+from layerfs.changes import (
+    Change,
+    ChangeKind,
+    entry_differs,
+    lstat_or_none,
+    with_parent_directories,
+)
 from layerfs.driver import Capabilities, Driver, Usage, scratch_prefix
 from layerfs.errors import (
     DriverNotSupported,
@@ -294,13 +300,6 @@ class BtrfsDriver(Driver):
         return info
 
 
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def classify(lower: Path, upper: Path, candidates: Candidates) -> list[Change]:
     """Turn candidate paths into exactly the changes the naive walk reports.
 
@@ -343,7 +342,7 @@ def classify(lower: Path, upper: Path, candidates: Candidates) -> list[Change]:
     def visit(path: str) -> None:
         if under_covered(path):
             return
-        lo, up = _lstat(lo_root + path), _lstat(up_root + path)
+        lo, up = lstat_or_none(lo_root + path), lstat_or_none(up_root + path)
         if up is None:
             if lo is not None:
                 result[path] = ChangeKind.DELETE
