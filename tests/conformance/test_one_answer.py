@@ -25,6 +25,7 @@ import errno
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,9 +72,47 @@ BASE: Spec = {
 }
 
 
+def holds_user_xattrs(directory: Path) -> bool:
+    probe = directory / "xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError as err:
+        if err.errno != errno.EOPNOTSUPP:
+            raise
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
 @pytest.fixture(scope="module")
-def base_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    tree = make_tree(tmp_path_factory.mktemp("one-answer-base") / "tree", BASE)
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the base tree and the reference store live: the test's temp dir, or,
+    where that cannot hold user xattrs (tmpfs before Linux 6.6: the qemu guest's
+    /tmp, where devicemapper runs this), an ext4 image mounted through a loop
+    device that the unmount detaches (autoclear)."""
+    root = tmp_path_factory.mktemp("one-answer")
+    if holds_user_xattrs(root):
+        yield root
+        return
+    image, mountpoint = root / "ext4.img", root / "ext4"
+    mountpoint.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True,
+                   capture_output=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
+        image.unlink()
+
+
+@pytest.fixture(scope="module")
+def base_tar(scratch: Path) -> bytes:
+    tree = make_tree(scratch / "base", BASE)
     buf = io.BytesIO()
     export_changes(tree, naive_changes(None, tree), buf)
     shutil.rmtree(tree)
@@ -81,13 +120,15 @@ def base_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture
-def reference(tmp_path: Path) -> Iterator[LayerStore]:
-    store = LayerStore.open(tmp_path / "reference", REFERENCE)
+def reference(scratch: Path, request: pytest.FixtureRequest) -> Iterator[LayerStore]:
+    root = scratch / f"reference-{request.node.name}"
+    store = LayerStore.open(root, REFERENCE)
     try:
         yield store
     finally:
         store.wipe()
         store.close()
+        shutil.rmtree(root)
 
 
 def diff_of(store: LayerStore, layer_id: str) -> bytes:
