@@ -1,5 +1,10 @@
 """The ``layerfs`` executable's entry point.
 
+First the thin client (:mod:`layerfs.daemon.client`, standard library only):
+when the root's daemon answers, the command runs there and we only relay
+signals and return its status. Otherwise it runs here (:func:`run_here`), which
+is also what the daemon's worker calls: one code path for both.
+
 Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
 timed against runc), so they go straight to :mod:`layerfs.cli_run` without
 importing rich and every other command group; everything else goes to
@@ -27,8 +32,8 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def run_here(args: list[str]) -> int:
+    """Run the command in this process (no daemon)."""
     if _command(args) in _FAST and not {"-h", "--help"} & set(args):
         from .cli_run import main as run_main
 
@@ -36,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 
     return cli_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    from .daemon.client import delegate
+
+    status = delegate(args)
+    return run_here(args) if status is None else status
 
 
 if __name__ == "__main__":

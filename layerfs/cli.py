@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "layerfs.cli_run",
     "layerfs.cli_bench",
     "layerfs.cli_registry",
+    "layerfs.daemon.command",
 ]
 
 out = Console()

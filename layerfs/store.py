@@ -77,14 +77,18 @@ def process_token(pid: int | None = None) -> str:
 
 
 def process_alive(token: str | None) -> bool:
+    """Whether the process ``token`` names still runs. A zombie does not: its work is
+    over, and where nobody reaps (this VM's PID 1, a killed daemon's workers) it would
+    otherwise look alive forever and its half-done work would never be recovered."""
     if not token:
         return False
-    pid_text, _, _ = token.partition(":")
+    pid_text, _, start = token.partition(":")
     try:
-        pid = int(pid_text)
-    except ValueError:
+        with open(f"/proc/{int(pid_text)}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] not in (b"Z", b"X") and int(fields[19]) == int(start)
+    except (OSError, ValueError, IndexError):
         return False
-    return process_token(pid) == token
 
 
 @dataclass(frozen=True)

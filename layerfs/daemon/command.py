@@ -1,0 +1,59 @@
+"""``layerfs daemon``: the command that runs :class:`~layerfs.daemon.server.Supervisor`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+DESCRIPTION = (
+    "Serve this root's commands from one warm process: every `layerfs` command on the root "
+    "(any user of the CLI: shells, scripts, labs) goes to the daemon when its socket "
+    "ROOT/daemon.sock answers, runs there in a forked worker with the caller's stdin, "
+    "stdout, stderr, cwd and environment, and returns its exit status; without a daemon, "
+    "commands run in-process as before. Runs in the foreground and logs to stderr; "
+    "SIGTERM, SIGINT or SIGHUP stop it after the running commands finish (--drain-timeout). "
+    "Also accepts its listening socket from systemd (socket activation, see docs/daemon.md).")
+
+EXAMPLES = """\
+  layerfs daemon --root /var/lib/layerfs &         # then, in any shell:
+  layerfs run --rm busybox true                     # served by the daemon
+  LAYERFS_DAEMON=0 layerfs run --rm busybox true    # in-process, daemon or not
+  LAYERFS_DAEMON=1 layerfs layer ls                 # fails unless a daemon answers
+  systemctl enable --now layerfs@$(systemd-escape --path /var/lib/layerfs).socket
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("daemon", help="serve this root's commands from one warm process",
+                       description=textwrap.fill(DESCRIPTION, 88),
+                       epilog="examples:\n" + EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", dest="daemon_root", metavar="ROOT",
+                   help="the root to serve (default: the global --root)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="when stopping, how long running commands may take before they get "
+                   "SIGTERM (default: %(default)s)")
+    p.add_argument("--service", action="append", default=[], metavar="NAME[:ARGS]",
+                   help="also run this service (entry point group layerfs.daemon.services, "
+                   "e.g. the engines' endpoints) in a supervised child (repeatable)")
+    p.add_argument("--log-level", default=os.environ.get("LAYERFS_DAEMON_LOG", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_daemon)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from . import services
+    from .server import Supervisor, log
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s layerfs daemon: %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    log.propagate = False
+    supervisor = Supervisor(args.daemon_root or args.root, drain_timeout=args.drain_timeout,
+                            services=[services.parse(s) for s in args.service])
+    return supervisor.serve()
