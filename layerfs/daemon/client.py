@@ -106,13 +106,16 @@ def _connect(path: str, required: bool) -> _socket.socket | None:
     hint = "start one with `layerfs daemon --root ROOT`, or unset LAYERFS_DAEMON"
     try:
         os.stat(path)
-    except OSError:
+    except FileNotFoundError:
         if required:
             raise DaemonError(f"no layerfs daemon at {path} ({hint})") from None
         return None
+    except OSError:
+        pass                      # let connect() say why
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    address, dir_fd = wire.short_address(path)
+    dir_fd = None
     try:
+        address, dir_fd = wire.short_address(path)
         conn.connect(address)
     except OSError as err:
         conn.close()
@@ -171,19 +174,23 @@ def _converse(conn: _socket.socket, argv: list[str], required: bool) -> int | No
     import array
 
     frame, fds, opened = _request(argv)
+    frames, queue = wire.Frames(), list[bytes]()
     try:
         rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = conn.sendmsg([frame], rights)
         if sent < len(frame):
             conn.sendall(frame[sent:])
     except OSError as err:
+        # A daemon that refuses us says why before it closes: read that first.
+        reply = _recv(conn, frames, queue)
+        if reply is not None and reply[0] == b"error":
+            raise DaemonError(wire.field(reply, b"message").decode(errors="replace")) from None
         if required:
             raise DaemonError(f"the layerfs daemon went away: {err.strerror}") from None
         return None
     finally:
         for fd in opened:
             os.close(fd)
-    frames, queue = wire.Frames(), list[bytes]()
     reply = _recv(conn, frames, queue)
     if reply is None:
         # It closed before taking the command (stopping, or killed): nothing ran.
@@ -216,6 +223,7 @@ def _converse(conn: _socket.socket, argv: list[str], required: bool) -> int | No
         return int(wire.field(reply, b"status"))
     sig = int(sig_text)
     if sig in _REDELIVER:
-        _signal.signal(sig, _signal.SIG_DFL)
+        if sig != _signal.SIGKILL:
+            _signal.signal(sig, _signal.SIG_DFL)
         os.kill(os.getpid(), sig)
     return 128 + sig

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="when stopping, how long running commands may take before they get "
                    "SIGTERM (default: %(default)s)")
+    p.add_argument("--hangup-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="a command whose client went away gets SIGHUP, then SIGTERM and "
+                   "SIGKILL this many seconds apart (default: %(default)s)")
     p.add_argument("--service", action="append", default=[], metavar="NAME[:ARGS]",
                    help="also run this service (entry point group layerfs.daemon.services, "
                    "e.g. the engines' endpoints) in a supervised child (repeatable)")
@@ -55,5 +58,5 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     log.setLevel(args.log_level.upper())
     log.propagate = False
     supervisor = Supervisor(args.daemon_root or args.root, drain_timeout=args.drain_timeout,
-                            services=[services.parse(s) for s in args.service])
+                            hangup_grace=args.hangup_grace, services=[services.parse(s) for s in args.service])
     return supervisor.serve()

@@ -29,7 +29,7 @@ Crash semantics (docs/daemon.md):
   containers they ran die with them (the runtime's liveness pipe) and are cleaned
   up the same way.
 * A client that goes away mid-command hangs up its worker like a closed
-  terminal: SIGHUP, then SIGTERM after :data:`HANGUP_GRACE` seconds, then SIGKILL.
+  terminal: SIGHUP, then SIGTERM and SIGKILL ``hangup_grace`` seconds apart (10).
 * Every worker that dies of a signal is followed by a recovery child, so the
   root is tidy even if no other command comes.
 * The supervisor is a child subreaper: FUSE servers and detached-container
@@ -84,6 +84,8 @@ WARM_MODULES = (
 )
 
 PR_SET_CHILD_SUBREAPER = 36
+#: What a worker gets, ``hangup_grace`` seconds apart, once its client has gone away.
+_ESCALATION = (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL)
 
 
 @dataclass
@@ -124,7 +126,7 @@ class Job:
     conn: Connection | None
     command: str
     started: float
-    hangup: int = 0             # 0, or the last signal of the hangup sequence sent
+    hangup: int = 0             # how far along _ESCALATION it is (0: not hung up)
 
 
 @dataclass(order=True)
@@ -139,10 +141,12 @@ class Supervisor:
     """``layerfs daemon`` for one root; :meth:`serve` runs until SIGTERM/SIGINT/SIGHUP."""
 
     def __init__(self, root: str | os.PathLike[str], *, drain_timeout: float = 30.0,
+                 hangup_grace: float = HANGUP_GRACE,
                  services: Sequence[tuple[str, list[str]]] = ()) -> None:
         self.root = Path(root).absolute()
         self.socket_path = wire.socket_path(self.root)
         self.drain_timeout = drain_timeout
+        self.hangup_grace = hangup_grace
         self.service_specs = list(services)
         self.pid = os.getpid()
         self.sel = selectors.DefaultSelector()
@@ -393,16 +397,19 @@ class Supervisor:
         self._escalate(job, signal.SIGHUP)
 
     def _escalate(self, job: Job, sig: int) -> None:
-        if job.pid not in self.jobs or job.hangup >= sig:
+        """Send ``sig`` unless a later signal of SIGHUP → SIGTERM → SIGKILL was sent; the
+        next one follows ``hangup_grace`` seconds later if the worker still runs."""
+        stage = _ESCALATION.index(sig) + 1
+        if job.pid not in self.jobs or job.hangup >= stage:
             return
-        job.hangup = sig
+        job.hangup = stage
         with contextlib.suppress(ProcessLookupError):
             os.kill(job.pid, sig)
             if sig == signal.SIGHUP:
                 os.kill(job.pid, signal.SIGCONT)   # as a terminal hangup does
-        following = {int(signal.SIGHUP): signal.SIGTERM, int(signal.SIGTERM): signal.SIGKILL}.get(sig)
-        if following is not None:
-            self.after(HANGUP_GRACE, lambda: self._escalate(job, following))
+        if stage < len(_ESCALATION):
+            following = _ESCALATION[stage]
+            self.after(self.hangup_grace, lambda: self._escalate(job, following))
 
     def _drop(self, conn: Connection) -> None:
         _close_fds(conn.fds)
@@ -581,7 +588,7 @@ class Supervisor:
     # --- stopping ---------------------------------------------------------------------------------
     def stop(self, why: str) -> None:
         """Stop taking commands; let running ones finish for ``drain_timeout`` seconds, then
-        SIGTERM them (SIGKILL after :data:`HANGUP_GRACE`); stop the services."""
+        SIGTERM them (SIGKILL ``hangup_grace`` seconds later); stop the services."""
         if self.stopping:
             if not self._stop_deadline_armed:
                 return

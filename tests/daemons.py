@@ -1,0 +1,173 @@
+"""Running the CLI test suites in both modes: in-process and through ``layerfs daemon``.
+
+CLI fixtures take a :func:`cli_mode` (``"in-process"`` or ``"daemon"``) and pass
+:func:`mode_env` to every ``layerfs`` they start: ``LAYERFS_DAEMON=0`` or ``=1``,
+so a command meant for the daemon fails loudly instead of quietly running
+in-process. In daemon mode :meth:`Daemons.serve` starts a daemon for the test's
+root first.
+
+Starting ``layerfs daemon`` costs an interpreter and the warm-up imports (about a
+second on a busy CI machine), and the suites make a fresh root per test. So one
+*factory* process per session does the warm-up once and forks a daemon
+(:meth:`layerfs.daemon.server.Supervisor.serve`, the code ``layerfs daemon``
+runs) for each root in milliseconds. tests/daemon/ starts the real command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from layerfs.daemon import wire
+
+MODES = ["in-process", "daemon"]
+
+_FACTORY = r"""
+import logging, os, signal, sys
+from layerfs.daemon.server import Supervisor, log, warm_up
+from layerfs.runtime import _sys
+
+_sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)     # never outlive the test session
+warm_up()
+print("ready", flush=True)
+for line in sys.stdin:
+    root, logfile = line.rstrip("\n").split("\t")
+    pid = os.fork()
+    if pid == 0:
+        _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGTERM)
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(fd, 2)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s layerfs daemon: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel("INFO")
+        log.propagate = False
+        code = 1
+        try:
+            code = Supervisor(root).serve()
+        except BaseException as err:
+            log.error("daemon failed: %s", err)
+        finally:
+            os._exit(code)
+    print(pid, flush=True)
+    while True:                      # reap daemons that stopped since
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+"""
+
+
+def mode_env(mode: str) -> dict[str, str]:
+    return {"LAYERFS_DAEMON": "1" if mode == "daemon" else "0"}
+
+
+def wait_for_socket(root: Path, timeout: float = 60) -> None:
+    """Until ROOT/daemon.sock accepts a connection."""
+    import socket
+
+    path = wire.socket_path(root)
+    deadline = time.monotonic() + timeout
+    while True:
+        address, dir_fd = (None, None)
+        try:
+            address, dir_fd = wire.short_address(path)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(address)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no daemon answered at {path}") from None
+            time.sleep(0.02)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+
+
+def wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until process ``pid`` (not necessarily our child) has terminated."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            raise TimeoutError(f"process {pid} still running after {timeout} s")
+    finally:
+        os.close(pidfd)
+
+
+class Daemons:
+    """The session's daemon factory; :meth:`serve` runs a daemon for one root."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.proc = subprocess.Popen([sys.executable, "-c", _FACTORY], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the daemon factory did not start")
+
+    def start(self, root: Path) -> int:
+        """A daemon for ``root`` (created if missing); its pid, once it answers."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        root.mkdir(parents=True, exist_ok=True)
+        log = self.logs / (root.parent.name + "-" + root.name + ".log")
+        self.proc.stdin.write(f"{root}\t{log}\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        try:
+            wait_for_socket(root)
+        except TimeoutError:
+            raise RuntimeError(f"daemon for {root} did not start: "
+                               f"{log.read_text()[-2000:] if log.exists() else ''}") from None
+        return pid
+
+    @contextlib.contextmanager
+    def serve(self, root: Path) -> Iterator[int]:
+        """A daemon for ``root`` for the duration; stopped (SIGTERM, and waited for) after."""
+        pid = self.start(root)
+        try:
+            yield pid
+        finally:
+            stop(pid)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def stop(pid: int, timeout: float = 60) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    wait_gone(pid, timeout)
+
+
+@pytest.fixture(scope="session")
+def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
+    factory = Daemons(tmp_path_factory.mktemp("daemon-logs"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(params=MODES)
+def cli_mode(request: pytest.FixtureRequest) -> str:
+    """How this test's ``layerfs`` commands run: ``in-process`` or through a ``daemon``."""
+    return str(request.param)
