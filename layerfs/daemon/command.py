@@ -58,5 +58,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     log.setLevel(args.log_level.upper())
     log.propagate = False
     supervisor = Supervisor(args.daemon_root or args.root, drain_timeout=args.drain_timeout,
-                            hangup_grace=args.hangup_grace, services=[services.parse(s) for s in args.service])
+                            hangup_grace=args.hangup_grace,
+                            services=[services.parse(s) for s in args.service])
     return supervisor.serve()

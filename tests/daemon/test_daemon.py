@@ -57,7 +57,7 @@ def _as_nobody(fn: Callable[[], int]) -> tuple[int, str]:
         try:
             os.close(r)
             os.dup2(w, 2)
-            sys.stderr = open(2, "w", closefd=False)  # not pytest's capture  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # not pytest's capture
             os.setegid(65534)
             os.seteuid(65534)
             code = fn()
@@ -241,7 +241,7 @@ def test_socket_activation(root: Root, tmp_path: Path) -> None:
                               text=True).stdout.strip()
     if not activate:
         pytest.skip("systemd-socket-activate is not installed")
-    log = open(tmp_path / "activated.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "activated.log", "wb")
     proc = subprocess.Popen([activate, "-l", wire.socket_path(root.path), sys.executable, "-m",
                              "layerfs", "daemon", "--root", str(root.path)], stdout=log,
                             stderr=log, env=root.environ("in-process", None))

@@ -58,7 +58,7 @@ def test_kill_daemon_during_run(step: str, rm: bool, root: Root, tmp_path: Path,
                       stdout=-1, stderr=-1)
     wait_for(marker.exists, what=f"the command to reach {step}")
     daemon.kill9()
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err.decode()) == (1, KILLED)
     if rm:
         restart_and_check(root, start_daemon)
@@ -90,7 +90,7 @@ def test_kill_daemon_during_apply(root: Root, tmp_path: Path,
                      and r.state == "creating", what="the layer row")
         time.sleep(0.3)               # let the worker apply what it got
         daemon.kill9()
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err.decode()) == (1, KILLED)
     with LayerStore.open(root.path, recover=False) as store:
         rec = store.store.get_layer("half")
@@ -112,7 +112,7 @@ def test_kill_daemon_during_remove(root: Root, tmp_path: Path,
                       stdout=-1, stderr=-1)
     wait_for(marker.exists, what="the removal to start")
     daemon.kill9()
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err.decode()) == (1, KILLED)
     with LayerStore.open(root.path, recover=False) as store:
         assert store.store.get_layer(layer).state == "removing"   # type: ignore[union-attr]
