@@ -133,9 +133,9 @@ class Root:
         return result
 
     def popen(self, *args: str, mode: str = "daemon", env: dict[str, str] | None = None,
-              **kw: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv(*args), env=self.environ(mode, env),
-                                **kw)  # type: ignore[call-overload, no-any-return]
+              stdout: int | None = None, stderr: int | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(*args), env=self.environ(mode, env), stdout=stdout,
+                                stderr=stderr)
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "layerfs", "--root", str(self.path), *args]
