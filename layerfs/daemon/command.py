@@ -39,9 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--hangup-grace", type=float, default=10.0, metavar="SECONDS",
                    help="a command whose client went away gets SIGHUP, then SIGTERM and "
                    "SIGKILL this many seconds apart (default: %(default)s)")
-    p.add_argument("--service", action="append", default=[], metavar="NAME[:ARGS]",
-                   help="also run this service (entry point group layerfs.daemon.services, "
-                   "e.g. the engines' endpoints) in a supervised child (repeatable)")
+    p.add_argument("--service", action="append", default=[], metavar="'NAME ARG...'",
+                   help="also run this server in a supervised child process: an entry point "
+                   "of the group layerfs.daemon.services (the engines' endpoints) or "
+                   "module:function, with its arguments (repeatable; see docs/daemon.md)")
     p.add_argument("--log-level", default=os.environ.get("LAYERFS_DAEMON_LOG", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_daemon)

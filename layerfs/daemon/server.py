@@ -170,6 +170,7 @@ class Supervisor:
         if os.geteuid() != 0:
             raise LayerfsError("layerfs daemon must run as root (it mounts, and its socket is "
                                "root-only)")
+        services = [Service.load(name, args) for name, args in self.service_specs]
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -178,8 +179,8 @@ class Supervisor:
             self._listen()
             self._install_signals()
             self._start_recovery()
-            for name, args in self.service_specs:
-                self._start_service(Service.load(name, args))
+            for service in services:
+                self._start_service(service)
             self._start_union_zygote()
             _sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(self.socket_path))
             log.info("serving %s on %s (pid %d)", self.root, self.socket_path, self.pid)
@@ -288,7 +289,8 @@ class Supervisor:
             self._reap()
 
     def _idle(self) -> bool:
-        return not (self.jobs or self.services or self._recovery_pid)
+        running = any(s.pid is not None for s in self.services.values())
+        return not (self.jobs or running or self._recovery_pid)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -494,8 +496,6 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w, self._lock_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for service in self.services.values():
-            service.forget()
 
     def _worker(self, request: Request) -> NoReturn:
         from . import worker
@@ -581,9 +581,41 @@ class Supervisor:
         self.after(service.backoff, again)
 
     def _start_union_zygote(self) -> None:
-        """The warm fork server for FUSE union mounts (issue 17, part 3: the union
-        engineer's ``layerfs`` hook). Call site kept here, single and marked, until it lands."""
-        # UNION-ZYGOTE HOOK: create the zygote for self.root and hand it to layerfs.mount.
+        """UNION-ZYGOTE HOOK (issue 17, part 3): the warm fork server for FUSE union mounts.
+
+        The aufs driver's ``make_fuse_forker()`` starts it; ``layerfs.mount.set_fuse_forker``
+        routes every FUSE helper mount of this process, hence of every worker forked
+        from it, through it. Workers are separate processes that mount concurrently,
+        so the forker must declare ``fork_safe = True`` (each process talks to the
+        zygote on its own channel); until it does, mounts run the helper command.
+        """
+        from .. import mount as mountlib
+        from .. import registry
+
+        set_forker = getattr(mountlib, "set_fuse_forker", None)
+        try:
+            make = getattr(registry.load("aufs"), "make_fuse_forker", None)
+        except LayerfsError:
+            make = None
+        if set_forker is None or make is None:
+            return
+        forker = make()
+        if not getattr(forker, "fork_safe", False):
+            log.info("union mounts: the fork server is not usable from workers yet; "
+                     "mounts run the helper")
+            with contextlib.suppress(Exception):
+                forker.close()
+            return
+        set_forker(forker)
+        pid = getattr(forker, "pid", None)
+        if isinstance(pid, int):
+            # Its own child: reaped here; a new one if it dies while we serve.
+            def exited(status: int) -> None:
+                log.warning("union fork server: %s", _describe(status))
+                set_forker(None)
+                if not self.stopping:
+                    self.after(1.0, self._start_union_zygote)
+            self.children[pid] = exited
 
     # --- stopping ---------------------------------------------------------------------------------
     def stop(self, why: str) -> None:
@@ -640,9 +672,6 @@ class Service:
     def run(self, root: Path) -> None:
         result = self.target(root, self.args)
         raise SystemExit(result if isinstance(result, int) else 0)
-
-    def forget(self) -> None:
-        """In another child: nothing to close (the service's files live in its own process)."""
 
     def terminate(self, sup: Supervisor) -> None:
         pid = self.pid

@@ -234,6 +234,39 @@ def test_orphans_are_reaped(root: Root, daemon: Daemon) -> None:
     assert zombies_of(daemon.pid) == []
 
 
+def test_services_are_supervised(root: Root, tmp_path: Path,
+                                 start_daemon: Callable[..., Daemon]) -> None:
+    """A service (issue 18's engine endpoints use this) runs in its own child of the
+    daemon, is restarted when it dies, and is stopped with the daemon, or by its death."""
+    record = tmp_path / "service.log"
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in record.read_text().splitlines()] \
+            if record.exists() else []
+
+    daemon = start_daemon(extra=["--service", f"tests.daemon.sample_service:serve {record} a b"])
+    wait_for(lambda: len(lines()) == 1, what="the service")
+    started, pid, parent, where, *args = lines()[0]
+    assert (started, int(parent), where, args) == ("started", daemon.pid, str(root.path),
+                                                   ["a", "b"])
+    os.kill(int(pid), signal.SIGKILL)                      # it fails: it comes back
+    wait_for(lambda: len(lines()) == 2, what="the restart")
+    assert "restarting in 1 s" in daemon.text()
+    again = int(lines()[1][1])
+    assert root.layerfs("images", "-q").stdout             # commands are served meanwhile
+    daemon.stop()
+    assert lines()[2] == ["stopped", str(again)]
+    # Killed with the daemon: SIGTERM through PR_SET_PDEATHSIG, a clean stop.
+    daemon = start_daemon(extra=["--service", f"tests.daemon.sample_service:serve {record}"])
+    wait_for(lambda: len(lines()) == 4, what="the service")
+    daemon.kill9()
+    wait_for(lambda: len(lines()) == 5, what="the service to stop")
+    assert lines()[4] == ["stopped", lines()[3][1]]
+    proc = root.layerfs("daemon", "--service", "nosuch", mode="in-process", check=False)
+    assert proc.returncode == 1 and "no daemon service named 'nosuch'" in \
+        one_line_error(proc.stderr)
+
+
 def test_socket_activation(root: Root, tmp_path: Path) -> None:
     """systemd-socket-activate stands in for systemd: it binds ROOT/daemon.sock and starts
     the daemon on the first connection with the socket as fd 3 (LISTEN_FDS)."""
