@@ -19,6 +19,8 @@ from layerfs import registry
 from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
 
+from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
+
 ALL_DRIVERS = sorted(registry.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
 NATIVE_DRIVERS = [d for d in ALL_DRIVERS if d != "devicemapper"]

@@ -1,10 +1,11 @@
 """Running the CLI test suites in both modes: in-process and through ``layerfs daemon``.
 
-CLI fixtures take a :func:`cli_mode` (``"in-process"`` or ``"daemon"``) and pass
-:func:`mode_env` to every ``layerfs`` they start: ``LAYERFS_DAEMON=0`` or ``=1``,
-so a command meant for the daemon fails loudly instead of quietly running
-in-process. In daemon mode :meth:`Daemons.serve` starts a daemon for the test's
-root first.
+A test (or a CLI fixture) that starts ``layerfs`` requests :func:`cli_mode`,
+which parametrizes it over ``in-process`` and ``daemon``; the CLI helpers add
+:func:`cli_env` ``(root)`` to every command's environment. That is
+``LAYERFS_DAEMON=0``, or ``LAYERFS_DAEMON=1`` after making sure a daemon serves
+``root`` (so a command meant for the daemon fails loudly instead of quietly
+running in-process). The daemons a test needed are stopped after it.
 
 Starting ``layerfs daemon`` costs an interpreter and the warm-up imports (about a
 second on a busy CI machine), and the suites make a fresh root per test. So one
@@ -68,10 +69,6 @@ for line in sys.stdin:
         except ChildProcessError:
             break
 """
-
-
-def mode_env(mode: str) -> dict[str, str]:
-    return {"LAYERFS_DAEMON": "1" if mode == "daemon" else "0"}
 
 
 def wait_for_socket(root: Path, timeout: float = 60) -> None:
@@ -158,6 +155,38 @@ def stop(pid: int, timeout: float = 60) -> None:
     wait_gone(pid, timeout)
 
 
+class CliMode:
+    """How one test's ``layerfs`` commands run, and the daemons it started."""
+
+    def __init__(self, name: str, daemons: Daemons | None) -> None:
+        self.name = name
+        self.daemons = daemons
+        self.served: dict[Path, int] = {}
+
+    def env(self, root: Path | str) -> dict[str, str]:
+        if self.daemons is None:
+            return {"LAYERFS_DAEMON": "0"}
+        path = Path(root).absolute()
+        if path not in self.served:
+            self.served[path] = self.daemons.start(path)
+        return {"LAYERFS_DAEMON": "1"}
+
+    def close(self) -> None:
+        for pid in self.served.values():
+            stop(pid)
+        self.served.clear()
+
+
+#: The mode of the running test, for CLI helpers that are plain functions.
+ACTIVE: CliMode | None = None
+
+
+def cli_env(root: Path | str) -> dict[str, str]:
+    """Environment for a ``layerfs --root ROOT`` of the running test (empty outside
+    :func:`cli_mode` tests); in daemon mode, a daemon serves ``root`` from now on."""
+    return ACTIVE.env(root) if ACTIVE is not None else {}
+
+
 @pytest.fixture(scope="session")
 def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
     factory = Daemons(tmp_path_factory.mktemp("daemon-logs"))
@@ -168,6 +197,14 @@ def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
 
 
 @pytest.fixture(params=MODES)
-def cli_mode(request: pytest.FixtureRequest) -> str:
-    """How this test's ``layerfs`` commands run: ``in-process`` or through a ``daemon``."""
-    return str(request.param)
+def cli_mode(request: pytest.FixtureRequest) -> Iterator[CliMode]:
+    """Run this test's ``layerfs`` commands in-process, then again through a daemon."""
+    global ACTIVE
+    mode = CliMode(request.param, request.getfixturevalue("daemons")
+                   if request.param == "daemon" else None)
+    ACTIVE = mode
+    try:
+        yield mode
+    finally:
+        ACTIVE = None
+        mode.close()
