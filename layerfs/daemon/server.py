@@ -747,6 +747,22 @@ def _sd_notify(message: bytes) -> None:
         s.sendto(message, address)
 
 
+def serving_daemon(root: str | os.PathLike[str]) -> int | None:
+    """The pid of the daemon that serves ``root`` now (it holds ROOT/daemon.lock), or None."""
+    try:
+        fd = os.open(Path(root) / wire.LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        return None if kind == fcntl.F_UNLCK else pid
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _lock_holder(fd: int) -> int | None:
     try:
         return int(os.pread(fd, 32, 0).split()[0])

@@ -310,3 +310,34 @@ def test_units_are_valid(tmp_path: Path) -> None:
                            "layerfs@var-lib-layerfs.service", "layerfs@var-lib-layerfs.socket"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+def test_a_pool_a_daemon_serves_is_not_destroyed_under_it(denv: object, tmp_path: Path) -> None:
+    """The daemon keeps its root's filesystem busy (socket and lock live in the root):
+    `pool destroy` says which daemon to stop, and works once it is stopped."""
+    from ..daemons import stop, wait_for_socket
+
+    image, mnt = tmp_path / "pool.img", tmp_path / "mnt"
+    layerfs = [sys.executable, "-m", "layerfs"]
+    env = dict(os.environ, LAYERFS_DAEMON="0")
+    subprocess.run([*layerfs, "pool", "create", "btrfs", "--size", "300M", "--image", str(image),
+                    "--mount", str(mnt)], check=True, capture_output=True, env=env)
+    daemon = None
+    try:
+        daemon = subprocess.Popen([*layerfs, "daemon", "--root", str(mnt / "layerfs")],
+                                  stderr=subprocess.DEVNULL, env=env)
+        wait_for_socket(mnt / "layerfs")
+        proc = subprocess.run([*layerfs, "pool", "destroy", "btrfs", str(mnt)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 1
+        assert f"the layerfs daemon (pid {daemon.pid}) serving {mnt}/layerfs keeps it open; " \
+               f"stop the daemon first" in one_line_error(proc.stderr)
+        stop(daemon.pid)
+        daemon.wait()
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        subprocess.run([*layerfs, "pool", "destroy", "btrfs", str(mnt)], check=True,
+                       capture_output=True, env=env)
+    assert not image.exists()
