@@ -66,5 +66,5 @@ if TYPE_CHECKING:
         UnsafeArchive,
     )
     from .layers import LayerStore, open_root
+    from .metastore import LayerRecord
     from .mount import Mount
-    from .store import LayerRecord

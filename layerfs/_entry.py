@@ -6,7 +6,7 @@ signals and return its status. Otherwise it runs here (:func:`run_here`), which
 is also what the daemon's worker calls: one code path for both.
 
 Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
-timed against runc), so they go straight to :mod:`layerfs.cli_run` without
+timed against runc), so they go straight to :mod:`layerfs.cli.run` without
 importing rich and every other command group; everything else goes to
 :mod:`layerfs.cli`.
 """
@@ -35,7 +35,7 @@ def _command(argv: list[str]) -> str | None:
 def run_here(args: list[str]) -> int:
     """Run the command in this process (no daemon)."""
     if _command(args) in _FAST and not {"-h", "--help"} & set(args):
-        from .cli_run import main as run_main
+        from .cli.run import main as run_main
 
         return run_main(args)
     from .cli import main as cli_main

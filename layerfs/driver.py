@@ -46,7 +46,7 @@ from .errors import InvalidArgument
 from .tarlayer import WhiteoutFormat, apply_layer, export_changes
 
 if TYPE_CHECKING:
-    from .store import DriverState
+    from .metastore import DriverState
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ class Driver(ABC):
 def scratch_prefix(kind: str, layer_id: str) -> str:
     """Scratch names start with the owner's process token, so crash recovery can tell
     a dead process's leftover from a live one's work: ``<pid>_<starttime>_<kind>_<id>_``."""
-    from .store import process_token
+    from .metastore import process_token
 
     return f"{process_token().replace(':', '_')}_{kind}_{layer_id[:12]}_"
 

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import mount as mountlib
-from . import registry
+from . import plugins
 from .changes import Change
 from .driver import Driver, DriverOptions, Usage, parse_size, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
-from .store import DriverState, LayerRecord, Store, now, process_alive, process_token
+from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -45,7 +45,7 @@ def new_layer_id() -> str:
 class LayerStore:
     """Layers of one root, managed through one driver."""
 
-    def __init__(self, root: Path, driver: Driver, store: Store) -> None:
+    def __init__(self, root: Path, driver: Driver, store: MetaStore) -> None:
         self.root = root
         self.driver = driver
         self.store = store
@@ -59,7 +59,7 @@ class LayerStore:
              recover: bool = True) -> LayerStore:
         root_path = Path(root).absolute()
         root_path.mkdir(parents=True, exist_ok=True)
-        store = Store(root_path / "layerfs.db")
+        store = MetaStore(root_path / "layerfs.db")
         try:
             # Driver options are part of the root: given once (first open, or
             # again to change them), they apply to every later open without -s.
@@ -73,9 +73,9 @@ class LayerStore:
                 raise InvalidArgument(
                     f"root {root_path} holds layers of driver {owner!r}, not {driver!r}; "
                     f"use --driver {owner} or another --root")
-            name, _ = registry.select(root_path, driver or owner, opts)
-            cls_ = registry.load(name)
-            drv = cls_(registry.home_of(root_path, name), opts, DriverState(store, name))
+            name, _ = plugins.select(root_path, driver or owner, opts)
+            cls_ = plugins.load(name)
+            drv = cls_(plugins.home_of(root_path, name), opts, DriverState(store, name))
             if owner is None:
                 store.set_setting("driver", name)
             if options:

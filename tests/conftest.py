@@ -15,20 +15,20 @@ from pathlib import Path
 import pytest
 
 from layerfs import mount as mountlib
-from layerfs import registry
+from layerfs import plugins
 from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
 
 from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
 
-ALL_DRIVERS = sorted(registry.registered())
+ALL_DRIVERS = sorted(plugins.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
 NATIVE_DRIVERS = [d for d in ALL_DRIVERS if d != "devicemapper"]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = []
-    for probe in registry.probe_all(Path("/tmp")):
+    for probe in plugins.probe_all(Path("/tmp")):
         state = "supported" if probe.supported else f"NOT supported: {probe.reason}"
         lines.append(f"layerfs driver {probe.name}: {state}")
     return lines

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs import registry
+from layerfs import plugins
 
 from .conftest import ALL_DRIVERS, root_for
 
@@ -24,7 +24,7 @@ def test_required_driver_is_supported(name: str, tmp_path: Path,
     if not REQUIRED:
         pytest.skip("LAYERFS_REQUIRE_DRIVERS is not set (scripts/test sets it)")
     assert name in ALL_DRIVERS, f"{name} is required but not registered"
-    probe = registry.probe(name, root_for(name, tmp_path, request))
+    probe = plugins.probe(name, root_for(name, tmp_path, request))
     assert probe.supported, f"{name} must run on this machine, but: {probe.reason}"
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerfs.store import DriverState, Store
+from layerfs.metastore import DriverState, MetaStore
 
 
 def test_driver_state_prefix_is_literal_and_case_sensitive(tmp_path: Path) -> None:
-    store = Store(tmp_path / "meta.db")
+    store = MetaStore(tmp_path / "meta.db")
     try:
         state = DriverState(store, "devicemapper")
         for key in ("device:ab", "device:AB", "device_x", "devicex:1", "device%y", "deleted:ab"):

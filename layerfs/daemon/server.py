@@ -75,12 +75,13 @@ _HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: use. Never modules that capture the process's environment or terminal at import
 #: (rich consoles, the bench harness): those are imported by the worker itself.
 WARM_MODULES = (
-    "layerfs._entry", "layerfs.cli_run", "layerfs.containers", "layerfs.images",
-    "layerfs.layers", "layerfs.store", "layerfs.mount", "layerfs.tarlayer", "layerfs.oci",
-    "layerfs.changes", "layerfs.registry", "layerfs.runtime.engine", "layerfs.runtime.network",
-    "layerfs.runtime.state", "layerfs.pool", "layerfs.registry_client", "layerfs.auth",
-    "layerfs.daemon.worker", "rich.console", "rich.table", "rich.progress", "sqlite3",
-    "argparse", "tarfile", "gzip", "zstandard", "json", "shlex", "tempfile", "uuid",
+    "layerfs._entry", "layerfs.cli", "layerfs.cli.run", "layerfs.cli.common",
+    "layerfs.runtime.containers", "layerfs.images", "layerfs.layers", "layerfs.metastore",
+    "layerfs.mount", "layerfs.tarlayer", "layerfs.oci", "layerfs.changes", "layerfs.plugins",
+    "layerfs.runtime.engine", "layerfs.runtime.network", "layerfs.runtime.state",
+    "layerfs.pool", "layerfs.distribution", "layerfs.daemon.worker", "rich.console",
+    "rich.table", "rich.progress", "sqlite3", "argparse", "tarfile", "gzip", "zstandard", "json",
+    "shlex", "tempfile", "uuid",
 )
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -590,11 +591,11 @@ class Supervisor:
         zygote on its own channel); until it does, mounts run the helper command.
         """
         from .. import mount as mountlib
-        from .. import registry
+        from .. import plugins
 
         set_forker = getattr(mountlib, "set_fuse_forker", None)
         try:
-            make = getattr(registry.load("aufs"), "make_fuse_forker", None)
+            make = getattr(plugins.load("aufs"), "make_fuse_forker", None)
         except LayerfsError:
             make = None
         if set_forker is None or make is None:
@@ -698,11 +699,11 @@ def warm_up(modules: Sequence[str] = WARM_MODULES) -> list[str]:
             importlib.import_module(name)
         except ImportError as err:
             failed.append(f"{name}: {err}")
-    from .. import registry
+    from .. import plugins
 
-    for name in registry.registered():
+    for name in plugins.registered():
         try:
-            registry.load(name)
+            plugins.load(name)
         except LayerfsError as err:
             failed.append(f"driver {name}: {err}")
     for line in failed:

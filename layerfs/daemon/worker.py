@@ -166,11 +166,11 @@ def _flush() -> bool:
 def recover(root: Path) -> None:
     """Finish or roll back what dead processes left on ``root`` (start-up, and after a
     worker died of a signal): half-made layers and mounts, containers whose runner died."""
-    from ..containers import ContainerManager
     from ..layers import LayerStore
-    from ..store import Store
+    from ..metastore import MetaStore
+    from ..runtime.containers import ContainerManager
 
-    with contextlib.closing(Store(root / "layerfs.db")) as store:
+    with contextlib.closing(MetaStore(root / "layerfs.db")) as store:
         if store.get_setting("driver") is None:
             return                   # nothing made here yet
     with LayerStore.open(root, recover=False) as layers:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from layerfs import mount as mountlib
-from layerfs.containers import LABEL_CONTAINER, ContainerManager
 from layerfs.layers import LayerStore
 from layerfs.runtime import RuntimeConfig
 from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
+from layerfs.runtime.containers import LABEL_CONTAINER, ContainerManager
 from layerfs.testing import images as timg
 
 from ..daemons import stop, wait_for_socket, wait_gone

@@ -44,18 +44,18 @@ def _before(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install() -> None:
-    from layerfs import registry
-    from layerfs.containers import ContainerManager
+    from layerfs import plugins
     from layerfs.layers import LayerStore
     from layerfs.runtime import engine
+    from layerfs.runtime.containers import ContainerManager
 
     LayerStore.create = _after("run-created", LayerStore.create)  # type: ignore[method-assign]
     LayerStore.mount = _after("run-mounted", LayerStore.mount)  # type: ignore[method-assign]
     engine.start = _after("run-started", engine.start)
     ContainerManager._after_exit = _before(  # type: ignore[method-assign]
         "run-exited", ContainerManager._after_exit)
-    for name in registry.registered():
-        cls = registry.load(name)
+    for name in plugins.registered():
+        cls = plugins.load(name)
         cls.remove = _before("remove", cls.remove)  # type: ignore[method-assign]
 
 

@@ -233,6 +233,6 @@ def test_pool_create_and_destroy_cli(tmp_path: Path) -> None:
 
 
 def test_not_on_btrfs_is_not_supported(tmp_path: Path) -> None:
-    from layerfs import registry
-    probe = registry.probe("btrfs", tmp_path)
+    from layerfs import plugins
+    probe = plugins.probe("btrfs", tmp_path)
     assert not probe.supported and "pool create btrfs" in (probe.reason or "")

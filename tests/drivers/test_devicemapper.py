@@ -35,12 +35,12 @@ from layerfs_drivers.devicemapper.deviceset import DeviceSet
 from layerfs_drivers.devicemapper.pool import LoopbackPool, signatures
 
 from layerfs import cli as lfscli
-from layerfs import registry
+from layerfs import plugins
 from layerfs.changes import ChangeKind
 from layerfs.driver import DriverOptions
 from layerfs.errors import DriverNotSupported, InUse, InvalidArgument
 from layerfs.layers import LayerStore
-from layerfs.store import DriverState, Store
+from layerfs.metastore import DriverState, MetaStore
 from layerfs.testing.trees import tree_manifest
 
 from .. import test_crash as crash_suite
@@ -151,14 +151,14 @@ def test_backend_follows_udev_and_never_waits_for_a_missing_udevd(
 
 
 def test_driver_check_says_why_and_where_it_runs(tmp_path: Path) -> None:
-    probe = registry.probe("devicemapper", tmp_path)
+    probe = plugins.probe("devicemapper", tmp_path)
     if dm_missing() is not None or os.geteuid() != 0:
         assert not probe.supported
         assert "qemu" in str(probe.reason) or "root" in str(probe.reason)
     else:
         assert probe.supported, probe.reason
     # Bad options never break `layerfs info`'s probe; they are reported by open.
-    assert registry.probe("devicemapper", tmp_path, DriverOptions({"fs": "zfs"})).name
+    assert plugins.probe("devicemapper", tmp_path, DriverOptions({"fs": "zfs"})).name
 
 
 # --------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def sh(*cmd: str) -> str:
 def recorded_pool(root: Path) -> dict | None:
     if not (root / "layerfs.db").exists():
         return None
-    store = Store(root / "layerfs.db")
+    store = MetaStore(root / "layerfs.db")
     try:
         return DriverState(store, "devicemapper").get("pool")
     finally:

@@ -3,7 +3,7 @@
 The parser tests use output recorded from Debian 12's dmsetup 1.02.185 on the
 6.1 kernel. The ``vm`` tests need a kernel with device-mapper and skip with the
 reason on hosts without one; tests/vm/test_dm_in_guest.py runs this file inside
-the guest (``python -m layerfs.testing.qemu pytest -- tests/drivers/test_dm_plumbing.py``)
+the guest (``python -m tests.support.qemu pytest -- tests/drivers/test_dm_plumbing.py``)
 and fails if anything here skipped there. Every pool, VG and dm device made here
 carries a random suffix and is removed by that exact name.
 """

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.peers import DockerDaemon
 
 from layerfs.errors import DriverNotSupported, LayerfsError
 from layerfs.images import Image, ImageStore
 from layerfs.layers import LayerStore
 from layerfs.testing import images as timg
-from layerfs.testing.peers import DockerDaemon
 
 from ..conftest import NATIVE_DRIVERS, close_and_check, root_for
 from ..dm_fixtures import options_for

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.peers import DockerDaemon
 
 from layerfs.images import ImageStore
 from layerfs.testing import images as timg
-from layerfs.testing import qemu
-from layerfs.testing.peers import DockerDaemon
+from tests.support import qemu
 
 from ..vm.guest import guest_test, pytest_passes_in_guest
 from .conftest import Archives, run_image

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.peers import missing, skopeo, umoci
 
 from layerfs.images import ImageStore
 from layerfs.testing import images as timg
-from layerfs.testing.peers import missing, skopeo, umoci
 
 from .conftest import IMAGE_DRIVERS, Archives, run_image
 

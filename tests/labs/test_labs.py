@@ -2,7 +2,7 @@
 
 One test per ``docs/labs/NN-*.md``: its ``sh lab`` blocks run in one shell
 state, their output is checked against the ``text expect`` blocks, and the
-``lab-cleanup`` blocks always run (see :mod:`layerfs.testing.labs`). A lab whose
+``lab-cleanup`` blocks always run (see :mod:`tests.support.labs`). A lab whose
 commands stop working, or whose output no longer shows what the text says it
 shows, fails here with the block, its line in the Markdown and its output.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.testing import labs
+from tests.support import labs
 
 LABS = labs.discover()
 IN_GUEST = os.environ.get("LAYERFS_IN_GUEST") == "1"

@@ -1,4 +1,4 @@
-"""The lab runner itself (layerfs.testing.labs): parsing, expectations, shell state, clean-up."""
+"""The lab runner itself (tests.support.labs): parsing, expectations, shell state, clean-up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.testing import labs
+from tests.support import labs
 
 
 def write_lab(tmp_path: Path, body: str, name: str = "00-test.md") -> Path:

@@ -24,7 +24,7 @@ import pytest
 
 from layerfs.images import ImageStore
 from layerfs.testing import images as timg
-from layerfs.testing import registry as treg
+from tests.support import registry as treg
 
 from ..conftest import root_for
 from ..daemons import cli_env
@@ -172,7 +172,7 @@ def manifest_of(registry_url: str, repo: str, ref: str, **client: object) -> dic
     """The manifest a registry serves (straight from its API, not through layerfs)."""
     import httpx
 
-    from layerfs.registry_client import MANIFEST_ACCEPT
+    from layerfs.distribution import MANIFEST_ACCEPT
 
     r = httpx.get(f"{registry_url}/v2/{repo}/manifests/{ref}",
                   headers={"Accept": MANIFEST_ACCEPT}, **client)  # type: ignore[arg-type]

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.auth import Credentials, CredentialStore
-from layerfs.images import ImageStore
-from layerfs.registry_client import (
+from layerfs.distribution import (
     RegistryError,
     RegistryOptions,
     Unauthorized,
@@ -27,8 +25,10 @@ from layerfs.registry_client import (
     pull,
     push,
 )
+from layerfs.distribution.auth import Credentials, CredentialStore
+from layerfs.images import ImageStore
 from layerfs.testing import images as timg
-from layerfs.testing.registry import Distribution, TestCA, TokenServer
+from tests.support.registry import Distribution, TestCA, TokenServer
 
 from ..daemons import CliMode
 from ..images.conftest import close_images, run_image

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.registry_client import RegistryOptions, push
+from layerfs.distribution import RegistryOptions, push
 from layerfs.testing import images as timg
-from layerfs.testing.registry import Distribution, Fault, FaultProxy
+from tests.support.registry import Distribution, Fault, FaultProxy
 
 from ..daemons import cli_env
 from ..images.conftest import close_images, snapshot

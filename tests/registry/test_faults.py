@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.distribution import RegistryError, RegistryOptions, pull, push, staged_blobs
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.images import ImageStore
-from layerfs.registry_client import RegistryError, RegistryOptions, pull, push, staged_blobs
 from layerfs.testing import images as timg
-from layerfs.testing.registry import Distribution, Fault, FaultProxy
+from tests.support.registry import Distribution, Fault, FaultProxy
 
 from ..daemons import cli_env
 from ..images.conftest import close_images, snapshot
@@ -221,7 +221,7 @@ def test_a_corrupted_manifest_is_rejected(images: ImageStore, proxy: FaultProxy,
                                           big_image: BigImage) -> None:
     import httpx
 
-    from layerfs.registry_client import MANIFEST_ACCEPT
+    from layerfs.distribution import MANIFEST_ACCEPT
 
     r = httpx.get(f"{plain_registry.url}/v2/faults/big/manifests/1",
                   headers={"Accept": MANIFEST_ACCEPT})

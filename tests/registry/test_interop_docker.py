@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from layerfs_bench.peers import DockerDaemon
 
+from layerfs.distribution import RegistryOptions, pull, push
 from layerfs.images import ImageStore
-from layerfs.registry_client import RegistryOptions, pull, push
 from layerfs.testing import images as timg
-from layerfs.testing.peers import DockerDaemon
-from layerfs.testing.registry import Distribution
+from tests.support.registry import Distribution
 
 from ..images.conftest import run_image
 from ..images.test_interop_docker import DOCKERFILE, SHOW, docker_run

@@ -13,17 +13,17 @@ import httpx
 import pytest
 
 from layerfs import oci
-from layerfs.errors import InvalidArgument, LayerfsError, NotFound
-from layerfs.images import ImageStore
-from layerfs.registry_client import (
+from layerfs.distribution import (
     RegistryError,
     RegistryOptions,
     pull,
     push,
     staged_blobs,
 )
+from layerfs.errors import InvalidArgument, LayerfsError, NotFound
+from layerfs.images import ImageStore
 from layerfs.testing import images as timg
-from layerfs.testing.registry import Distribution, FaultProxy
+from tests.support.registry import Distribution, FaultProxy
 
 from ..daemons import CliMode
 from ..images.conftest import close_images, image_store, run_image
@@ -122,7 +122,7 @@ def test_manifest_formats(images: ImageStore, tmp_path: Path, plain_registry: Di
     expected_type = oci.MT_DOCKER_MANIFEST if fmt == "docker" else oci.MT_OCI_MANIFEST
     assert doc["mediaType"] == expected_type == pushed.media_type
     layer_types = {la["mediaType"] for la in doc["layers"]}  # type: ignore[attr-defined]
-    from layerfs.registry_client import MEDIA_TYPES
+    from layerfs.distribution import MEDIA_TYPES
     assert layer_types == {MEDIA_TYPES[(fmt, compression)]}
     if compression == "none":
         assert [la["digest"] for la in doc["layers"]] == samples.sample.diff_ids  # type: ignore[attr-defined]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.auth import Credentials, CredentialStore, config_path, registry_host
+from layerfs.distribution import Platform, RemoteReference, parse_challenges
+from layerfs.distribution.auth import Credentials, CredentialStore, config_path, registry_host
 from layerfs.errors import InvalidArgument
-from layerfs.registry_client import Platform, RemoteReference, parse_challenges
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 
 from layerfs import mount as mountlib
-from layerfs.containers import LABEL_CONTAINER, ContainerManager
 from layerfs.errors import DriverNotSupported
 from layerfs.images import ImageStore
 from layerfs.layers import LayerStore
 from layerfs.runtime import RuntimeConfig
 from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
+from layerfs.runtime.containers import LABEL_CONTAINER, ContainerManager
 from layerfs.runtime.network import Ipam, NetworkConfig, link_exists, remove_network
 from layerfs.testing import images as timg
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from layerfs.containers import LABEL_CONTAINER
+from layerfs.runtime.containers import LABEL_CONTAINER
 from layerfs.testing import images as timg
 
 from ..conftest import NATIVE_DRIVERS

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pytest
 
-from layerfs.testing import qemu
+from tests.support import qemu
 
 # Every host-side guest test: slow, never nested, and needs qemu (scripts/setup installs it).
 GUEST_MARKS = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerfs.testing import qemu
+from tests.support import qemu
 
 from .guest import GUEST_MARKS
 

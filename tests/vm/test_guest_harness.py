@@ -1,4 +1,4 @@
-"""The qemu guest harness (layerfs.testing.qemu), tested from the host.
+"""The qemu guest harness (tests.support.qemu), tested from the host.
 
 Two guest boots here (~5 s each once the kernel is cached): one checks
 everything the device-mapper and cgroup v2 tests rely on and exits 3, one
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.testing import qemu
+from tests.support import qemu
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,0 +1,89 @@
+"""``layerfs`` command line: parses, calls the library, renders with rich.
+
+One module per command group, each with a ``register(subparsers)``:
+
+=================  ==========================================================
+:mod:`.layers`     ``info``, ``drivers``, ``layer ...``: the storage root
+:mod:`.pool`       ``pool create|destroy``: btrfs and device-mapper storage
+:mod:`.images`     ``import``, ``load``, ``save``, ``images``, ``rmi``, ...
+:mod:`.run`        ``run``, ``ps``, ``stop``, ``exec``, ...: containers
+:mod:`.bench`      ``bench``: the benchmark scenarios
+:mod:`.distribution`  ``pull``, ``push``, ``login``, ``logout``: OCI registries
+=================  ==========================================================
+
+:mod:`.common` holds what they share; :mod:`.console` the rich consoles. This package
+imports neither rich nor any group until :func:`main` builds the parser, because
+``layerfs run`` and ``exec`` go straight to :func:`.run.main` (see ``layerfs._entry``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .common import DEFAULT_ROOT, add_global_options
+
+EPILOG = f"""\
+examples:
+  layerfs info                          which driver this root uses, and why not the others
+  layerfs --driver overlay2 layer apply rootfs.tar       an image layer from a tar
+  layerfs layer create --parent ID      a container layer on top of it
+  layerfs layer mount ID                mount it (prints the path), write files, then
+  layerfs layer changes ID              see what changed (A added, C changed, D deleted)
+  layerfs layer diff ID -o changes.tar  the changes as an OCI layer tar
+
+environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STORAGE_OPTS
+(comma-separated KEY=VALUE)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..daemon import command as daemon
+    from . import bench, distribution, images, layers, pool, run
+
+    parser = argparse.ArgumentParser(
+        prog="layerfs", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Container storage drivers you can mount, measure and learn from.",
+        epilog=EPILOG)
+    add_global_options(parser)
+    parser.add_argument("--version", action="version", version="layerfs 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in (layers, pool, images, run, bench, distribution, daemon):
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import LayerfsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LayerfsError as e:
+        from .console import err
+
+        err.print(f"[red]layerfs: error:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        from .console import err
+
+        err.print("layerfs: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 141
+    except PermissionError as e:
+        from .console import err
+
+        err.print(f"[red]layerfs: error:[/] {e} (most commands need root)", highlight=False,
+                  soft_wrap=True)
+        return 1
+
+
+__all__ = ["build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The metadata store: one sqlite3 database per root, in WAL mode.
+
+It owns everything that is not file contents: layer ids, parentage, which
+driver made them, their state, sizes, labels, the mounts layerfs made, and a
+small key/value space per driver (device ids, probed features). Every change
+goes through :meth:`MetaStore.transaction`, which takes sqlite's write lock up
+front (``BEGIN IMMEDIATE``) so that concurrent processes on one root
+serialize instead of failing with "database is locked" half-way.
+
+Crash safety follows one rule: write the intent before touching the disk and
+the result after. A layer row is inserted as ``creating`` (with the pid of
+its owner) before the driver creates anything, and only becomes ``ready``
+when complete; removal marks it ``removing`` first. Readers only ever see
+``ready`` layers. :meth:`MetaStore.stale_work` finds rows whose owner process has
+died, which :class:`~layerfs.layers.LayerStore` then finishes or rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    id        TEXT PRIMARY KEY,
+    parent    TEXT REFERENCES layers(id),
+    driver    TEXT NOT NULL,
+    readonly  INTEGER NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
+    owner     TEXT,              -- "pid:starttime" of the process doing creating/removing
+    depth     INTEGER NOT NULL,  -- 1 for a layer without parent
+    created   REAL NOT NULL,
+    size      INTEGER,           -- diff size, known once applied/committed
+    labels    TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS mounts (
+    target    TEXT PRIMARY KEY,
+    layer     TEXT NOT NULL REFERENCES layers(id),
+    state     TEXT NOT NULL CHECK (state IN ('mounting', 'mounted')),
+    owner     TEXT,
+    users     INTEGER NOT NULL DEFAULT 1,
+    readonly  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS driver_state (
+    driver    TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (driver, key)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key       TEXT PRIMARY KEY,
+    value     TEXT NOT NULL
+);
+"""
+
+
+def process_token(pid: int | None = None) -> str:
+    """``pid:starttime`` — identifies a process even after its pid is reused."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return f"{pid}:{int(fields[19])}"
+    except (FileNotFoundError, IndexError, ValueError):
+        return f"{pid}:0"
+
+
+def process_alive(token: str | None) -> bool:
+    """Whether the process ``token`` names still runs. A zombie does not: its work is
+    over, and where nobody reaps (this VM's PID 1, a killed daemon's workers) it would
+    otherwise look alive forever and its half-done work would never be recovered."""
+    if not token:
+        return False
+    pid_text, _, start = token.partition(":")
+    try:
+        with open(f"/proc/{int(pid_text)}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] not in (b"Z", b"X") and int(fields[19]) == int(start)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer as the store knows it."""
+
+    id: str
+    parent: str | None
+    driver: str
+    readonly: bool
+    state: str
+    depth: int
+    created: float
+    size: int | None
+    labels: dict[str, str] = field(default_factory=dict)
+    owner: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "parent": self.parent, "driver": self.driver,
+                "readonly": self.readonly, "state": self.state, "depth": self.depth,
+                "created": self.created, "size": self.size, "labels": self.labels}
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    target: str
+    layer: str
+    state: str
+    owner: str | None
+    users: int
+    readonly: bool
+
+
+class MetaStore:
+    """Thin typed layer over the sqlite database. Thread-safe within a process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._depth = 0
+        with self.transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', ?)",
+                             (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: all or nothing, serialized across processes.
+
+        Nested calls join the outer transaction.
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._db
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self._db.execute("COMMIT")
+
+    def extend_schema(self, ddl: str) -> None:
+        """Let a higher level (images, containers) add its own tables to this database."""
+        with self.transaction() as db:
+            for statement in ddl.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._db
+
+    # --- settings -------------------------------------------------------------------------
+    def get_setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+    # --- layers ---------------------------------------------------------------------------
+    @staticmethod
+    def _layer(row: sqlite3.Row) -> LayerRecord:
+        return LayerRecord(row["id"], row["parent"], row["driver"], bool(row["readonly"]),
+                           row["state"], row["depth"], row["created"], row["size"],
+                           json.loads(row["labels"]), row["owner"])
+
+    def get_layer(self, layer_id: str) -> LayerRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM layers WHERE id = ?", (layer_id,)).fetchone()
+        return None if row is None else self._layer(row)
+
+    def list_layers(self, *, state: str | None = "ready") -> list[LayerRecord]:
+        with self._lock:
+            if state is None:
+                rows = self._db.execute("SELECT * FROM layers ORDER BY created, id").fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM layers WHERE state = ? ORDER BY created, id",
+                                        (state,)).fetchall()
+        return [self._layer(r) for r in rows]
+
+    def children(self, layer_id: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM layers WHERE parent = ?", (layer_id,))
+            return [r[0] for r in rows]
+
+    def insert_layer(self, db: sqlite3.Connection, rec: LayerRecord) -> None:
+        db.execute("INSERT INTO layers (id, parent, driver, readonly, state, owner, depth, created,"
+                   " size, labels) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (rec.id, rec.parent, rec.driver, int(rec.readonly), rec.state, rec.owner,
+                    rec.depth, rec.created, rec.size, json.dumps(rec.labels, sort_keys=True)))
+
+    def chain(self, layer_id: str) -> list[str]:
+        """The layer and its ancestors, top first."""
+        result = []
+        current: str | None = layer_id
+        with self._lock:
+            while current is not None:
+                result.append(current)
+                row = self._db.execute("SELECT parent FROM layers WHERE id = ?",
+                                       (current,)).fetchone()
+                current = None if row is None else row[0]
+        return result
+
+    # --- mounts ---------------------------------------------------------------------------
+    @staticmethod
+    def _mount(row: sqlite3.Row) -> MountRecord:
+        return MountRecord(row["target"], row["layer"], row["state"], row["owner"],
+                           row["users"], bool(row["readonly"]))
+
+    def list_mounts(self, layer_id: str | None = None) -> list[MountRecord]:
+        with self._lock:
+            if layer_id is None:
+                rows = self._db.execute("SELECT * FROM mounts").fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM mounts WHERE layer = ?",
+                                        (layer_id,)).fetchall()
+        return [self._mount(r) for r in rows]
+
+
+class DriverState:
+    """A driver's own key/value metadata inside the store (JSON values)."""
+
+    def __init__(self, store: MetaStore, driver: str) -> None:
+        self._store = store
+        self._driver = driver
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._store._lock:
+            row = self._store.db.execute(
+                "SELECT value FROM driver_state WHERE driver = ? AND key = ?",
+                (self._driver, key)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set(self, key: str, value: Any) -> None:
+        with self._store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO driver_state VALUES (?, ?, ?)",
+                       (self._driver, key, json.dumps(value, sort_keys=True)))
+
+    def delete(self, key: str) -> None:
+        with self._store.transaction() as db:
+            db.execute("DELETE FROM driver_state WHERE driver = ? AND key = ?",
+                       (self._driver, key))
+
+    def items(self, prefix: str = "") -> dict[str, Any]:
+        with self._store._lock:
+            # Not LIKE: it folds ASCII case and treats "_" and "%" in the prefix as wildcards.
+            rows = self._store.db.execute(
+                "SELECT key, value FROM driver_state WHERE driver = ? "
+                "AND substr(key, 1, length(?)) = ?",
+                (self._driver, prefix, prefix)).fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._store.transaction()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,1072 @@
+"""Containers: an image, a read-write layer on top of it, and the runtime engine.
+
+This is the glue behind ``layerfs run``. The three pieces it joins stay
+ignorant of each other: the image store knows images and which containers use
+them, the layer store knows layers and mounts, the engine runs a command in a
+mounted directory. A container is::
+
+    ROOT/
+      layerfs.db            layers, images, image_users, and the `containers` table below
+      mnt/<id>/             its root filesystem while it runs: layer <id>, mounted
+      containers/<id>/      the engine's state: state.json, lock, container.log, /etc files
+      network.db            address and port leases (engine)
+
+    image top layer ──▶ layer <id> (read-write, label layerfs.container=<id>)
+
+Its life, and what is written first (crash safety: intent before action)::
+
+    1. row in `containers` (state creating, owner = this process) + image_users row   one transaction
+    2. create layer <id> on the image's top layer, mount it at ROOT/mnt/<id>
+    3. engine start (attached: this process; -d: a monitor process)     row → running
+    4. exit: unmount the layer; --rm: remove engine record, layer, image user, row
+                                else: row → exited (the layer stays for commit/logs/rm)
+
+``owner`` is the ``pid:starttime`` of the process that will do step 4: the
+``layerfs run`` process, or for ``-d`` a double-forked monitor (which, once the
+container exits, execs a fresh ``python -m layerfs.runtime.containers finish`` under the
+same pid, so that no SQLite connection is used across ``fork``). A row whose
+owner is dead and whose engine lock is free belongs to a runner that was
+killed: :meth:`ContainerManager.cleanup_stale`, run whenever a manager opens
+(every ``layerfs run/ps/rm/...``), lets the engine kill what is left and free
+its cgroup, veth, rules and leases, then unmounts the layer and finishes step 4.
+
+Mount points the engine has to create in the layer (``/etc/hosts``,
+``/etc/hostname``, ``/etc/resolv.conf``, volume targets, ...) are recorded at
+start when the image lacks them, and left out of :meth:`ContainerManager.commit`
+(Docker keeps them in a separate ``-init`` layer instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ..errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
+from ..images import Image, ImageStore
+from ..metastore import now, process_alive, process_token
+from . import engine
+from . import state as records
+from .spec import ContainerSpec, PortMapping, Volume
+
+if TYPE_CHECKING:
+    from .engine import ExecProcess, ExitStatus, RunningContainer, RuntimeConfig
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS containers (
+    id          TEXT PRIMARY KEY,
+    name        TEXT UNIQUE,
+    image       TEXT NOT NULL,
+    image_ref   TEXT NOT NULL,
+    layer       TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('creating', 'running', 'exited', 'removing')),
+    owner       TEXT,
+    auto_remove INTEGER NOT NULL DEFAULT 0,
+    created     REAL NOT NULL,
+    config      TEXT NOT NULL
+)
+"""
+
+#: Label on a container's layer in the layer store.
+LABEL_CONTAINER = "layerfs.container"
+
+#: Paths the engine mounts over; created in the layer when the image lacks them.
+_ENGINE_MOUNTPOINTS = ("/proc", "/sys", "/dev", "/etc/hostname", "/etc/hosts",
+                       "/etc/resolv.conf")
+
+Stdio = int | IO[Any] | None
+
+
+# --- what a container is run with ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunOptions:
+    """``layerfs run`` flags, Docker's meaning. ``None`` means "what the image says"."""
+
+    name: str | None = None
+    hostname: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    entrypoint: Sequence[str] | None = None
+    workdir: str | None = None
+    user: str | None = None                    # uid[:gid] or name[:group] from the image
+    memory: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    network: str = "bridge"
+    ports: Sequence[PortMapping] = ()
+    volumes: Sequence[Volume] = ()
+    userns: bool = False
+    read_only: bool = False
+    auto_remove: bool = False
+
+
+@dataclass
+class ContainerState:
+    """One container as ``ps`` and ``inspect`` see it (the table row plus the engine's record)."""
+
+    id: str
+    name: str | None
+    image: str                 # image id
+    image_ref: str             # as given to run
+    layer: str
+    status: str                # created | running | exited | dead | removing
+    created: float
+    auto_remove: bool
+    config: dict[str, Any]
+    pid: int | None = None
+    started: float | None = None
+    finished: float | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    oom_killed: bool = False
+    address: str | None = None
+    ports: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.config.get("argv", []))
+
+
+# --- a container attached to this process ---------------------------------------------------------
+
+class Container:
+    """A container started by :meth:`ContainerManager.run` in this process.
+
+    :meth:`wait` waits for it to exit, then frees its host resources and its
+    layer's mount (and, with ``auto_remove``, the layer and the record).
+    """
+
+    def __init__(self, manager: ContainerManager, cid: str, name: str | None, image: Image,
+                 running: RunningContainer, tee: _Tee | None) -> None:
+        self.manager = manager
+        self.id = cid
+        self.name = name
+        self.image = image
+        self.engine = running
+        self._tee = tee
+        self.status: ExitStatus | None = None
+
+    def __repr__(self) -> str:
+        return f"<Container {self.id[:12]} pid={self.pid}>"
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def pid(self) -> int:
+        return self.engine.pid
+
+    @property
+    def address(self) -> str | None:
+        return self.engine.address
+
+    @property
+    def rootfs(self) -> Path:
+        return self.engine.spec.rootfs
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        self.engine.kill(sig)
+
+    def exec(self, argv: Sequence[str], **kwargs: Any) -> ExecProcess:
+        return self.engine.exec(argv, **kwargs)
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Exit status of the main process (``TimeoutError`` if still running after ``timeout``)."""
+        if self.status is None:
+            try:
+                status = self.engine.wait(timeout)
+            except TimeoutError:
+                raise
+            except BaseException:
+                self.manager._after_exit(self.id)
+                raise
+            if self._tee is not None:
+                self._tee.join()
+            self.manager._after_exit(self.id)
+            self.status = status
+        return self.status
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is None:
+            self.kill(signal.SIGKILL)
+            self.wait()
+
+
+class _Tee:
+    """stdout and stderr of an attached container through pipes: to ours and to its log.
+
+    Docker keeps the output of attached containers too (``docker logs`` works
+    after ``docker run``); the container sees pipes, as with ``docker run``
+    without ``-t``.
+    """
+
+    def __init__(self, stdout: Stdio, stderr: Stdio) -> None:
+        self._dest = (_fileno(stdout, 1), _fileno(stderr, 2))
+        self._pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
+        self._threads: list[threading.Thread] = []
+        self._log = -1
+
+    @property
+    def child_ends(self) -> tuple[int, int]:
+        return self._pipes[0][1], self._pipes[1][1]
+
+    def start(self, log_path: Path) -> None:
+        for _, w in self._pipes:
+            os.close(w)
+        self._log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        for (r, _), dest in zip(self._pipes, self._dest, strict=True):
+            t = threading.Thread(target=self._pump, args=(r, dest), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, r: int, dest: int) -> None:
+        forward = True
+        try:
+            while data := os.read(r, 65536):
+                if forward:
+                    try:
+                        _write_all(dest, data)
+                    except OSError:
+                        forward = False  # our stdout went away (EPIPE): keep logging
+                _write_all(self._log, data)
+        finally:
+            os.close(r)
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+        if self._log >= 0:
+            os.close(self._log)
+            self._log = -1
+
+    def abort(self) -> None:
+        for r, w in self._pipes:
+            for fd in (r, w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fileno(stream: Stdio, default: int) -> int:
+    if stream is None:
+        return default
+    return stream if isinstance(stream, int) else stream.fileno()
+
+
+@dataclass
+class _Prepared:
+    id: str
+    image: Image
+    spec: ContainerSpec
+    options: RunOptions
+    config: dict[str, Any]
+
+
+# --- the manager --------------------------------------------------------------------------------
+
+class ContainerManager:
+    """Containers of one layerfs root::
+
+        with ContainerManager("/var/lib/layerfs", "overlay2") as mgr:
+            c = mgr.run("busybox", ["sh", "-c", "echo hi"], network="none", auto_remove=True)
+            status = c.wait()                       # ExitStatus(code=0, ...)
+            info = mgr.run_detached("busybox", ["httpd", "-f"], name="web", ports=[...])
+            mgr.stop("web"); mgr.commit("web", "lab/web:v2"); mgr.remove("web")
+
+    Opening one cleans up after runners that were killed (:meth:`cleanup_stale`).
+    ``config`` chooses the cgroup parent and the bridge (tests use their own).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], driver: str | None = None,
+                 options: dict[str, str] | list[str] | None = None, *,
+                 config: RuntimeConfig | None = None, recover: bool = True) -> None:
+        self.images = ImageStore.open(root, driver, options)
+        try:
+            self.layers = self.images.layers
+            self.store = self.layers.store
+            with self.store._lock:
+                known = self.store.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                              " AND name = 'containers'").fetchone()
+            if known is None:
+                self.store.extend_schema(_SCHEMA)
+            self.root = self.layers.root
+            self.state_dir = self.root
+            self.config = config or engine.RuntimeConfig()
+            self._options = options
+            self.cleanup_errors: list[str] = []
+            if recover:
+                self.cleanup_stale(raise_errors=False)
+        except BaseException:
+            self.images.close()
+            raise
+
+    def close(self) -> None:
+        self.images.close()
+
+    def __enter__(self) -> ContainerManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def driver(self) -> str:
+        return self.layers.driver.name
+
+    # --- rows --------------------------------------------------------------------------------
+    def _row(self, cid: str) -> dict[str, Any] | None:
+        with self.store._lock:
+            row = self.store.db.execute("SELECT * FROM containers WHERE id = ?", (cid,)).fetchone()
+        return None if row is None else dict(row)
+
+    def _rows(self) -> list[dict[str, Any]]:
+        with self.store._lock:
+            rows = self.store.db.execute("SELECT * FROM containers ORDER BY created").fetchall()
+        return [dict(r) for r in rows]
+
+    def _resolve(self, ref: str) -> str:
+        """Container id for a full id, a name, or a unique id prefix."""
+        text = ref.strip()
+        if not text:
+            raise InvalidArgument("empty container reference")
+        with self.store._lock:
+            db = self.store.db
+            row = db.execute("SELECT id FROM containers WHERE id = ? OR name = ?",
+                             (text, text)).fetchone()
+            if row is not None:
+                return str(row[0])
+            hexdigits = all(c in "0123456789abcdef" for c in text)
+            rows = db.execute("SELECT id FROM containers WHERE id LIKE ?",
+                              (text + "%",)).fetchall() if hexdigits else []
+        if len(rows) == 1:
+            return str(rows[0][0])
+        if rows:
+            raise InvalidArgument(f"container id prefix {text!r} is ambiguous ({len(rows)} "
+                                  f"containers); give more digits")
+        raise NotFound(f"no such container: {ref}")
+
+    def _set(self, cid: str, **values: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self.store.transaction() as db:
+            db.execute(f"UPDATE containers SET {cols} WHERE id = ?", (*values.values(), cid))
+
+    def _claim(self, cid: str, expected_owner: str | None, state: str | None = None) -> bool:
+        """Take over a row from ``expected_owner`` (compare-and-set); False if someone else did."""
+        with self.store.transaction() as db:
+            cur = db.execute("UPDATE containers SET owner = ?, state = COALESCE(?, state) "
+                             "WHERE id = ? AND owner IS ?",
+                             (process_token(), state, cid, expected_owner))
+            return cur.rowcount == 1
+
+    # --- creating and starting -----------------------------------------------------------------
+    def _spec(self, image: Image, command: Sequence[str] | None, opts: RunOptions,
+              cid: str) -> tuple[ContainerSpec, dict[str, Any]]:
+        rc = image.run_config
+        if opts.entrypoint is not None:
+            entrypoint = list(opts.entrypoint)
+            cmd = list(command or [])         # Docker: --entrypoint drops the image's Cmd
+        else:
+            entrypoint = list(rc.entrypoint or [])
+            cmd = list(command) if command else list(rc.cmd or [])
+        argv = entrypoint + cmd
+        if not argv:
+            raise InvalidArgument(f"image {image.names[0] if image.names else image.short_id} "
+                                  f"has no command (Entrypoint/Cmd): give one after the image")
+        env = rc.environment()
+        env.update(opts.env)
+        workdir = opts.workdir or rc.working_dir or "/"
+        if not workdir.startswith("/"):
+            workdir = "/" + workdir
+        user = opts.user if opts.user is not None else (rc.user or "")
+        numeric = _numeric_user(user)
+        spec = ContainerSpec(
+            rootfs=self.layers.mnt_dir / cid, argv=argv, env=env, cwd=workdir,
+            user=numeric or (0, 0), hostname=opts.hostname, volumes=opts.volumes,
+            memory=opts.memory, cpus=opts.cpus, pids_limit=opts.pids_limit,
+            network=opts.network, ports=opts.ports, userns=opts.userns,  # type: ignore[arg-type]
+            read_only=opts.read_only, id=cid, name=opts.name)
+        config = {
+            "argv": argv, "entrypoint": entrypoint, "cmd": cmd, "command_given": bool(command),
+            "entrypoint_given": opts.entrypoint is not None, "env": env, "workdir": workdir,
+            "user": user, "uid": spec.user[0], "gid": spec.user[1], "hostname": spec.hostname,
+            "memory": opts.memory, "cpus": opts.cpus, "pids_limit": opts.pids_limit,
+            "network": opts.network, "ports": [str(p) for p in spec.ports],
+            "volumes": [f"{v.source}:{v.target}{':ro' if v.readonly else ''}"
+                        for v in spec.volumes],
+            "userns": opts.userns, "read_only": opts.read_only,
+            "stop_signal": rc.stop_signal, "exposed_ports": rc.exposed_ports,
+            "mountpoints": [], "numeric_user": numeric is not None,
+        }
+        return spec, config
+
+    def _prepare(self, image_ref: str, command: Sequence[str] | None,
+                 opts: RunOptions) -> _Prepared:
+        image = self.images.get(image_ref)
+        cid = os.urandom(32).hex()
+        spec, config = self._spec(image, command, opts, cid)
+        for v in spec.volumes:          # Docker creates a missing host directory for -v
+            if not os.path.lexists(v.source):
+                v.source.mkdir(parents=True, exist_ok=True)
+        with self.store.transaction() as db:
+            if opts.name is not None:
+                taken = db.execute("SELECT id FROM containers WHERE name = ?",
+                                   (opts.name,)).fetchone()
+                if taken is not None:
+                    raise AlreadyExists(f"container name {opts.name!r} is already in use by "
+                                        f"container {taken[0][:12]}; remove it or pick another")
+            db.execute("INSERT INTO containers (id, name, image, image_ref, layer, state, owner,"
+                       " auto_remove, created, config) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, "
+                       "?, ?)", (cid, opts.name, image.id, image_ref, cid, process_token(),
+                                 int(opts.auto_remove), now(), json.dumps(config)))
+            self.images.add_user(image.id, cid)     # joins this transaction
+        try:
+            self.layers.create(image.top_layer, layer_id=cid, labels={LABEL_CONTAINER: cid})
+            rootfs = self.layers.mount(cid)
+            if not config["numeric_user"] and config["user"]:
+                uid, gid = resolve_user(rootfs, config["user"])
+                spec = replace(spec, user=(uid, gid))
+                config.update(uid=uid, gid=gid)
+            config["mountpoints"] = missing_mountpoints(
+                rootfs, [*_ENGINE_MOUNTPOINTS, *(v.target for v in spec.volumes)])
+        except BaseException:
+            self._delete(cid)
+            raise
+        return _Prepared(cid, image, spec, opts, config)
+
+    def run(self, image: str, command: Sequence[str] | None = None, *,
+            options: RunOptions | None = None, stdin: Stdio = None, stdout: Stdio = None,
+            stderr: Stdio = None, log: bool | None = None, **kw: Any) -> Container:
+        """Create and start a container in this process (``layerfs run`` without ``-d``).
+
+        ``options`` or keyword arguments (the :class:`RunOptions` fields) say how.
+        stdio ``None`` inherits this process's. ``log`` (default: unless
+        ``auto_remove``) also copies stdout and stderr to the container's log,
+        through pipes. Returns once the command has exec'd; :meth:`Container.wait`.
+        """
+        opts = replace(options, **kw) if options is not None else RunOptions(**kw)
+        prep = self._prepare(image, command, opts)
+        tee = _Tee(stdout, stderr) if (log if log is not None else not opts.auto_remove) \
+            else None
+        try:
+            out, err = tee.child_ends if tee else (stdout, stderr)
+            running = engine.start(prep.spec, self.state_dir, self.config, stdin=stdin,
+                                   stdout=out, stderr=err, clean_stale=False)
+        except BaseException:
+            if tee is not None:
+                tee.abort()
+            self._delete(prep.id)
+            raise
+        if tee is not None:
+            tee.start(running.log_path)
+        self._set(prep.id, state="running", config=json.dumps(prep.config))
+        return Container(self, prep.id, opts.name, prep.image, running, tee)
+
+    def run_detached(self, image: str, command: Sequence[str] | None = None, *,
+                     options: RunOptions | None = None, **kw: Any) -> ContainerState:
+        """``layerfs run -d``: start under a monitor process that outlives this one.
+
+        The monitor (double-forked, its own session) starts the container with its
+        output in the log, waits for it, then execs ``python -m layerfs.runtime.containers
+        finish`` to unmount (and with ``auto_remove`` remove) it. Returns once the
+        command has exec'd, or raises the start error (nothing is left behind).
+        """
+        opts = replace(options, **kw) if options is not None else RunOptions(**kw)
+        prep = self._prepare(image, command, opts)
+        monitor: str | None = None
+        try:
+            monitor, result = self._spawn_monitor(prep)
+            if result.get("error"):
+                kinds = {"NotFound": NotFound, "AlreadyExists": AlreadyExists, "InUse": InUse,
+                         "InvalidArgument": InvalidArgument}
+                raise kinds.get(result["type"], LayerfsError)(result["error"])
+            with self.store.transaction() as db:
+                db.execute("UPDATE containers SET state = 'running', config = ? WHERE id = ? "
+                           "AND state = 'creating'", (json.dumps(prep.config), prep.id))
+        except BaseException:
+            # Take the row back from a monitor that failed (or never got going).
+            if monitor is None or self._claim(prep.id, monitor):
+                self._delete(prep.id)
+            raise
+        return self.get(prep.id)
+
+    def _spawn_monitor(self, prep: _Prepared) -> tuple[str, dict[str, Any]]:
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            self._monitor(prep, info_r, info_w, go_r, go_w)   # never returns
+        os.close(info_w)
+        os.close(go_r)
+        try:
+            os.waitpid(pid, 0)    # the first child exits as soon as it has forked the monitor
+            with os.fdopen(info_r, "rb", closefd=False) as f:
+                line = f.readline()
+                if not line.strip().isdigit():
+                    raise LayerfsError(f"container {prep.id[:12]}: the monitor process died")
+                token = process_token(int(line))
+                # The monitor owns the row from here on: it does the cleanup after the exit.
+                self._set(prep.id, owner=token)
+                os.write(go_w, b"G")
+                os.close(go_w)
+                go_w = -1
+                data = f.read()
+        finally:
+            os.close(info_r)
+            if go_w >= 0:
+                os.close(go_w)
+        try:
+            return token, json.loads(data or b'{"error": "the monitor process died", '
+                                              b'"type": "LayerfsError"}')
+        except ValueError:
+            return token, {"error": f"monitor: {data[:200]!r}", "type": "LayerfsError"}
+
+    def _monitor(self, prep: _Prepared, info_r: int, info_w: int, go_r: int, go_w: int) -> None:
+        """The monitor process: never touches SQLite (the parent's connections were copied
+        by fork); the store work after the exit is done by a freshly exec'd Python."""
+        try:
+            os.close(info_r)
+            os.close(go_w)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            from . import _sys
+            _sys.close_all_except({info_w, go_r})
+            os.write(info_w, f"{os.getpid()}\n".encode())
+            if os.read(go_r, 1) != b"G":
+                os._exit(0)                       # the parent gave up: it cleans up
+            os.close(go_r)
+            try:
+                c = engine.start(prep.spec, self.state_dir, self.config, log=True,
+                                 clean_stale=False)
+            except BaseException as err:
+                os.write(info_w, json.dumps({"error": str(err),
+                                             "type": type(err).__name__}).encode())
+                os._exit(1)
+            os.write(info_w, b"{}")
+            os.close(info_w)
+            with contextlib.suppress(BaseException):
+                c.wait()
+            argv = [sys.executable, "-m", "layerfs.runtime.containers", "finish", str(self.root),
+                    self.driver, json.dumps(self._options), prep.id]
+            os.execv(sys.executable, argv)
+        finally:
+            os._exit(1)
+
+    # --- after the exit -------------------------------------------------------------------------
+    def _unmount(self, layer: str) -> None:
+        for m in self.store.list_mounts(layer):
+            with contextlib.suppress(NotFound):
+                self.layers.unmount(layer, m.target, force=True)
+
+    def _after_exit(self, cid: str) -> None:
+        """Step 4, by the owner: unmount; remove everything with auto_remove, else mark exited."""
+        row = self._row(cid)
+        if row is None:
+            return
+        if row["auto_remove"] or row["state"] == "removing":
+            self._delete(cid)
+            return
+        self._unmount(row["layer"])
+        self._set(cid, state="exited", owner=None)
+
+    def _delete(self, cid: str) -> None:
+        """Remove the engine record, the layer and the row (intent first: state removing)."""
+        row = self._row(cid)
+        if row is None:
+            return
+        self._set(cid, state="removing", owner=process_token())
+        with contextlib.suppress(NotFound):
+            records.remove(self.state_dir, cid)
+        self._unmount(row["layer"])
+        if self.layers.exists(row["layer"]):
+            self.layers.remove(row["layer"])
+        with self.store.transaction() as db:
+            self.images.remove_user(row["image"], cid)
+            db.execute("DELETE FROM containers WHERE id = ?", (cid,))
+        with contextlib.suppress(OSError):
+            (self.layers.mnt_dir / row["layer"]).rmdir()
+
+    def cleanup_stale(self, *, raise_errors: bool = True) -> list[str]:
+        """Finish the containers whose runner or monitor died (``kill -9``); returns their ids.
+
+        The engine first kills what is left of such containers and frees their
+        cgroups, veths, nft rules and leases; then each row whose owner is dead
+        (and whose engine lock nobody holds) is taken over: its layer is
+        unmounted, and it is removed (``--rm``, or never started) or marked exited.
+        A container whose cleanup fails is retried next time; the errors are raised
+        at the end unless ``raise_errors`` is false (opening a manager must not fail
+        because of one container's leftovers: they are in :attr:`cleanup_errors`).
+        """
+        errors: list[str] = []
+        try:
+            records.cleanup_stale(self.state_dir, raise_errors=True)
+        except LayerfsError as err:
+            errors.append(str(err))
+        done = []
+        for row in self._rows():
+            if row["state"] == "exited" or process_alive(row["owner"]):
+                continue
+            cid = row["id"]
+            if self._engine_alive(cid):
+                continue   # a runner still holds the engine's lock
+            if not self._claim(cid, row["owner"]):
+                continue   # another process is on it
+            started = (records.containers_dir(self.state_dir) / cid / "state.json").exists()
+            try:
+                if row["auto_remove"] or row["state"] == "removing" or not started:
+                    self._delete(cid)
+                else:
+                    self._unmount(row["layer"])
+                    self._set(cid, state="exited", owner=None)
+            except LayerfsError as err:
+                errors.append(f"container {cid[:12]}: {err}")
+                continue
+            done.append(cid)
+        self.cleanup_errors = errors
+        if errors and raise_errors:
+            raise LayerfsError("cleanup of stale containers: " + "; ".join(errors))
+        return done
+
+    def _engine_alive(self, cid: str) -> bool:
+        fd = records.try_lock(records.containers_dir(self.state_dir) / cid / "lock", create=False)
+        if fd is None:
+            return (records.containers_dir(self.state_dir) / cid / "lock").exists()
+        os.close(fd)
+        return False
+
+    # --- queries ----------------------------------------------------------------------------------
+    def _state(self, row: dict[str, Any]) -> ContainerState:
+        cdir = records.containers_dir(self.state_dir) / row["id"]
+        rec = records.read_record(cdir) if cdir.is_dir() else {}
+        state = row["state"]
+        if state == "running":
+            # The engine knows best: running (its lock is held), exited (the owner has not
+            # updated the row yet) or dead (the owner was killed; cleanup_stale will finish).
+            info = records.record_info(cdir, rec) if rec else None
+            status = info.status if info else ("creating" if process_alive(row["owner"])
+                                               else "dead")
+            status = "created" if status == "creating" else status
+        elif state == "creating":
+            status = "created" if process_alive(row["owner"]) or self._engine_alive(row["id"]) \
+                else "dead"
+        else:
+            status = state
+        st = ContainerState(
+            id=row["id"], name=row["name"], image=row["image"], image_ref=row["image_ref"],
+            layer=row["layer"], status=status, created=row["created"],
+            auto_remove=bool(row["auto_remove"]), config=json.loads(row["config"]), record=rec)
+        if rec:
+            exit_ = rec.get("exit") or {}
+            running = status == "running"
+            st.pid = rec.get("pid") if running else None
+            st.started = rec.get("created")
+            st.finished = rec.get("finished")
+            st.exit_code = exit_.get("code")
+            st.exit_signal = exit_.get("signal")
+            st.oom_killed = bool(exit_.get("oom_killed"))
+            st.address = ((rec.get("network") or {}).get("address") or None) if running else None
+            st.ports = list(rec.get("ports", []))
+            log = cdir / "container.log"
+            st.log_path = log if log.exists() else None
+        return st
+
+    def get(self, ref: str) -> ContainerState:
+        cid = self._resolve(ref)
+        row = self._row(cid)
+        if row is None:
+            raise NotFound(f"no such container: {ref}")
+        return self._state(row)
+
+    def containers(self, all: bool = True) -> list[ContainerState]:
+        """Containers, oldest first; without ``all`` only running ones (``ps`` vs ``ps -a``)."""
+        states = [self._state(r) for r in self._rows()]
+        return states if all else [s for s in states if s.status == "running"]
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        """Everything about a container, shaped like ``docker inspect``."""
+        st = self.get(ref)
+        cfg = st.config
+        rec = st.record
+
+        def iso(ts: float | None) -> str | None:
+            if not ts:
+                return None
+            import datetime
+            return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC).isoformat()
+
+        cgroup = rec.get("cgroup") or {}
+        return {
+            "Id": st.id,
+            "Name": st.name,
+            "Created": iso(st.created),
+            "Path": cfg["argv"][0] if cfg.get("argv") else None,
+            "Args": cfg.get("argv", [])[1:],
+            "State": {"Status": st.status, "Running": st.status == "running", "Pid": st.pid,
+                      "ExitCode": st.exit_code, "Signal": st.exit_signal,
+                      "OOMKilled": st.oom_killed, "StartedAt": iso(st.started),
+                      "FinishedAt": iso(st.finished),
+                      "Error": (rec.get("exit") or {}).get("reason")},
+            "Image": st.image,
+            "Config": {"Image": st.image_ref, "Hostname": cfg.get("hostname"),
+                       "Env": [f"{k}={v}" for k, v in cfg.get("env", {}).items()],
+                       "Cmd": cfg.get("cmd"), "Entrypoint": cfg.get("entrypoint"),
+                       "WorkingDir": cfg.get("workdir"), "User": cfg.get("user"),
+                       "ExposedPorts": cfg.get("exposed_ports", []),
+                       "StopSignal": cfg.get("stop_signal")},
+            "HostConfig": {"AutoRemove": st.auto_remove, "Memory": cfg.get("memory"),
+                           "Cpus": cfg.get("cpus"), "PidsLimit": cfg.get("pids_limit"),
+                           "NetworkMode": cfg.get("network"), "PortBindings": st.ports,
+                           "Binds": cfg.get("volumes", []), "ReadonlyRootfs": cfg.get("read_only"),
+                           "UsernsMode": "private" if cfg.get("userns") else "host",
+                           "Uid": cfg.get("uid"), "Gid": cfg.get("gid")},
+            "NetworkSettings": {"IPAddress": st.address, "Ports": st.ports},
+            "GraphDriver": {"Name": self.driver, "Data": {
+                "Layer": st.layer, "MergedDir": str(self.layers.mnt_dir / st.layer)
+                if self.store.list_mounts(st.layer) else None}},
+            "LogPath": str(st.log_path) if st.log_path else None,
+            "Layerfs": {"StateDir": str(records.containers_dir(self.state_dir) / st.id),
+                        "Cgroup": cgroup, "Mountpoints": cfg.get("mountpoints", [])},
+        }
+
+    # --- acting on containers ---------------------------------------------------------------------
+    def kill(self, ref: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the container's main process (through its PID 1)."""
+        st = self.get(ref)
+        if st.status != "running":
+            raise InvalidArgument(f"container {st.short_id} is not running ({st.status})")
+        records.kill(self.state_dir, st.id, sig)
+
+    def stop(self, ref: str, timeout: float = 10) -> ContainerState:
+        """``docker stop``: the image's stop signal (SIGTERM), SIGKILL after ``timeout`` s."""
+        st = self.get(ref)
+        if st.status == "running":
+            sig = signal_number(st.config.get("stop_signal") or "SIGTERM")
+            with contextlib.suppress(NotFound):
+                records.kill(self.state_dir, st.id, sig)
+            if not self._wait_exit(st, timeout):
+                with contextlib.suppress(NotFound):
+                    records.kill(self.state_dir, st.id, signal.SIGKILL)
+                self._wait_exit(st, 10)
+        return self.wait_settled(st.id)
+
+    def _wait_exit(self, st: ContainerState, timeout: float) -> bool:
+        pid, start = st.record.get("pid"), st.record.get("pid_start")
+        if not isinstance(pid, int) or not records.same_process(pid, start):
+            return True
+        import select
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        try:
+            return bool(select.select([pidfd], [], [], timeout)[0])
+        finally:
+            os.close(pidfd)
+
+    def wait_settled(self, ref: str, timeout: float = 20) -> ContainerState:
+        """Wait until the owner of a container that exited has finished with it (row exited).
+
+        Raises :class:`NotFound` if it was removed on the way (``--rm``); finishes it
+        here if its owner died.
+        """
+        cid = self._resolve(ref)
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self._row(cid)
+            if row is None:
+                raise NotFound(f"container {cid[:12]} was removed (--rm)")
+            if row["state"] == "exited":
+                return self._state(row)
+            if not process_alive(row["owner"]) and not self._engine_alive(cid):
+                self.cleanup_stale(raise_errors=False)     # its owner died: finish it here
+            elif time.monotonic() > deadline:
+                raise LayerfsError(f"container {cid[:12]}: still {row['state']} after "
+                                   f"{timeout:g} s")
+            else:
+                time.sleep(0.02)
+
+    def wait(self, ref: str) -> ContainerState:
+        """Block until the container has exited and its owner is done; its final state.
+        Raises :class:`NotFound` if it was removed (``--rm``)."""
+        st = self.get(ref)
+        while st.status in ("running", "created"):
+            self._wait_exit(st, 1.0)
+            st = self.get(st.id)
+        return self.wait_settled(st.id, timeout=60)
+
+    def remove(self, ref: str, force: bool = False) -> str:
+        """``docker rm``: the record, the layer and the image's use. Returns the id.
+
+        A running container is refused unless ``force`` (SIGKILL first).
+        """
+        st = self.get(ref)
+        if st.status == "dead":
+            self.cleanup_stale(raise_errors=False)
+            try:
+                st = self.get(st.id)
+            except NotFound:
+                return st.id
+        if st.status in ("running", "created", "removing"):
+            if not force:
+                raise InUse(f"container {st.short_id} is {st.status}: stop it first, or "
+                            f"rm -f to kill it")
+            if st.status == "running":
+                with contextlib.suppress(NotFound):
+                    records.kill(self.state_dir, st.id, signal.SIGKILL)
+                self._wait_exit(st, 10)
+        try:
+            st = self.wait_settled(st.id)    # its owner unmounts it (or removes it: --rm)
+        except NotFound:
+            return st.id
+        if not self._claim(st.id, None, state="removing"):
+            raise InUse(f"container {st.short_id}: another process is removing it")
+        self._delete(st.id)
+        return st.id
+
+    def exec(self, ref: str, argv: Sequence[str], **kwargs: Any) -> ExecProcess:
+        """Run ``argv`` in a running container: its namespaces, cgroup, user, env and cwd.
+        ``kwargs``: ``env``, ``cwd``, ``user``, ``stdin``, ``stdout``, ``stderr``."""
+        st = self.get(ref)
+        if st.status != "running":
+            raise InvalidArgument(f"container {st.short_id} is not running ({st.status})")
+        info = records.inspect(self.state_dir, st.id)
+        return engine.exec_in(info, argv, **kwargs)
+
+    def log_path(self, ref: str) -> Path:
+        st = self.get(ref)
+        if st.log_path is None:
+            raise NotFound(f"container {st.short_id} has no log (it ran attached with --rm "
+                           f"or has not started)")
+        return st.log_path
+
+    def commit(self, ref: str, name: str | None = None, *, message: str | None = None,
+               author: str | None = None, changes: Iterable[str] = ()) -> Image:
+        """``docker commit``: the container's changes (its layer's diff) as a new image layer.
+
+        The new image's config is the container's: its command, environment, working
+        directory and user, then ``changes`` (Dockerfile instructions). A running
+        container is not paused (overlay's diff reads the upper directory as it is).
+        """
+        import shlex
+        import shutil
+        import tempfile
+
+        from ..driver import scratch_prefix
+
+        st = self.get(ref)
+        if st.status in ("created", "removing"):
+            raise InUse(f"container {st.short_id} is {st.status}")
+        cfg = st.config
+        self.images.scratch.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("images-commit", st.id),
+                                    dir=self.images.scratch))
+        try:
+            diff = tmp / "layer.tar"
+            with open(diff, "wb") as f:
+                self.layers.diff(st.layer, f)
+            drop_mountpoints(diff, cfg.get("mountpoints", []))
+            run_config: dict[str, Any] = {
+                "Env": [f"{k}={v}" for k, v in cfg.get("env", {}).items()]}
+            if cfg.get("command_given") or cfg.get("entrypoint_given"):
+                run_config["Cmd"] = cfg.get("cmd") or None
+            if cfg.get("entrypoint_given"):
+                run_config["Entrypoint"] = cfg.get("entrypoint") or None
+            if cfg.get("workdir") and cfg["workdir"] != "/":
+                run_config["WorkingDir"] = cfg["workdir"]
+            if cfg.get("user"):
+                run_config["User"] = cfg["user"]
+            return self.images.commit(st.image, diff, name, run_config=run_config,
+                                      changes=changes, message=message, author=author,
+                                      created_by=shlex.join(cfg.get("argv", [])))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def signal_number(name: str | int) -> int:
+    """A signal given as Docker takes it: a number, ``KILL`` or ``SIGKILL``."""
+    if isinstance(name, int) or str(name).isdigit():
+        return int(name)
+    text = str(name).upper()
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise InvalidArgument(f"unknown signal {name!r}") from None
+
+
+def _numeric_user(text: str) -> tuple[int, int] | None:
+    """``""`` → root; ``"1000"``/``"1000:50"`` → ids without looking at the image (a numeric
+    uid alone gets gid 0 unless the image's passwd says otherwise, as in Docker)."""
+    if not text:
+        return (0, 0)
+    user, _, group = text.partition(":")
+    if user.isdigit() and group.isdigit():
+        return int(user), int(group)
+    return None
+
+
+def _read_etc(rootfs: Path, name: str) -> list[list[str]]:
+    """Lines of the image's /etc/<name>, split on ':' — never following a symlink out of it."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=root)
+            try:
+                fd = os.open(name, flags, dir_fd=etc)
+            finally:
+                os.close(etc)
+        finally:
+            os.close(root)
+    except OSError:
+        return []
+    with os.fdopen(fd, "r", errors="replace") as f:
+        data = f.read(1 << 20)
+    return [line.split(":") for line in data.splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(rootfs: Path, text: str) -> tuple[int, int]:
+    """``user[:group]`` (names or numbers) → ``(uid, gid)`` using the image's /etc/passwd and
+    /etc/group. A uid alone takes its primary group from passwd, else 0 (Docker's rules)."""
+    user, _, group = text.partition(":")
+    passwd = _read_etc(rootfs, "passwd")
+    uid = gid = None
+    for fields in passwd:
+        if len(fields) < 4 or not fields[2].isdigit() or not fields[3].isdigit():
+            continue
+        if fields[0] == user or (user.isdigit() and fields[2] == user):
+            uid, gid = int(fields[2]), int(fields[3])
+            break
+    if uid is None:
+        if not user.isdigit():
+            raise InvalidArgument(f"user {user!r}: no such user in the image's /etc/passwd; "
+                                  f"use a numeric uid[:gid]")
+        uid, gid = int(user), 0
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            match = [f for f in _read_etc(rootfs, "group")
+                     if len(f) >= 3 and f[0] == group and f[2].isdigit()]
+            if not match:
+                raise InvalidArgument(f"group {group!r}: no such group in the image's "
+                                      f"/etc/group; use a numeric gid")
+            gid = int(match[0][2])
+    assert gid is not None
+    return uid, gid
+
+
+def missing_mountpoints(rootfs: Path, targets: Iterable[str]) -> list[str]:
+    """The paths (and parent directories) the engine will have to create in the layer for
+    ``targets`` because the image lacks them; relative, ``/``-separated. A path with a
+    symlink on the way is left out (the engine resolves it inside the container)."""
+    created: list[str] = []
+    for target in targets:
+        parts = [p for p in target.split("/") if p]
+        path = str(rootfs)
+        for i, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                for j in range(i, len(parts)):
+                    rel = "/".join(parts[:j + 1])
+                    if rel not in created:
+                        created.append(rel)
+                break
+            except OSError:
+                break
+            if os.path.islink(path) or (i < len(parts) - 1 and not _is_dir(st.st_mode)):
+                break
+    return created
+
+
+def _is_dir(mode: int) -> bool:
+    import stat
+    return stat.S_ISDIR(mode)
+
+
+def drop_mountpoints(tar_path: Path, mountpoints: Sequence[str]) -> list[str]:
+    """Rewrite a layer tar without the mount points the engine created (empty files, and
+    directories with nothing else of the diff under them). Returns what was dropped."""
+    if not mountpoints:
+        return []
+    import tarfile
+
+    wanted = set(mountpoints)
+    with tarfile.open(tar_path, "r:") as tar:
+        members = tar.getmembers()
+
+    def key(m: tarfile.TarInfo) -> str:
+        name = m.name[2:] if m.name.startswith("./") else m.name
+        return name.strip("/") if name not in (".", "") else ""
+
+    names = [key(m) for m in members]
+    drop: set[str] = set()
+    # Deepest first, so that a directory whose only child was dropped goes too.
+    for m, name in sorted(zip(members, names, strict=True), key=lambda mn: -mn[1].count("/")):
+        if name not in wanted:
+            continue
+        empty_file = m.isfile() and m.size == 0
+        if empty_file or (m.isdir() and not any(n.startswith(name + "/") and n not in drop
+                                                for n in names)):
+            drop.add(name)
+    if not drop:
+        return []
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    with tarfile.open(tar_path, "r:") as src, tarfile.open(tmp, "w:", format=tarfile.PAX_FORMAT) \
+            as dst:
+        for m in src:
+            if key(m) in drop:
+                continue
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    os.replace(tmp, tar_path)
+    return sorted(drop)
+
+
+# --- python -m layerfs.runtime.containers finish ROOT DRIVER OPTIONS CID ----------------------------------
+
+def _finish_main(argv: list[str]) -> int:
+    """What a detached container's monitor execs once the container has exited."""
+    root, driver, options, cid = argv
+    with ContainerManager(root, driver, json.loads(options), recover=False) as mgr:
+        mgr._after_exit(cid)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["finish"] and len(sys.argv) == 6:
+        sys.exit(_finish_main(sys.argv[2:]))
+    print("usage: python -m layerfs.runtime.containers finish ROOT DRIVER OPTIONS_JSON CONTAINER_ID",
+          file=sys.stderr)
+    sys.exit(2)
