@@ -17,7 +17,12 @@ See :class:`layerfs.layers.LayerStore` for every operation, and
 :mod:`layerfs.driver` for writing a driver.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
+
+# Not `from typing import ...`: every `layerfs` command imports this package, and
+# typing costs milliseconds (docs/architecture.md, "Import time"). mypy reads any
+# TYPE_CHECKING as true.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -31,7 +36,7 @@ _EXPORTS = {
     "NotFound": "errors", "UnsafeArchive": "errors",
     "LayerStore": "layers", "open_root": "layers",
     "Mount": "mount",
-    "LayerRecord": "store",
+    "LayerRecord": "metastore",
 }
 
 __all__ = [
@@ -53,6 +58,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .changes import Change, ChangeKind
     from .driver import Capabilities, Driver, DriverOptions, Usage
     from .errors import (

@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import DEFAULT_ROOT, add_global_options
+from .common import DEFAULT_ROOT, add_global_options, subcommands
 
 EPILOG = f"""\
 examples:
@@ -37,7 +37,9 @@ environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STOR
 (comma-separated KEY=VALUE)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``layerfs`` parser; given the ``argv`` it will parse, it builds the parser of that
+    subcommand only (the others are listed, not built: see :func:`.common.build_only`)."""
     from ..daemon import command as daemon
     from . import bench, distribution, images, layers, pool, run
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG)
     add_global_options(parser)
     parser.add_argument("--version", action="version", version="layerfs 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = subcommands(parser, argv, dest="command", metavar="COMMAND")
     for group in (layers, pool, images, run, bench, distribution, daemon):
         group.register(sub)
     return parser
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import LayerfsError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-from typing import Any
-
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ..errors import InvalidArgument
 from .common import SubParsers
+
+TYPE_CHECKING = False       # no typing or rich imports until the command runs
+if TYPE_CHECKING:
+    from typing import Any
+
+    from rich.progress import Progress
 
 DESCRIPTION = """\
 Measure what each storage driver costs, side by side. Every scenario runs on
@@ -189,6 +190,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         native, vm = _targets(args)
         names = scenarios.resolve(args.scenario)
         started = time.perf_counter()
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         progress = None if args.no_progress or not err.is_terminal else Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
@@ -232,6 +241,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = harness.write_json(report, args.json)
         out.print(f"results: {path}")
     if args.plot:
+        from pathlib import Path
+
         from layerfs_bench import plots
 
         for path in plots.plot_all(report, Path(args.plot)):
@@ -331,6 +342,8 @@ def headline(report: Any, result: Any) -> bool:
 
 
 def render(report: Any, *, all_rows: bool = False) -> None:
+    from rich.table import Table
+
     from .console import out
 
     labels = report.target_labels()

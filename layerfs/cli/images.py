@@ -8,31 +8,27 @@ never in pipes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
-from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from ..errors import InvalidArgument, LayerfsError
-from ..images import ImageStore
+from . import console
 from .common import SubParsers, command_parser, emit_json, human_size, open_store
-from .console import err, out
+
+TYPE_CHECKING = False       # no typing, rich or library imports until a command runs
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+    from rich.progress import Progress, TaskID
+
+    from ..images import ImageStore
 
 
 @contextmanager
 def image_store(args: argparse.Namespace) -> Iterator[ImageStore]:
+    from ..images import ImageStore
+
     with open_store(args) as layers:
         yield ImageStore(layers)
 
@@ -61,9 +57,19 @@ class RichProgress:
 
 @contextmanager
 def progress_for(args: argparse.Namespace) -> Iterator[RichProgress | None]:
+    err = console.err
     if getattr(args, "quiet", False) or not err.is_terminal:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
     with bars:
@@ -72,6 +78,8 @@ def progress_for(args: argparse.Namespace) -> Iterator[RichProgress | None]:
 
 def _age(created: Any) -> str:
     """``3 days ago`` for an RFC 3339 time or a Unix timestamp."""
+    import datetime
+
     if created is None:
         return "-"
     try:
@@ -161,6 +169,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image in listed:
             print(image.id if args.no_trunc else image.short_id)
         return 0
+    from rich.table import Table
+
     table = Table(title=f"images ({len(listed)})", title_justify="left")
     for col in ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"):
         table.add_column(col, no_wrap=col != "REPOSITORY")
@@ -170,7 +180,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         for name in image.names or ["<none>:<none>"]:
             repo, _, tag = name.rpartition(":")
             table.add_row(repo, tag, ident, created, human_size(image.size))
-    out.print(table)
+    console.out.print(table)
     return 0
 
 
@@ -184,7 +194,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             except LayerfsError as e:
                 if len(args.images) == 1:
                     raise
-                err.print(f"[red]layerfs: error:[/] {e}", highlight=False)
+                console.err.print(f"[red]layerfs: error:[/] {e}", highlight=False)
                 failures += 1
     return 1 if failures else 0
 
@@ -202,6 +212,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([e.__dict__ for e in entries])
         return 0
+    from rich.table import Table
+
     table = Table(title=f"history of {image.names[0] if image.names else image.short_id}",
                   title_justify="left")
     for col in ("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"):
@@ -213,7 +225,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             e.created_by[:44] + "…"
         table.add_row(ident, _age(e.created), created_by,
                       "0 B" if e.empty_layer else human_size(e.size), e.comment)
-    out.print(table)
+    console.out.print(table)
     return 0
 
 

@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from rich.table import Table
-
-from .. import plugins
-from ..driver import DriverOptions, driver_info
 from ..errors import LayerfsError
+from . import console
 from .common import SubParsers, emit_json, human_size, open_store
-from .console import err, out
+
+TYPE_CHECKING = False       # no typing, rich or library imports until a command runs
+if TYPE_CHECKING:
+    from typing import Any
 
 # --- info / drivers -----------------------------------------------------------------------------
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .. import plugins
+    from ..driver import DriverOptions
     root = Path(args.root)
     data: dict[str, Any] = {"root": str(root)}
     try:
@@ -38,12 +42,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(data)
         return 0
-    out.print(f"[bold]Storage Driver:[/] {data['driver'] or '[red]none[/]'}")
+    console.out.print(f"[bold]Storage Driver:[/] {data['driver'] or '[red]none[/]'}")
     for key, value in data.get("status", {}).items():
         if key != "Storage Driver":
-            out.print(f" {key}: {value}")
+            console.out.print(f" {key}: {value}")
     if "error" in data:
-        out.print(f" [red]{data['error']}[/]")
+        console.out.print(f" [red]{data['error']}[/]")
     table = Table(title="Registered drivers", show_lines=False)
     table.add_column("driver")
     table.add_column("supported")
@@ -51,11 +55,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     for d in data["drivers"]:
         table.add_row(d["name"], "[green]yes[/]" if d["supported"] else "[red]no[/]",
                       d["reason"] or "")
-    out.print(table)
+    console.out.print(table)
     return 0
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from .. import plugins
+    from ..driver import driver_info
     rows = []
     for name in sorted(plugins.registered()):
         probe = plugins.probe(name, Path(args.root))
@@ -76,7 +86,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
                       str(r.get("native_diff", "?")), str(r.get("block_level_cow", "?")),
                       str(r.get("quotas", "?")), str(r.get("max_depth") or "-"),
                       str(r.get("whiteouts", "?")))
-    out.print(table)
+    console.out.print(table)
     return 0
 
 
@@ -101,6 +111,8 @@ def cmd_layer_create(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     with open_store(args) as store:
         layers = store.layers()
         mounted = {m.layer for m in store.store.list_mounts()}
@@ -115,7 +127,7 @@ def cmd_layer_ls(args: argparse.Namespace) -> int:
                       (r.parent or "")[:12] if not args.no_trunc else (r.parent or ""),
                       str(r.depth), "ro" if r.readonly else "rw", human_size(r.size),
                       "yes" if r.id in mounted else "")
-    out.print(table)
+    console.out.print(table)
     return 0
 
 
@@ -150,7 +162,7 @@ def cmd_layer_diff(args: argparse.Namespace) -> int:
         if args.output and args.output != "-":
             with open(args.output, "wb") as f:
                 size = store.diff(args.id, f)
-            err.print(f"wrote {args.output}: layer size {human_size(size)}")
+            console.err.print(f"wrote {args.output}: layer size {human_size(size)}")
         else:
             if sys.stdout.isatty():
                 raise LayerfsError("refusing to write a tar to a terminal; use -o FILE or a pipe")
@@ -179,7 +191,7 @@ def cmd_layer_changes(args: argparse.Namespace) -> int:
         return 0
     colors = {"A": "green", "C": "yellow", "D": "red"}
     for c in changes:
-        out.print(f"[{colors[c.kind.value]}]{c.kind.value}[/] {c.path}", highlight=False)
+        console.out.print(f"[{colors[c.kind.value]}]{c.kind.value}[/] {c.path}", highlight=False)
     return 0
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import pool
-from ..driver import parse_size
 from ..errors import InvalidArgument
 from .common import SubParsers
 
 
 def cmd_pool_create(args: argparse.Namespace) -> int:
+    from .. import pool
+    from ..driver import parse_size
+
     if args.kind == "btrfs":
         if not args.image or not args.mount:
             raise InvalidArgument("btrfs pools need --image FILE and --mount DIR")
@@ -25,6 +26,8 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_destroy(args: argparse.Namespace) -> int:
+    from .. import pool
+
     if args.kind == "btrfs":
         p = pool.destroy_btrfs(Path(args.target), remove_image=not args.keep_image)
         print(f"unmounted {p.mountpoint}, detached {p.device}"

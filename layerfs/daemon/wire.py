@@ -27,8 +27,8 @@ follow (``012`` for all three; a closed one is left out), then always the cwd.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False   # typing costs ~15 ms to import; mypy reads this name as True
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
