@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from . import mount as mountlib
-from .changes import Change, naive_changes
+from .changes import Change, WhiteoutFormat, naive_changes
 from .errors import InvalidArgument
-from .tarlayer import WhiteoutFormat, apply_layer, export_changes
 
 if TYPE_CHECKING:
     from .metastore import DriverState
@@ -253,11 +252,15 @@ class Driver(ABC):
         """Write the layer's changes as an uncompressed OCI layer tar; return its size."""
         with self.view(parent) as lower, self.view(layer_id) as upper:
             assert upper is not None
+            from .tarlayer import export_changes  # the tar codec loads when used
+
             return export_changes(upper, naive_changes(lower, upper), out)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
         """Apply an OCI layer tar (any compression) onto the layer; return its size."""
         with self.writable_view(layer_id) as target:
+            from .tarlayer import apply_layer
+
             return apply_layer(target, stream, WhiteoutFormat.IN_PLACE)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:

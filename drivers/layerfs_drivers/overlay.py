@@ -38,10 +38,10 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
+from layerfs.changes import WhiteoutFormat
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
 from layerfs.errors import NotFound, translate_errors
 from layerfs.mount import Mount
-from layerfs.tarlayer import WhiteoutFormat, apply_layer
 
 from ._overlayfs import FEATURE_OFF, check_host, probe_features
 
@@ -128,6 +128,8 @@ class OverlayDriver(Driver):
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
         d = self._dir(layer_id)
         if parent is None or self._is_image(layer_id):
+            from layerfs.tarlayer import apply_layer  # the tar codec loads when used
+
             return apply_layer(self._root(layer_id), stream, WhiteoutFormat.IN_PLACE)
         if not self._is_image(parent):
             return super().apply_diff(layer_id, parent, stream)
@@ -137,6 +139,8 @@ class OverlayDriver(Driver):
         staging = d / "root.staging"
         subprocess.run(["cp", "-al", "--", str(self._root(parent)), str(staging)],
                        check=True, capture_output=True)
+        from layerfs.tarlayer import apply_layer
+
         size = apply_layer(staging, stream, WhiteoutFormat.IN_PLACE)
         staging.rename(self._root(layer_id))
         for leftover in ("upper", "work"):

@@ -50,7 +50,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from layerfs.changes import Change, changes_from_diff_dir
+from layerfs.changes import Change, WhiteoutFormat, changes_from_diff_dir
 from layerfs.driver import (
     Capabilities,
     Driver,
@@ -61,7 +61,6 @@ from layerfs.driver import (
 )
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
 from layerfs.mount import Mount, mountinfo
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
 
@@ -323,12 +322,16 @@ class Overlay2Driver(Driver):
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if not self.native_diff_ok:
             return super().diff(layer_id, parent, out)
+        from layerfs.tarlayer import export_native  # the tar codec loads when used
+
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
         # A fresh layer's diff/ is empty: the tar's entries, with whiteouts in overlay
         # form, are exactly what its upper dir must hold.
+        from layerfs.tarlayer import apply_layer
+
         return apply_layer(self._diff(layer_id), stream, self.whiteouts)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:

@@ -73,9 +73,12 @@ SERVICE_STOP_GRACE = 10.0
 _HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The modules a worker should find already imported: the CLI and what its commands
 #: use. Never modules that capture the process's environment or terminal at import
-#: (rich consoles, the bench harness): those are imported by the worker itself.
+#: (the bench harness reads LAYERFS_BENCH_SCRATCH): a worker imports those itself.
+#: The rich consoles are made on first use, in the worker (layerfs.cli.console).
 WARM_MODULES = (
     "layerfs._entry", "layerfs.cli", "layerfs.cli.run", "layerfs.cli.common",
+    "layerfs.cli.layers", "layerfs.cli.images", "layerfs.cli.distribution", "layerfs.cli.pool",
+    "layerfs.cli.bench", "layerfs.cli.console", "layerfs.daemon.command",
     "layerfs.runtime.containers", "layerfs.images", "layerfs.layers", "layerfs.metastore",
     "layerfs.mount", "layerfs.tarlayer", "layerfs.oci", "layerfs.changes", "layerfs.plugins",
     "layerfs.runtime.engine", "layerfs.runtime.network", "layerfs.runtime.state",

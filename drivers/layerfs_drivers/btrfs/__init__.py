@@ -46,7 +46,6 @@ from layerfs.errors import (
     translate_errors,
 )
 from layerfs.mount import Mount
-from layerfs.tarlayer import export_changes
 
 from .send import SendSummary, changed_paths, send_no_data
 
@@ -203,6 +202,8 @@ class BtrfsDriver(Driver):
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if parent is None or not self.use_send:
             return super().diff(layer_id, parent, out)
+        from layerfs.tarlayer import export_changes  # the tar codec loads when used
+
         return export_changes(self._path(layer_id), self._send_changes(layer_id, parent), out)
 
     # --- reporting -------------------------------------------------------------------------------
