@@ -10,7 +10,7 @@ When no daemon answers, :func:`delegate` returns ``None`` and the command runs
 here. ``LAYERFS_DAEMON=0`` never asks a daemon; ``LAYERFS_DAEMON=1`` requires one.
 
 This module and :mod:`.wire` import only C modules of the standard library
-(``_socket``, ``_signal``, ``array``): a command sent to the daemon must not pay
+(``_socket``, ``_signal``): a command sent to the daemon must not pay
 for importing the CLI (tests/daemon/test_thin_client.py checks it with
 ``python -X importtime``).
 """
@@ -171,12 +171,12 @@ def _recv(conn: _socket.socket, frames: wire.Frames, queue: list[bytes]) -> wire
 
 
 def _converse(conn: _socket.socket, argv: list[str], required: bool) -> int | None:
-    import array
-
     frame, fds, opened = _request(argv)
     frames, queue = wire.Frames(), list[bytes]()
     try:
-        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        # struct cmsghdr's payload: C ints (not `array`, which imports collections.abc)
+        payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)]
         sent = conn.sendmsg([frame], rights)
         if sent < len(frame):
             conn.sendall(frame[sent:])

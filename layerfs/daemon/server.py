@@ -509,29 +509,30 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             job = self.jobs.pop(pid, None)
             if job is not None:
-                self._finished(job, status)
+                self._finished(job, status, usage.ru_utime + usage.ru_stime)
             elif pid in self.children:
                 self.children.pop(pid)(status)
             else:
                 log.debug("reaped orphan %d (%s)", pid, _describe(status))
 
-    def _finished(self, job: Job, status: int) -> None:
+    def _finished(self, job: Job, status: int, cpu: float) -> None:
         ms = (time.monotonic() - job.started) * 1000
-        log.info("worker %d (%s): %s in %.0f ms", job.pid, job.command, _describe(status), ms)
-        if job.conn is not None:
+        if job.conn is not None:             # the client first, the log after
             if os.WIFSIGNALED(status):
                 item = (b"signal", b"%d" % os.WTERMSIG(status))
             else:
                 item = (b"status", b"%d" % os.waitstatus_to_exitcode(status))
             self._send(job.conn, wire.encode(b"exit", [item]))
             self._drop(job.conn)
+        log.info("worker %d (%s): %s in %.0f ms (cpu %.0f ms)", job.pid, job.command,
+                 _describe(status), ms, cpu * 1000)
         if os.WIFSIGNALED(status):
             self._start_recovery()   # it may have left half-done work behind
 
