@@ -15,26 +15,14 @@ from __future__ import annotations
 
 import sys
 
+from .daemon.client import scan
+
 _FAST = {"run", "exec"}
-_GLOBAL_WITH_VALUE = {"--root", "--driver", "-s", "--storage-opt"}
-
-
-def _command(argv: list[str]) -> str | None:
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in _GLOBAL_WITH_VALUE:
-            i += 2
-        elif arg.startswith("-"):
-            i += 1
-        else:
-            return arg
-    return None
 
 
 def run_here(args: list[str]) -> int:
     """Run the command in this process (no daemon)."""
-    if _command(args) in _FAST and not {"-h", "--help"} & set(args):
+    if scan(args)[1] in _FAST and not {"-h", "--help"} & set(args):
         from .cli.run import main as run_main
 
         return run_main(args)
