@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import heapq
 import importlib
 import itertools
@@ -166,6 +167,7 @@ class Supervisor:
         self._seq = itertools.count()
         self._recovery_pid: int | None = None
         self._recovery_again = False
+        self._keeper_pid: int | None = None
         self.stopping = False
         self._stop_deadline_armed = False
 
@@ -180,6 +182,10 @@ class Supervisor:
         try:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
             warm_up()
+            self._probe_root()
+            # Objects that exist now are never collected: a worker's collections skip them
+            # instead of writing to every page the fork shares with us (copy-on-write).
+            gc.freeze()
             self._listen()
             self._install_signals()
             self._start_recovery()
@@ -195,6 +201,18 @@ class Supervisor:
             self._close_listener()
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
+
+    def _probe_root(self) -> None:
+        """Check the root's driver against this host once: workers inherit the answer
+        (layerfs.plugins keeps it) instead of probing on every command."""
+        from .. import plugins
+
+        try:
+            prior = plugins.prior_driver(self.root)
+            if prior is not None:
+                plugins.probe(prior, self.root)
+        except LayerfsError as err:
+            log.warning("probing the root's driver: %s", err)
 
     def _lock(self) -> None:
         """One daemon per root: a POSIX lock on ROOT/daemon.lock (POSIX locks belong to
@@ -294,7 +312,7 @@ class Supervisor:
 
     def _idle(self) -> bool:
         running = any(s.pid is not None for s in self.services.values())
-        return not (self.jobs or running or self._recovery_pid)
+        return not (self.jobs or running or self._recovery_pid or self._keeper_pid)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -535,6 +553,8 @@ class Supervisor:
                  _describe(status), ms, cpu * 1000)
         if os.WIFSIGNALED(status):
             self._start_recovery()   # it may have left half-done work behind
+        elif self._keeper_pid is None:
+            self._start_keeper()     # the first command may have made the database
 
     # --- recovery ---------------------------------------------------------------------------------
     def _start_recovery(self) -> None:
@@ -558,6 +578,27 @@ class Supervisor:
         if self._recovery_again:
             self._recovery_again = False
             self._start_recovery()
+        self._start_keeper()
+
+    def _start_keeper(self) -> None:
+        """A child that keeps one connection to the root's database open, so that no
+        worker's connection is ever the last to close: SQLite checkpoints the WAL into
+        the database (and syncs it) when the last connection closes, which would cost
+        each command milliseconds; with a connection kept, WAL pages are copied back
+        by SQLite's automatic checkpoint every ~1000 pages instead."""
+        if self._keeper_pid is not None or self.stopping or \
+                not (self.root / "layerfs.db").exists():
+            return
+        from . import worker
+
+        pid = self._fork(lambda: worker.keep_store_open(self.root))
+        self._keeper_pid = pid
+
+        def exited(status: int) -> None:
+            self._keeper_pid = None
+            if not self.stopping and status != 0:
+                log.warning("store keeper: %s", _describe(status))
+        self.children[pid] = exited
 
     # --- services (issue 18) and the union zygote (issue 17, part 3) --------------------------------
     def _start_service(self, service: Service) -> None:
@@ -643,6 +684,17 @@ class Supervisor:
         for service in self.services.values():
             service.terminate(self)
         self.after(self.drain_timeout, self._terminate_jobs)
+        self._stop_keeper()
+
+    def _stop_keeper(self) -> None:
+        """The keeper goes once the commands are done (its close checkpoints the WAL)."""
+        if self._keeper_pid is None:
+            return
+        if self.jobs:
+            self.after(0.05, self._stop_keeper)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._keeper_pid, signal.SIGTERM)
 
     def _terminate_jobs(self) -> None:
         self._stop_deadline_armed = False

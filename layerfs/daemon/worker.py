@@ -181,3 +181,17 @@ def recover(root: Path) -> None:
             log.info("recovery: finished container %s (its runner had died)", cid[:12])
         for error in mgr.cleanup_errors:
             log.warning("recovery: %s", error)
+
+
+def keep_store_open(root: Path) -> None:
+    """Hold a connection to ``root``'s database until SIGTERM (see
+    ``Supervisor._start_keeper``); then close it, which checkpoints the WAL."""
+    import sqlite3
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    db = sqlite3.connect(root / "layerfs.db", timeout=60)
+    try:
+        db.execute("SELECT 1 FROM settings LIMIT 1").fetchall()   # opens the WAL index
+        signal.sigwait({signal.SIGTERM})
+    finally:
+        db.close()

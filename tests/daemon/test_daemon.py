@@ -70,6 +70,8 @@ def _as_nobody(fn: Callable[[], int]) -> tuple[int, str]:
 
 
 def test_non_root_is_refused(root: Root, daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rich.console  # noqa: F401  (the error message is printed with it)
+
     from layerfs._entry import main
     from layerfs.cli import build_parser
     from layerfs.daemon import command, server  # noqa: F401  (nobody cannot import them)
