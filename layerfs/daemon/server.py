@@ -762,9 +762,26 @@ def warm_up(modules: Sequence[str] = WARM_MODULES) -> list[str]:
             plugins.load(name)
         except LayerfsError as err:
             failed.append(f"driver {name}: {err}")
+    _warm_parsers()
     for line in failed:
         log.debug("warm-up: %s", line)
     return failed
+
+
+#: Command lines the warm-up parses (and throws away): argparse compiles a regular
+#: expression per argument layout it meets, once per process; parsed here, they are in
+#: ``re``'s cache of every worker.
+WARM_ARGV = (["run", "--rm", "-i", "--network", "none", "--name", "x", "-e", "A=1", "img", "true"],
+             ["exec", "-i", "x", "sh"], ["ps", "-a"], ["images", "-q"], ["layer", "ls"],
+             ["layer", "create", "--parent", "p"], ["layer", "mount", "x"], ["rm", "-f", "x"])
+
+
+def _warm_parsers() -> None:
+    from ..cli import build_parser
+
+    for argv in WARM_ARGV:
+        with contextlib.suppress(Exception, SystemExit):
+            build_parser(argv).parse_args(argv)
 
 
 def _parse_request(message: wire.Message, fds: list[int]) -> Request:
