@@ -13,8 +13,9 @@ The public API is small::
             store.diff(box.id, out)                            # OCI layer tar
         store.remove(box.id)
 
-See :class:`layerfs.layers.LayerStore` for every operation, and
-:mod:`layerfs.driver` for writing a driver.
+See :class:`layerfs.layers.LayerStore` for every operation, :mod:`layerfs.driver` and
+docs/writing-a-driver.md for writing a driver, and :func:`register` (or a driver class
+passed to :func:`open_root`) for using one that is not installed as a package.
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ __version__ = "0.1.0"
 # should not pay for modules they never touch.
 _EXPORTS = {
     "Change": "changes", "ChangeKind": "changes",
-    "Capabilities": "driver", "Driver": "driver", "DriverOptions": "driver", "Usage": "driver",
+    "Capabilities": "driver", "Driver": "driver", "DriverOptions": "options", "Usage": "fsinfo",
     "AlreadyExists": "errors", "CorruptState": "errors", "DriverNotSupported": "errors",
     "InUse": "errors", "InvalidArgument": "errors", "LayerfsError": "errors",
     "NotFound": "errors", "UnsafeArchive": "errors",
     "LayerStore": "layers", "open_root": "layers",
     "Mount": "mount",
     "LayerRecord": "metastore",
+    "register": "plugins",
 }
 
 __all__ = [
     "AlreadyExists", "Capabilities", "Change", "ChangeKind", "CorruptState", "Driver",
     "DriverNotSupported", "DriverOptions", "InUse", "InvalidArgument", "LayerRecord",
     "LayerStore", "LayerfsError", "Mount", "NotFound", "UnsafeArchive", "Usage", "open_root",
+    "register",
 ]
 
 
@@ -61,7 +64,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .changes import Change, ChangeKind
-    from .driver import Capabilities, Driver, DriverOptions, Usage
+    from .driver import Capabilities, Driver
     from .errors import (
         AlreadyExists,
         CorruptState,
@@ -72,6 +75,9 @@ if TYPE_CHECKING:
         NotFound,
         UnsafeArchive,
     )
+    from .fsinfo import Usage
     from .layers import LayerStore, open_root
     from .metastore import LayerRecord
     from .mount import Mount
+    from .options import DriverOptions
+    from .plugins import register

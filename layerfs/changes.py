@@ -3,7 +3,7 @@
 A layer is described two ways in layerfs. On disk, each driver has its own
 encoding (a full copy of the tree for vfs/btrfs/devicemapper, an upper
 directory with whiteouts for overlay and aufs). Between drivers, and in images,
-a layer is an OCI tar changeset (see :mod:`layerfs.tarlayer`). This module is
+a layer is an OCI tar changeset (see :mod:`layerfs.tar`). This module is
 the model in the middle: a sorted list of :class:`Change` values, each naming
 one absolute path inside the layer and whether it was added, modified or
 deleted (the three letters ``docker diff`` prints).

@@ -25,14 +25,19 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import mount as mountlib
 from . import plugins
 from .changes import Change
-from .driver import Driver, DriverOptions, Usage, parse_size, scratch_owner
+from .driver import Driver, Usage, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
+from .options import DriverOptions
+from .units import parse_size
+
+if TYPE_CHECKING:
+    from .tar import Readable  # the tar codec loads when a layer is applied or exported
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -54,9 +59,12 @@ class LayerStore:
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | os.PathLike[str], driver: str | None = None,
+    def open(cls, root: str | os.PathLike[str], driver: str | type[Driver] | None = None,
              options: dict[str, str] | list[str] | None = None, *,
              recover: bool = True) -> LayerStore:
+        """Open (creating if needed) a root. ``driver`` is a registered driver's name, a
+        driver class (used as is, whether registered or not), or None: the root's own
+        driver, else the first supported one (:func:`layerfs.plugins.select`)."""
         root_path = Path(root).absolute()
         root_path.mkdir(parents=True, exist_ok=True)
         store = MetaStore(root_path / "layerfs.db")
@@ -69,12 +77,17 @@ class LayerStore:
                 saved = store.get_setting("driver_options")
                 opts = DriverOptions(json.loads(saved) if saved else {})
             owner = store.get_setting("driver")
-            if driver and owner and driver != owner:
+            wanted = driver.name if isinstance(driver, type) else driver
+            if wanted and owner and wanted != owner:
                 raise InvalidArgument(
-                    f"root {root_path} holds layers of driver {owner!r}, not {driver!r}; "
+                    f"root {root_path} holds layers of driver {owner!r}, not {wanted!r}; "
                     f"use --driver {owner} or another --root")
-            name, _ = plugins.select(root_path, driver or owner, opts)
-            cls_ = plugins.load(name)
+            if isinstance(driver, type):
+                name, cls_ = driver.name, driver
+                cls_.check(plugins.home_of(root_path, name), opts)
+            else:
+                name, _ = plugins.select(root_path, driver or owner, opts)
+                cls_ = plugins.load(name)
             drv = cls_(plugins.home_of(root_path, name), opts, DriverState(store, name))
             if owner is None:
                 store.set_setting("driver", name)
@@ -247,7 +260,7 @@ class LayerStore:
             raise
         return self._finish_create(rec.id, 0 if parent is None else None)
 
-    def apply(self, stream: IO[bytes], parent: str | None = None, *,
+    def apply(self, stream: Readable, parent: str | None = None, *,
               layer_id: str | None = None, labels: dict[str, str] | None = None) -> LayerRecord:
         """Create a read-only layer on ``parent`` from an OCI layer tar (any compression).
 
@@ -393,9 +406,10 @@ class LayerStore:
         shutil.rmtree(self.mnt_dir, ignore_errors=True)
 
 
-def open_root(root: str | os.PathLike[str], driver: str | None = None,
+def open_root(root: str | os.PathLike[str], driver: str | type[Driver] | None = None,
               options: dict[str, str] | list[str] | None = None) -> LayerStore:
-    """Open (creating if needed) a layerfs root with ``driver`` or auto-selection."""
+    """Open (creating if needed) a layerfs root with ``driver`` (a name or a driver class)
+    or auto-selection."""
     return LayerStore.open(root, driver, options)
 
 

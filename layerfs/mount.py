@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -279,33 +280,54 @@ def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:
 
 @dataclass(frozen=True)
 class MountInfo:
-    """One line of /proc/self/mountinfo."""
+    """One line of ``/proc/self/mountinfo`` (proc(5)), with its fields unescaped.
+
+    ``36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue``
+    is mount 36 (parent 35) of device 98:0, showing ``/mnt1`` of that filesystem at
+    ``/mnt2``, with per-mount options ``rw,noatime``, then after the ``-``: type, source
+    and the superblock's options.
+    """
 
     mount_id: int
     parent_id: int
-    target: str
+    devno: int            # st_dev of the filesystem (os.makedev(major, minor))
+    root: str             # the directory of the filesystem mounted here ("/" for all of it)
+    target: str           # the mount point
+    mount_options: str    # per-mount options ("rw,nosuid,relatime")
     fstype: str
     source: str
-    options: str
+    super_options: str    # the superblock's options ("rw,lowerdir=...,prjquota")
+
+    @property
+    def super_option_set(self) -> set[str]:
+        return set(self.super_options.split(","))
 
 
-def _unescape(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return (field_.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def mountinfo() -> list[MountInfo]:
-    result = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf = left.split()
-            rf = right.split()
-            result.append(MountInfo(int(lf[0]), int(lf[1]), _unescape(lf[4]), rf[0],
-                                    _unescape(rf[1]) if len(rf) > 1 else "",
-                                    rf[2] if len(rf) > 2 else ""))
-    return result
+def unescape_field(field_: str) -> str:
+    """A mountinfo field as the kernel wrote it: space, tab, newline and backslash (and
+    anything else it chose to) escaped as ``\\ooo`` octal."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def parse_mountinfo_line(line: str) -> MountInfo:
+    """One line of mountinfo. Optional fields (``shared:N``, ``master:N``) end at ``-``."""
+    left, sep, right = line.rstrip("\n").partition(" - ")
+    lf, rf = left.split(" "), right.split(" ")
+    if not sep or len(lf) < 6 or len(rf) < 2:
+        raise ValueError(f"not a mountinfo line: {line!r}")
+    major, _, minor = lf[2].partition(":")
+    return MountInfo(int(lf[0]), int(lf[1]), os.makedev(int(major), int(minor)),
+                     unescape_field(lf[3]), unescape_field(lf[4]), lf[5], unescape_field(rf[0]),
+                     unescape_field(rf[1]), unescape_field(rf[2]) if len(rf) > 2 else "")
+
+
+def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    """Every mount in this mount namespace, in the kernel's order (parents first)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return [parse_mountinfo_line(line) for line in f if line.strip()]
 
 
 def is_mounted(target: str | os.PathLike[str]) -> bool:

@@ -3,16 +3,15 @@
 Nothing here touches the layer store; :mod:`layerfs.images` drives it. This
 module knows how images are written down:
 
-* **digests** (``sha256:<hex>``) and **chain ids**, the content addresses of
-  blobs and of layer stacks;
-* **references** (``NAME[:TAG]``), normalised the way ``docker`` shows them
-  (``docker.io/library/busybox:latest`` is ``busybox:latest``);
+* **descriptors** (``{mediaType, digest, size}``: :func:`parse_descriptor`), configs
+  and platforms (:class:`Platform`); digests are :mod:`layerfs.digests`'s, names
+  :mod:`layerfs.reference`'s;
 * **sources**: an image archive as a directory or a tar, read member by member
-  without unpacking it (:func:`open_source`), with every name confined to the
-  archive;
+  without unpacking it (:func:`open_source`; tars are indexed by
+  :mod:`layerfs.tar.index`), with every name confined to the archive;
 * **readers** for the two layouts, turning an archive into :class:`ImageToLoad`
   descriptions whose digests the loader then verifies while it streams;
-* **writers** for saving (:class:`TarArchiveWriter`, :class:`DirArchiveWriter`).
+* the writers for saving live with saving (:mod:`layerfs.images.save`).
 
 Two layouts are accepted, in one archive each:
 
@@ -42,18 +41,27 @@ import json
 import os
 import platform
 import posixpath
-import re
 import shutil
-import stat
-import struct
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
+from .digests import (
+    check_digest,
+    hasher_for,
+    is_digest,
+    is_sha256_hex,
+    sha256_digest,
+    short_id,
+    verify_bytes,
+)
 from .errors import InvalidArgument, LayerfsError, NotFound
+from .reference import is_tag, looks_like_reference, parse_reference
+from .tar.index import Member, members
+from .tar.split import TarSplitRecorder
+from .tar.stream import MAGIC_SIZE, Readable, compression_of, open_layer_stream
 
 # --- media types ----------------------------------------------------------------------------
 
@@ -88,97 +96,6 @@ ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 #: Limits for the JSON documents read whole into memory (layers are streamed).
 MAX_JSON = 32 << 20
 
-# --- digests --------------------------------------------------------------------------------
-
-_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-_HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
-
-
-def check_digest(value: object, what: str) -> str:
-    """``value`` if it is a well-formed ``sha256:``/``sha512:`` digest, else InvalidArgument."""
-    if not isinstance(value, str) or not _DIGEST_RE.match(value):
-        raise InvalidArgument(f"{what}: {value!r} is not a sha256/sha512 digest")
-    return value
-
-
-def hasher_for(digest: str) -> Any:
-    """A fresh hashlib object of ``digest``'s algorithm."""
-    return hashlib.new(digest.split(":", 1)[0])
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """Chain ids of a layer stack (OCI image spec): ``C0 = D0``, ``Cn = sha256(Cn-1 + " " + Dn)``.
-
-    The chain id names a layer *together with everything below it*: the same
-    diff applied on two different parents gives two different layers on disk.
-    """
-    out: list[str] = []
-    for diff_id in diff_ids:
-        out.append(diff_id if not out else sha256_digest(f"{out[-1]} {diff_id}".encode()))
-    return out
-
-
-def short_id(digest: str, n: int = 12) -> str:
-    return digest.split(":", 1)[-1][:n]
-
-
-# --- references -----------------------------------------------------------------------------
-
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?|localhost)"
-_REPO_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-DEFAULT_TAG = "latest"
-
-
-def split_reference(text: str) -> tuple[str, str | None]:
-    """``repo[:tag]`` → (repo, tag or None). A ``:`` before the last ``/`` is a port."""
-    repo, tag = text, None
-    colon = text.rfind(":")
-    if colon > text.rfind("/"):
-        repo, tag = text[:colon], text[colon + 1:]
-    return repo, tag
-
-
-def normalize_repo(repo: str) -> str:
-    """Docker Hub names in their short form: ``docker.io/library/x`` → ``x``."""
-    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/",
-                   "index.docker.io/"):
-        if repo.startswith(prefix) and len(repo) > len(prefix):
-            return repo[len(prefix):]
-    return repo
-
-
-def parse_reference(text: str, *, default_tag: str = DEFAULT_TAG) -> str:
-    """Validate ``NAME[:TAG]`` and return it normalised as ``name:tag``."""
-    if "@" in text:
-        raise InvalidArgument(f"image name {text!r}: digest references (NAME@sha256:...) are "
-                              f"not supported here; use NAME[:TAG] or an image id")
-    repo, tag = split_reference(text)
-    repo = normalize_repo(repo)
-    if not _REPO_RE.match(repo) or len(repo) > 255:
-        raise InvalidArgument(f"invalid image name {text!r}: use lowercase letters, digits and "
-                              f"'._-' separated by '/', e.g. busybox or lab/busybox:1.36")
-    if tag is None:
-        tag = default_tag
-    if not _TAG_RE.match(tag):
-        raise InvalidArgument(f"invalid tag in {text!r}: use letters, digits and '_.-' "
-                              f"(at most 128, not starting with '.' or '-')")
-    return f"{repo}:{tag}"
-
-
-def looks_like_reference(text: str) -> bool:
-    try:
-        parse_reference(text)
-    except InvalidArgument:
-        return False
-    return True
-
-
 # --- platform -------------------------------------------------------------------------------
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -189,6 +106,40 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 def host_platform() -> dict[str, str]:
     machine = platform.machine().lower()
     return {"os": "linux", "architecture": _ARCH.get(machine, machine)}
+
+
+@dataclass(frozen=True)
+class Platform:
+    """``OS/ARCH[/VARIANT]``, as image indexes and ``--platform`` name one."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Platform:
+        """``linux/arm64/v8``; empty or None: this host's platform."""
+        if not text:
+            host = host_platform()
+            return cls(host["os"], host["architecture"])
+        parts = text.strip().lower().split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise InvalidArgument(f"platform {text!r}: expected OS/ARCH[/VARIANT], e.g. "
+                                  f"linux/amd64 or linux/arm64/v8")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def matches(self, p: dict[str, Any]) -> bool:
+        """Whether an index entry's ``platform`` object is this platform."""
+        if p.get("os") != self.os or p.get("architecture") != self.architecture:
+            return False
+        if self.variant is None:
+            return True
+        variant = p.get("variant")
+        return variant == self.variant or (variant is None and self.architecture == "arm64"
+                                           and self.variant == "v8")
+
+    def __str__(self) -> str:
+        return "/".join(x for x in (self.os, self.architecture, self.variant) if x)
 
 
 # --- JSON -----------------------------------------------------------------------------------
@@ -240,7 +191,7 @@ class Source(Protocol):
     def open(self, name: str) -> BinaryIO: ...
 
 
-def _clean_name(name: str, what: str) -> str:
+def clean_name(name: str, what: str) -> str:
     """Normalise a member name and refuse ones that leave the archive."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise InvalidArgument(f"{what}: bad path {name!r}")
@@ -271,7 +222,7 @@ class RangeReader(io.RawIOBase):
         self._fd = fd
         self._pos = offset
         self._end = offset + size
-        self.name = name  # type: ignore[misc]
+        self.name = name
 
     def readable(self) -> bool:
         return True
@@ -296,7 +247,7 @@ class DirSource:
         self.description = str(root)
 
     def _path(self, name: str) -> Path:
-        clean = _clean_name(name, self.description)
+        clean = clean_name(name, self.description)
         path = (self.root / clean).resolve()
         if path != self.root and self.root not in path.parents:
             raise InvalidArgument(f"{self.description}: {name!r} resolves outside the layout")
@@ -311,17 +262,9 @@ class DirSource:
     def open(self, name: str) -> BinaryIO:
         path = self._path(name)
         try:
-            return open(path, "rb", buffering=0)  # type: ignore[return-value]
+            return open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise NotFound(f"{self.description}: {name} is missing") from None
-
-
-@dataclass(frozen=True)
-class _Member:
-    kind: bytes     # b"0" file, b"1" hardlink, b"2" symlink, b"5" dir
-    offset: int
-    size: int
-    link: str = ""
 
 
 class TarSource:
@@ -347,94 +290,29 @@ class TarSource:
             os.close(self._fd)
             self._fd = -1
 
-    def _corrupt(self, msg: str) -> InvalidArgument:
-        return InvalidArgument(f"{self.description}: archive is corrupt: {msg}")
-
-    def _truncated(self, msg: str) -> InvalidArgument:
-        return InvalidArgument(f"{self.description}: archive is truncated: {msg}")
-
-    def _index(self) -> dict[str, _Member]:
-        total = os.fstat(self._fd).st_size
-        members: dict[str, _Member] = {}
-        pos = 0
-        pax: dict[str, str] = {}
-        long_name: str | None = None
-        long_link: str | None = None
-        while True:
-            block = os.pread(self._fd, 512, pos)
-            if len(block) < 512:
-                if pos == 0:
-                    raise InvalidArgument(f"{self.description}: not an image archive (empty "
-                                          f"or not a tar)")
-                raise self._truncated("it ends without an end-of-archive marker")
-            if block == bytes(512):
-                return members
-            name_b = block[0:100].split(b"\0", 1)[0]
-            if block[257:262] == b"ustar":
-                prefix = block[345:500].split(b"\0", 1)[0]
-                if prefix:
-                    name_b = prefix + b"/" + name_b
-            try:
-                stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            except ValueError:
-                stored = -1
-            unsigned = sum(block[:148]) + sum(block[156:]) + 256
-            if stored != unsigned:
-                if pos == 0:
-                    raise InvalidArgument(f"{self.description}: not an image archive (not a "
-                                          f"tar, or compressed with something other than "
-                                          f"gzip or zstd)")
-                raise self._corrupt(f"bad header checksum at offset {pos}")
-            size = _tar_number(block[124:136])
-            flag = block[156:157]
-            data = pos + 512
-            end = data + size + (-size % 512)
-            if data + size > total:
-                raise self._truncated(f"member {os.fsdecode(name_b)!r} is cut short")
-            if flag in (b"x", b"g", b"L", b"K"):
-                if size > MAX_JSON:
-                    raise self._corrupt(f"extended header of {size} bytes")
-                payload = os.pread(self._fd, size, data)
-                if flag == b"x":
-                    pax.update(_pax_records(payload))
-                elif flag == b"L":
-                    long_name = os.fsdecode(payload.rstrip(b"\0"))
-                elif flag == b"K":
-                    long_link = os.fsdecode(payload.rstrip(b"\0"))
-                pos = end
-                continue
-            name = pax.get("path") or long_name or os.fsdecode(name_b)
-            link = pax.get("linkpath") or long_link or os.fsdecode(
-                block[157:257].split(b"\0", 1)[0])
-            if "size" in pax:
-                size = int(pax["size"])
-                end = data + size + (-size % 512)
-                if data + size > total:
-                    raise self._truncated(f"member {name!r} is cut short")
-            pax, long_name, long_link = {}, None, None
-            kind = b"0" if flag in (b"\0", b"7") else flag
-            if kind == b"0" and name.endswith("/"):
-                kind = b"5"
+    def _index(self) -> dict[str, Member]:
+        found: dict[str, Member] = {}
+        for name, member in members(self._fd, self.description):
             with contextlib.suppress(InvalidArgument):
-                members[_clean_name(name, self.description)] = _Member(
-                    kind, data, size if kind == b"0" else 0, link)
-            pos = end
+                found[clean_name(name, self.description)] = member
+        return found
 
-    def _resolve(self, name: str) -> _Member | None:
-        clean = _clean_name(name, self.description)
+    def _resolve(self, name: str) -> Member | None:
+        clean = clean_name(name, self.description)
         for _ in range(16):
             m = self.members.get(clean)
             if m is None or m.kind in (b"0", b"5"):
                 return m
             if m.kind == b"1":
-                clean = _clean_name(m.link, self.description)
+                clean = clean_name(m.link, self.description)
             elif m.kind == b"2":
                 target = m.link if m.link.startswith("/") else posixpath.join(
                     posixpath.dirname(clean), m.link)
-                clean = _clean_name(target, self.description)
+                clean = clean_name(target, self.description)
             else:
                 return None
-        raise self._corrupt(f"too many links resolving {name!r}")
+        raise InvalidArgument(f"{self.description}: archive is corrupt: too many links "
+                              f"resolving {name!r}")
 
     def exists(self, name: str) -> bool:
         m = self._resolve(name)
@@ -454,39 +332,6 @@ class TarSource:
                            f"{self.description}: {name}")
 
 
-def _tar_number(field: bytes) -> int:
-    if field and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits or b"0", 8)
-    except ValueError:
-        raise InvalidArgument(f"archive is corrupt: bad number field {field!r}") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            break
-        if length <= 0:
-            break
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[os.fsdecode(key)] = os.fsdecode(value)
-        pos += length
-    return out
-
-
-_MAGIC_GZIP = b"\x1f\x8b"
-_MAGIC_ZSTD = b"\x28\xb5\x2f\xfd"
-
-
 @contextlib.contextmanager
 def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
                 stream: BinaryIO | None = None,
@@ -497,8 +342,6 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
     ``scratch``, because layers are read in the order the manifest names them,
     not in archive order.
     """
-    from .tarlayer import open_layer_stream
-
     if stream is None:
         assert path is not None
         p = Path(path)
@@ -508,8 +351,8 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
         if not p.exists():
             raise NotFound(f"{p}: no such file or directory")
         with open(p, "rb") as f:
-            magic = f.read(4)
-        if not (magic.startswith(_MAGIC_GZIP) or magic.startswith(_MAGIC_ZSTD)):
+            compression = compression_of(f.read(MAGIC_SIZE))
+        if not compression:
             src = TarSource(p)
             try:
                 yield src
@@ -529,7 +372,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
         with raw_cm as raw, os.fdopen(fd, "wb") as out:
             counted = _Counting(raw, progress, "reading archive", total)
             try:
-                plain = open_layer_stream(counted)  # type: ignore[arg-type]
+                plain = open_layer_stream(counted)
                 shutil.copyfileobj(plain, out, 1 << 20)
             except (EOFError, OSError, ValueError) as err:
                 if isinstance(err, LayerfsError):
@@ -551,7 +394,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
 class _Counting(io.RawIOBase):
     """Pass-through reader reporting progress (bytes read of the compressed input)."""
 
-    def __init__(self, raw: IO[bytes], progress: Any, what: str, total: int | None) -> None:
+    def __init__(self, raw: Readable, progress: Any, what: str, total: int | None) -> None:
         self._raw = raw
         self._progress = progress
         self._key = f"archive:{id(self)}"
@@ -634,20 +477,12 @@ def read_images(src: Source, *, repo: str | None = None) -> list[ImageToLoad]:
 def _digest_in_name(path: str) -> str | None:
     """The digest a docker-archive member name encodes (``<hex>.json``, ``blobs/sha256/<hex>``)."""
     parts = path.split("/")
-    if len(parts) == 3 and parts[0] == "blobs" and _DIGEST_RE.match(f"{parts[1]}:{parts[2]}"):
+    if len(parts) == 3 and parts[0] == "blobs" and is_digest(f"{parts[1]}:{parts[2]}"):
         return f"{parts[1]}:{parts[2]}"
     base = parts[-1].removesuffix(".json")
-    if _HEX64_RE.match(base):
+    if is_sha256_hex(base):
         return f"sha256:{base}"
     return None
-
-
-def _verify(data: bytes, digest: str, what: str) -> None:
-    h = hasher_for(digest)
-    h.update(data)
-    got = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
-    if got != digest:
-        raise InvalidArgument(f"{what}: digest mismatch: expected {digest}, got {got}")
 
 
 def read_docker_archive(src: Source) -> list[ImageToLoad]:
@@ -661,11 +496,11 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
                 not isinstance(entry.get("Layers"), list):
             raise InvalidArgument(f"{src.description}: {where} needs \"Config\" and \"Layers\"")
-        config_path = _clean_name(entry["Config"], where)
+        config_path = clean_name(entry["Config"], where)
         config_bytes = read_member(src, config_path, f"{where}: config")
         named = _digest_in_name(config_path)
         if named is not None:
-            _verify(config_bytes, named, f"{src.description}: config {config_path}")
+            verify_bytes(config_bytes, named, f"{src.description}: config {config_path}")
         config = parse_config(config_bytes, f"{src.description}: config {config_path}")
         diff_ids = config["rootfs"]["diff_ids"]
         paths = entry["Layers"]
@@ -676,7 +511,7 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
         for path, diff_id in zip(paths, diff_ids, strict=True):
             if not isinstance(path, str):
                 raise InvalidArgument(f"{src.description}: {where}: bad layer path {path!r}")
-            clean = _clean_name(path, where)
+            clean = clean_name(path, where)
             layers.append(LayerToLoad(clean, diff_id, _digest_in_name(clean), None))
         names = []
         for tag in entry.get("RepoTags") or []:
@@ -693,15 +528,26 @@ def _blob_path(digest: str) -> str:
     return f"blobs/{alg}/{hexpart}"
 
 
-def _descriptor(desc: object, what: str) -> tuple[str, str, int]:
+@dataclass(frozen=True)
+class Descriptor:
+    """What a manifest or index says about a blob: its media type, digest and size."""
+
+    media_type: str     # "" when the descriptor names none
+    digest: str
+    size: int
+
+
+def parse_descriptor(desc: object, what: str) -> Descriptor:
+    """A descriptor object, checked: a JSON object with a well-formed digest and a size
+    that is a non-negative integer (JSON ``true`` is not a size)."""
     if not isinstance(desc, dict):
         raise InvalidArgument(f"{what}: a descriptor must be a JSON object")
     digest = check_digest(desc.get("digest"), f"{what}: digest")
     size = desc.get("size")
-    if not isinstance(size, int) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidArgument(f"{what}: bad size {size!r}")
     media_type = desc.get("mediaType")
-    return digest, media_type if isinstance(media_type, str) else "", size
+    return Descriptor(media_type if isinstance(media_type, str) else "", digest, size)
 
 
 def _read_blob(src: Source, digest: str, size: int, what: str) -> bytes:
@@ -713,7 +559,7 @@ def _read_blob(src: Source, digest: str, size: int, what: str) -> bytes:
     if len(data) != size:
         raise InvalidArgument(f"{src.description}: {what} {digest} is {len(data)} bytes, "
                               f"the descriptor says {size}")
-    _verify(data, digest, f"{src.description}: {what}")
+    verify_bytes(data, digest, f"{src.description}: {what}")
     return data
 
 
@@ -742,7 +588,7 @@ def _names_from(annotations: object, repo: str | None) -> list[str]:
         return []
     if ":" in ref or "/" in ref:
         return [parse_reference(ref)] if looks_like_reference(ref) else []
-    if repo is not None and _TAG_RE.match(ref):
+    if repo is not None and is_tag(ref):
         return [parse_reference(f"{repo}:{ref}")]
     return []
 
@@ -753,26 +599,24 @@ def _walk_index(src: Source, index: object, where: str, annotations: object,
         raise InvalidArgument(f"{src.description}: {where}: indexes nested too deep")
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise InvalidArgument(f"{src.description}: {where} must have a \"manifests\" list")
-    want = host_platform()
+    want = Platform.parse(None)
     candidates = index["manifests"]
     matching = [d for d in candidates if isinstance(d, dict) and (
-        not isinstance(d.get("platform"), dict)
-        or (d["platform"].get("os") == want["os"]
-            and d["platform"].get("architecture") == want["architecture"]))]
+        not isinstance(d.get("platform"), dict) or want.matches(d["platform"]))]
     if depth > 0:
         # A multi-platform index: the manifest for this host only.
         if candidates and not matching:
-            raise InvalidArgument(f"{src.description}: {where} has no image for "
-                                  f"{want['os']}/{want['architecture']}")
+            raise InvalidArgument(f"{src.description}: {where} has no image for {want}")
         candidates = matching[:1]
     elif matching:
         # Top level: images for other platforms are skipped when this one has some.
         candidates = matching
     for i, desc in enumerate(candidates):
         what = f"{where} manifests[{i}]"
-        digest, media_type, size = _descriptor(desc, what)
+        d = parse_descriptor(desc, what)
+        digest, media_type = d.digest, d.media_type
         names = _names_from(desc.get("annotations"), repo) or _names_from(annotations, repo)
-        data = _read_blob(src, digest, size, what)
+        data = _read_blob(src, digest, d.size, what)
         doc = parse_json(data, f"{src.description}: {what} ({digest})")
         media_type = media_type or (doc.get("mediaType", "") if isinstance(doc, dict) else "")
         if media_type in INDEX_TYPES or (isinstance(doc, dict) and "manifests" in doc):
@@ -788,147 +632,44 @@ def _walk_index(src: Source, index: object, where: str, annotations: object,
             known.names += [n for n in names if n not in known.names]
 
 
-def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
+def manifest_config(doc: object, where: str) -> Descriptor:
+    """The config descriptor of an image manifest (which must also list its layers)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
-        raise InvalidArgument(f"{src.description}: {where} must have a \"layers\" list")
-    c_digest, _, c_size = _descriptor(doc.get("config"), f"{where}: config")
-    config_bytes = _read_blob(src, c_digest, c_size, f"{where}: config")
-    config = parse_config(config_bytes, f"{src.description}: config {c_digest}")
-    diff_ids = config["rootfs"]["diff_ids"]
+        raise InvalidArgument(f"{where} must have a \"layers\" list")
+    return parse_descriptor(doc.get("config"), f"{where}: config")
+
+
+def manifest_layers(doc: dict[str, Any], diff_ids: list[str], where: str) -> list[Descriptor]:
+    """The layer descriptors of an image manifest, one per diff id of its config, each
+    naming a layer tar."""
     descs = doc["layers"]
     if len(descs) != len(diff_ids):
-        raise InvalidArgument(f"{src.description}: {where} lists {len(descs)} layers, its "
-                              f"config has {len(diff_ids)} diff ids")
+        raise InvalidArgument(f"{where} lists {len(descs)} layers, its config has "
+                              f"{len(diff_ids)} diff ids")
+    layers = [parse_descriptor(desc, f"{where}: layers[{i}]") for i, desc in enumerate(descs)]
+    for d in layers:
+        if d.media_type and d.media_type not in LAYER_TYPES:
+            raise InvalidArgument(f"{where}: layer {d.digest} has media type "
+                                  f"{d.media_type!r}, which is not a layer tar")
+    return layers
+
+
+def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
+    where = f"{src.description}: {where}"
+    c = manifest_config(doc, where)
+    assert isinstance(doc, dict)
+    config_bytes = _read_blob(src, c.digest, c.size, f"{where}: config")
+    config = parse_config(config_bytes, f"{src.description}: config {c.digest}")
+    diff_ids = config["rootfs"]["diff_ids"]
     layers = []
-    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        digest, media_type, size = _descriptor(desc, f"{where}: layers[{i}]")
-        if media_type and media_type not in LAYER_TYPES:
-            raise InvalidArgument(f"{src.description}: {where}: layer {digest} has media "
-                                  f"type {media_type!r}, which is not a layer tar")
-        path = _blob_path(digest)
-        if not src.exists(path) and ("foreign" in media_type or "nondistributable" in
-                                     media_type):
-            raise NotFound(f"{src.description}: {where}: foreign layer {digest} is not in "
-                           f"the archive (layerfs does not download layers)")
-        layers.append(LayerToLoad(path, diff_id, digest, size, media_type))
+    for d, diff_id in zip(manifest_layers(doc, diff_ids, where), diff_ids, strict=True):
+        path = _blob_path(d.digest)
+        if not src.exists(path) and ("foreign" in d.media_type or
+                                     "nondistributable" in d.media_type):
+            raise NotFound(f"{where}: foreign layer {d.digest} is not in the archive "
+                           f"(layerfs does not download layers)")
+        layers.append(LayerToLoad(path, diff_id, d.digest, d.size, d.media_type))
     return ImageToLoad(config_bytes, config, layers, [], where)
-
-
-# --- writing archives -----------------------------------------------------------------------
-
-class ArchiveWriter(Protocol):
-    def abort(self) -> None: ...
-    def add_bytes(self, name: str, data: bytes) -> None: ...
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None: ...
-    def add_file(self, name: str, path: Path) -> None: ...
-    def has(self, name: str) -> bool: ...
-
-
-class TarArchiveWriter:
-    """Writes members into a tar stream (a file or stdout); directories are implied."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
-                                 bufsize=1 << 20)
-        self._tar.copybufsize = 1 << 20  # type: ignore[attr-defined]
-        self._names: set[str] = set()
-        self._dirs: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self._names
-
-    def _parents(self, name: str) -> None:
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in self._dirs:
-                self._dirs.add(d)
-                info = tarfile.TarInfo(d)
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                self._tar.addfile(info)
-
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
-        """Add ``size`` bytes read from ``stream`` (which must deliver exactly that many)."""
-        self._parents(name)
-        info = tarfile.TarInfo(name)
-        info.size = size
-        info.mode = 0o644
-        try:
-            self._tar.addfile(info, stream)
-        except OSError as err:
-            raise LayerfsError(f"writing {name} into the archive: {err}") from err
-        self._names.add(name)
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.add_stream(name, len(data), io.BytesIO(data))
-
-    def add_file(self, name: str, path: Path) -> None:
-        with open(path, "rb") as f:
-            self.add_stream(name, os.fstat(f.fileno()).st_size, f)
-
-    def close(self) -> None:
-        self._tar.close()
-
-    def abort(self) -> None:
-        """Give up on a half-written archive without writing its end (the caller deletes it)."""
-        self._tar.closed = True  # type: ignore[attr-defined]
-        self._tar.fileobj.closed = True  # type: ignore[union-attr,attr-defined]
-
-
-class DirArchiveWriter:
-    """Writes members as files under a directory (an OCI layout directory)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self._names: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self._names
-
-    def _target(self, name: str) -> Path:
-        path = self.root / _clean_name(name, str(self.root))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._names.add(name)
-        return path
-
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
-        with open(self._target(name), "wb") as f:
-            copied = 0
-            while copied < size:
-                chunk = stream.read(min(1 << 20, size - copied))
-                if not chunk:
-                    raise LayerfsError(f"writing {name}: source ended after {copied} of "
-                                       f"{size} bytes")
-                f.write(chunk)
-                copied += len(chunk)
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self._target(name).write_bytes(data)
-
-    def add_file(self, name: str, path: Path) -> None:
-        target = self._target(name)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-def oci_layout_bytes() -> bytes:
-    return canonical_json({"imageLayoutVersion": "1.0.0"})
-
-
-def is_regular_file(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except FileNotFoundError:
-        return False
 
 
 # --- verifying readers ------------------------------------------------------------------------
@@ -938,13 +679,13 @@ class DigestReader(io.RawIOBase):
 
     ``expected`` and ``expected_size`` are checked as soon as the stream ends,
     inside the read that sees the end, so a consumer that reads to the end
-    (:func:`~layerfs.tarlayer.apply_layer` drains its input) fails *before* it
+    (:func:`~layerfs.tar.apply_layer` drains its input) fails *before* it
     returns; :meth:`finish` drains and checks for consumers that stop early.
     With a :class:`TarSplitRecorder` the stream is also recorded for an exact
     re-export later.
     """
 
-    def __init__(self, raw: IO[bytes], what: str, *, expected: str | None = None,
+    def __init__(self, raw: Readable, what: str, *, expected: str | None = None,
                  expected_size: int | None = None, algorithm: str = "sha256",
                  recorder: TarSplitRecorder | None = None, progress: Any = None,
                  progress_key: str | None = None, hashing: bool = True) -> None:
@@ -966,6 +707,9 @@ class DigestReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, n: int = -1, /) -> bytes:
+        return super().read(n) or b""  # None only from a non-blocking raw stream
 
     def readinto(self, buf: Any) -> int:
         if self._readinto is not None:
@@ -1012,275 +756,3 @@ class DigestReader(io.RawIOBase):
             pass
         self._check()
         return self.digest
-
-
-# --- tar-split: re-creating a layer tar byte for byte ---------------------------------------
-#
-# An image's config names each layer by the sha256 of its tar (the diff id). To
-# save an image again with the same digests, layerfs must write the *same*
-# bytes, and a tar generated afresh from the files would differ (order, header
-# fields, padding). Like Docker's tar-split, the loader records every byte of
-# the tar except file contents, plus (path, size) where contents go; the saver
-# replays that, reading contents from the layer itself. The record is small
-# (headers and padding: about 1 KiB per file before compression).
-
-_TS_MAGIC = b"LFTS1\n"
-_TS_RAW = b"R"
-_TS_FILE = b"F"
-_REG_FLAGS = (b"0", b"\0", b"7")
-_SPECIAL_FLAGS = (b"x", b"g", b"L", b"K")
-
-
-def _layer_rel(name: str) -> str:
-    """A member name as :func:`~layerfs.tarlayer.apply_layer` resolves it ("./a//b" → "a/b")."""
-    return "/".join(p for p in name.split("/") if p and p != ".")
-
-
-class TarSplitRecorder:
-    """Records a layer tar as it streams past, minus the contents of regular files.
-
-    It follows the tar the way :mod:`layerfs.tarlayer` reads it (ustar/GNU/PAX
-    headers, GNU long names, PAX ``path``/``size``; link, directory and device
-    entries carry no data). If the stream is not a tar it stops recording
-    (``broken``); the apply fails anyway.
-    """
-
-    def __init__(self) -> None:
-        self._out = bytearray(_TS_MAGIC)
-        self._raw = bytearray()
-        self._hdr = bytearray()
-        self._skip = 0          # file content still to pass (not recorded)
-        self._after = 0         # padding after that content (recorded)
-        self._rawleft = 0       # bytes to record as they are
-        self._capture: bytearray | None = None
-        self._capture_left = 0
-        self._capture_flag = b""
-        self._pax: dict[str, str] = {}
-        self._long: str | None = None
-        self._ended = False
-        self.broken = False
-        self.files = 0
-
-    def feed(self, view: memoryview) -> None:
-        p, n = 0, len(view)
-        while p < n:
-            if self._ended:
-                self._raw += view[p:]
-                return
-            if self._skip:
-                t = min(self._skip, n - p)
-                self._skip -= t
-                p += t
-                if not self._skip:
-                    self._rawleft, self._after = self._after, 0
-                continue
-            if self._rawleft:
-                t = min(self._rawleft, n - p)
-                chunk = view[p:p + t]
-                self._raw += chunk
-                if self._capture is not None and self._capture_left:
-                    c = min(self._capture_left, t)
-                    self._capture += chunk[:c]
-                    self._capture_left -= c
-                    if not self._capture_left:
-                        self._special_done()
-                self._rawleft -= t
-                p += t
-                continue
-            t = min(512 - len(self._hdr), n - p)
-            self._hdr += view[p:p + t]
-            p += t
-            if len(self._hdr) == 512:
-                block = bytes(self._hdr)
-                self._hdr.clear()
-                self._header(block)
-
-    def _header(self, block: bytes) -> None:
-        self._raw += block
-        if block == bytes(512):
-            self._ended = True
-            return
-        try:
-            size = _tar_number(block[124:136])
-        except InvalidArgument:
-            self._ended = self.broken = True
-            return
-        flag = block[156:157]
-        pad = -size % 512
-        if flag in _SPECIAL_FLAGS:
-            self._capture, self._capture_left, self._capture_flag = bytearray(), size, flag
-            self._rawleft = size + pad
-            if not size:
-                self._special_done()
-            return
-        pax, long_name = self._pax, self._long
-        self._pax, self._long = {}, None
-        name_b = block[0:100].split(b"\0", 1)[0]
-        if block[257:265] == b"ustar\x0000":
-            prefix = block[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name_b = prefix + b"/" + name_b
-        name = pax.get("path") or long_name or os.fsdecode(name_b)
-        if flag not in _REG_FLAGS or (flag == b"\0" and name.endswith("/")):
-            return  # header-only entry: no data follows, whatever the size field says
-        if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                self._ended = self.broken = True
-                return
-            pad = -size % 512
-        rel = _layer_rel(name)
-        if size and rel and not any(part.startswith(".wh.") for part in rel.split("/")):
-            self._flush_raw()
-            path = os.fsencode(rel)
-            self._out += _TS_FILE + struct.pack(">QI", size, len(path)) + path
-            self._skip, self._after = size, pad
-            self.files += 1
-        else:
-            self._rawleft = size + pad
-
-    def _special_done(self) -> None:
-        data = bytes(self._capture or b"")
-        self._capture = None
-        if self._capture_flag == b"x":
-            self._pax.update({k: v for k, v in _pax_records(data).items() if v})
-        elif self._capture_flag == b"L":
-            self._long = os.fsdecode(data.rstrip(b"\0"))
-
-    def _flush_raw(self) -> None:
-        raw = self._raw
-        for start in range(0, len(raw), 1 << 30):
-            piece = raw[start:start + (1 << 30)]
-            self._out += _TS_RAW + struct.pack(">I", len(piece)) + piece
-        self._raw = bytearray()
-
-    def result(self) -> bytes:
-        """The record, zstd-compressed."""
-        import zstandard
-
-        self._flush_raw()
-        return zstandard.ZstdCompressor(level=3).compress(bytes(self._out))
-
-
-def _open_beneath(root_fd: int, rel: str) -> int:
-    """Open ``rel`` under the directory ``root_fd`` without following any symlink."""
-    parts = rel.split("/")
-    fd = root_fd
-    try:
-        for part in parts[:-1]:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)
-            if fd != root_fd:
-                os.close(fd)
-            fd = nfd
-        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        if fd != root_fd:
-            os.close(fd)
-
-
-class TarSplitAssembler(io.RawIOBase):
-    """Replays a :class:`TarSplitRecorder` record, reading file contents from ``root``.
-
-    Produces exactly the bytes that were loaded, or fails: the output is
-    hashed and compared with ``expected`` (the diff id) when the last byte is
-    produced, before it is handed out.
-    """
-
-    def __init__(self, record: bytes, root: Path, expected: str, size: int, what: str) -> None:
-        import zstandard
-
-        self._data = memoryview(zstandard.ZstdDecompressor().decompress(
-            record, max_output_size=1 << 34))
-        if bytes(self._data[:len(_TS_MAGIC)]) != _TS_MAGIC:
-            raise LayerfsError(f"{what}: tar-split record is damaged")
-        self._pos = len(_TS_MAGIC)
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._fd = -1
-        self._left = 0          # bytes left in the current segment
-        self._raw_at = 0        # position of the current raw segment's next byte
-        self._path = ""
-        self._hash = hasher_for(expected)
-        self.expected = expected
-        self.size = size
-        self.produced = 0
-        self.what = what
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
-        super().close()
-
-    def _next_segment(self) -> bool:
-        if self._pos >= len(self._data):
-            return False
-        kind = bytes(self._data[self._pos:self._pos + 1])
-        if kind == _TS_RAW:
-            (length,) = struct.unpack_from(">I", self._data, self._pos + 1)
-            self._raw_at = self._pos + 5
-            self._pos = self._raw_at + length
-            self._left = length
-            self._path = ""
-        elif kind == _TS_FILE:
-            size, plen = struct.unpack_from(">QI", self._data, self._pos + 1)
-            start = self._pos + 13
-            rel = os.fsdecode(bytes(self._data[start:start + plen]))
-            self._pos = start + plen
-            try:
-                self._fd = _open_beneath(self._root_fd, rel)
-            except OSError as err:
-                raise LayerfsError(f"{self.what}: cannot re-create the layer tar: /{rel}: "
-                                   f"{err.strerror}") from err
-            self._path = rel
-            self._left = size
-        else:
-            raise LayerfsError(f"{self.what}: tar-split record is damaged")
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        """Fill ``buf`` as far as the tar goes (short only at the end)."""
-        view = memoryview(buf).cast("B")
-        filled = 0
-        while filled < len(view):
-            got = self._read_some(view[filled:])
-            if not got:
-                break
-            filled += got
-        return filled
-
-    def _read_some(self, view: memoryview) -> int:
-        while not self._left:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            if not self._next_segment():
-                return 0
-        want = min(len(view), self._left)
-        if self._path:
-            got = os.readv(self._fd, [view[:want]])
-            if got == 0:
-                raise LayerfsError(f"{self.what}: /{self._path} is shorter than when the "
-                                   f"layer was loaded")
-        else:
-            view[:want] = self._data[self._raw_at:self._raw_at + want]
-            self._raw_at += want
-            got = want
-        self._left -= got
-        self._hash.update(view[:got])
-        self.produced += got
-        if self.produced > self.size:
-            raise LayerfsError(f"{self.what}: re-created tar is longer than recorded")
-        if self.produced == self.size:
-            digest = f"{self.expected.split(':', 1)[0]}:{self._hash.hexdigest()}"
-            if digest != self.expected:
-                raise LayerfsError(f"{self.what}: re-created layer tar has digest {digest}, "
-                                   f"not {self.expected}: the layer changed on disk")
-        return got

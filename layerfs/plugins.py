@@ -4,7 +4,9 @@ Drivers register through the ``layerfs.drivers`` entry-point group (see
 pyproject.toml), so a third-party package adds a driver without touching
 layerfs. Classes are loaded lazily: a driver whose module fails to import
 (a missing optional dependency) is reported as unsupported with the reason,
-never as a crash of the whole tool.
+never as a crash of the whole tool. A program can also :func:`register` a driver
+class for its own process (tests, embedding, a driver that is not installed), or
+pass the class itself to :func:`layerfs.open_root`.
 
 Selection, like Docker's graphdriver.New:
 1. the driver named explicitly (``--driver``, ``LAYERFS_DRIVER``);
@@ -19,9 +21,11 @@ import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
-from .driver import Driver, DriverOptions
-from .errors import DriverNotSupported, InvalidArgument, NotFound
+from .driver import Driver
+from .errors import AlreadyExists, DriverNotSupported, InvalidArgument, NotFound
+from .options import DriverOptions
 
 ENTRY_POINT_GROUP = "layerfs.drivers"
 
@@ -37,16 +41,35 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+#: Drivers registered in this process with :func:`register`, by name.
+_registered: dict[str, type[Driver]] = {}
+
+
+def register(name: str, cls: type[Driver], *, replace: bool = False) -> None:
+    """Make driver class ``cls`` available as ``name`` in this process, next to the entry
+    points. A name already taken is refused unless ``replace``."""
+    if not (isinstance(cls, type) and issubclass(cls, Driver)):
+        raise InvalidArgument(f"register({name!r}, ...): {cls!r} is not a layerfs Driver class")
+    if not replace and (name in _registered or name in _entry_points()):
+        raise AlreadyExists(f"a storage driver named {name!r} is already registered")
+    _registered[name] = cls
+
+
 def registered() -> dict[str, str]:
     """Names of registered drivers mapped to their ``module:Class`` import path."""
-    return {name: ep.value for name, ep in _entry_points().items()}
+    names = {name: ep.value for name, ep in _entry_points().items()}
+    names.update({name: f"{cls.__module__}:{cls.__qualname__}"
+                  for name, cls in _registered.items()})
+    return names
 
 
 def load(name: str) -> type[Driver]:
     """The driver class called ``name``; NotFound lists the known names."""
+    if name in _registered:
+        return _registered[name]
     eps = _entry_points()
     if name not in eps:
-        known = ", ".join(sorted(eps)) or "none"
+        known = ", ".join(sorted(registered())) or "none"
         raise NotFound(f"no storage driver named {name!r} (registered: {known})")
     try:
         cls = eps[name].load()
@@ -135,3 +158,13 @@ def select(root: Path, explicit: str | None = None,
         skipped.append(result)
     reasons = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
     raise DriverNotSupported("auto", f"no storage driver works here ({reasons})")
+
+
+def driver_info(cls: type[Driver]) -> dict[str, Any]:
+    """Static facts about a driver class (for ``layerfs drivers``): what it can do at best;
+    an instance may do less on a given host (:attr:`Driver.capabilities`)."""
+    caps = cls.CAPABILITIES
+    return {"name": cls.name, "native_diff": caps.native_diff,
+            "native_changes": caps.native_changes, "block_level_cow": caps.block_level_cow,
+            "quotas": caps.quotas, "max_depth": caps.max_depth,
+            "whiteouts": caps.whiteout_format.value, "options": sorted(cls.known_options)}

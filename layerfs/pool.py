@@ -84,7 +84,7 @@ def find_pool(mountpoint: Path) -> LoopPool:
         if info.target == target and info.source.startswith("/dev/loop"):
             back = loop_backing_file(info.source)
             if back is None:
-                raise LayerfsError(f"{info.source} at {target} has no backing file")
+                raise NotFound(f"{info.source} at {target} has no backing file")
             return LoopPool(Path(back), info.source, Path(target), info.fstype)
     raise NotFound(f"no loop-backed pool is mounted at {target}")
 

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from layerfs import mount as mountlib
 from layerfs import plugins
 from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance.fixtures import DriverFactory, open_or_skip
 
 from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
+
+# The suite's fixtures (store, capabilities, ...); driver_name, layer_root and
+# driver_factory are overridden below.
+pytest_plugins = ["layerfs.testing.conformance.fixtures"]
 
 ALL_DRIVERS = sorted(plugins.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
@@ -50,6 +54,24 @@ def btrfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pool.destroy_btrfs(handle.mountpoint)
 
 
+@pytest.fixture(scope="session")
+def debian_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A minimal Debian made by debootstrap (the host's suite, from the Debian mirror), once
+    per session: tests read it, or copy it before they change anything. A mirror that
+    cannot be reached fails with debootstrap's last lines, not a skip."""
+    import shutil
+
+    from layerfs.testing import images as timg
+
+    if shutil.which("debootstrap") is None:
+        pytest.fail("debootstrap is not installed (scripts/setup installs it)")
+    tree = tmp_path_factory.mktemp("debian") / "rootfs"
+    try:
+        yield timg.debian_rootfs(tree)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def root_for(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     if driver == "btrfs":
         pool_mnt: Path = request.getfixturevalue("btrfs_pool")
@@ -67,21 +89,7 @@ def driver_name(request: pytest.FixtureRequest) -> str:
 def open_store_or_skip(driver: str, root: Path, options: list[str] | None = None) -> LayerStore:
     from .dm_fixtures import options_for  # devicemapper: a small loopback pool
 
-    options = options_for(driver, options)
-    try:
-        return LayerStore.open(root, driver, options)
-    except DriverNotSupported as e:
-        pytest.skip(f"{driver} not supported here: {e.reason}")
-
-
-def close_and_check(store: LayerStore) -> None:
-    root = store.root
-    store.wipe()
-    store.close()
-    leftovers = mountlib.mounts_under(root)
-    for m in leftovers:
-        mountlib.unmount(m.target, lazy=True)
-    assert not leftovers, f"mounts left under {root}: {[m.target for m in leftovers]}"
+    return open_or_skip(driver, root, options_for(driver, options))
 
 
 @pytest.fixture
@@ -93,13 +101,10 @@ def layer_root(driver_name: str, tmp_path: Path, request: pytest.FixtureRequest)
 
 
 @pytest.fixture
-def store(driver_name: str, layer_root: Path) -> Iterator[LayerStore]:
-    """A fresh LayerStore on its own root; wiped and checked for leaked mounts afterwards."""
-    s = open_store_or_skip(driver_name, layer_root)
-    try:
-        yield s
-    finally:
-        close_and_check(s)
+def driver_factory(driver_name: str) -> DriverFactory:
+    """The shipped suite's ``store`` (layerfs.testing.conformance.fixtures) opens roots
+    through this: devicemapper gets the small loopback pool of tests/dm_fixtures.py."""
+    return lambda root: open_store_or_skip(driver_name, root)
 
 
 def in_guest() -> bool:

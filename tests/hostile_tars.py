@@ -1,7 +1,7 @@
 """A corpus of hostile and broken layer tars, built in memory.
 
 Each :class:`HostileCase` is one attack (or one kind of damage) that
-:func:`layerfs.tarlayer.apply_layer` must refuse without writing outside the
+:func:`layerfs.tar.apply_layer` must refuse without writing outside the
 layer directory. Cases that try to escape aim at ``outside``, a sibling of the
 layer directory that the test fills with a canary, so a failure is visible and
 harmless. Headers are assembled byte by byte (:func:`header`), because

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from layerfs.changes import naive_changes
-from layerfs.tarlayer import WhiteoutFormat, apply_layer, export_changes
+from layerfs.tar import WhiteoutFormat, apply_layer, export_changes
 from layerfs.testing.trees import EDIT_KINDS, Edit, apply_edit, tree_manifest
 
 BUILD_KINDS = ("add_file", "add_file", "add_file", "add_dir", "add_dir", "add_symlink",

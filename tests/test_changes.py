@@ -12,7 +12,7 @@ import pytest
 
 from layerfs.changes import Change, ChangeKind, changes_from_diff_dir, naive_changes
 from layerfs.errors import InvalidArgument, NotFound
-from layerfs.tarlayer import WhiteoutFormat
+from layerfs.tar import WhiteoutFormat
 from layerfs.testing.trees import Device, Dir, File, Hardlink, Symlink, make_tree
 
 A, C, D = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE

@@ -18,8 +18,9 @@ import pytest
 
 from layerfs import mount as mountlib
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance import close_and_check
 
-from .conftest import NATIVE_DRIVERS, close_and_check, open_store_or_skip, root_for
+from .conftest import NATIVE_DRIVERS, open_store_or_skip, root_for
 
 pytestmark = pytest.mark.parametrize("driver_name", NATIVE_DRIVERS)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import InvalidArgument, UnsafeArchive
-from layerfs.tarlayer import WhiteoutFormat, apply_layer
+from layerfs.tar import WhiteoutFormat, apply_layer
 from layerfs.testing.trees import Dir, File, make_tree, tree_manifest
 
 from .hostile_tars import HostileCase, hostile_cases

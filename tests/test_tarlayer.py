@@ -18,14 +18,14 @@ import zstandard
 
 from layerfs.changes import Change, ChangeKind, naive_changes
 from layerfs.errors import InvalidArgument, NotFound
-from layerfs.tarlayer import (
+from layerfs.tar import (
     WhiteoutFormat,
-    _rmtree,
     apply_layer,
     export_changes,
     export_native,
     open_layer_stream,
 )
+from layerfs.tar.apply import _rmtree
 from layerfs.testing.trees import (
     Device,
     Dir,

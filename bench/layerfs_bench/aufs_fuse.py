@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from layerfs import mount as mountlib
+
 SCRATCH = Path("/tmp/lfs-aufs/bench")
 MODULE = "layerfs_drivers.aufs.unionfs"
 PR_SET_CHILD_SUBREAPER = 36
@@ -56,12 +58,6 @@ Row = tuple[str, ...]
 
 
 # --- mounting the contenders ------------------------------------------------------------------
-
-def _is_mounted(target: Path) -> bool:
-    real = os.path.realpath(target)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return any(line.split()[4] == real for line in f)
-
 
 def _pids_naming(target: Path) -> list[int]:
     want = os.fsencode(os.path.realpath(target))
@@ -117,9 +113,9 @@ def mounted(kind: str, branches: list[Path], mnt: Path, *options: str) -> Iterat
     try:
         yield mnt
     finally:
-        if _is_mounted(mnt):
+        if mountlib.is_mounted(mnt):
             subprocess.run(["umount", str(mnt)], check=False)
-        if _is_mounted(mnt):
+        if mountlib.is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         for pid in pids:
             with contextlib.suppress(ChildProcessError):
@@ -135,7 +131,7 @@ def union_stats(mnt: Path) -> dict[str, int]:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _fresh(path: Path) -> Path:
-    if _is_mounted(path):
+    if mountlib.is_mounted(path):
         subprocess.run(["umount", "-l", str(path)], check=False)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -470,16 +466,11 @@ def main(argv: list[str] | None = None) -> int:
             fn = SCENARIOS[name]
             fn(rounds=3) if args.quick else fn()
     finally:
-        for m in sorted((m for m in _mounts_under(SCRATCH)), reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
+        for m in mountlib.mounts_under(SCRATCH):
+            subprocess.run(["umount", "-l", m.target], check=False)
         shutil.rmtree(SCRATCH, ignore_errors=True)
     return 0
 
-
-def _mounts_under(root: Path) -> list[str]:
-    base = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [t for t in (line.split()[4] for line in f) if t.startswith(base)]
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from layerfs import mount as mountlib
 from layerfs.errors import ExternalCommandFailed, command_error
 
 #: Debian packages that provide each peer (for skip messages).
@@ -239,15 +240,8 @@ class DockerDaemon:
                 self._net = None
 
     def _unmount_leftovers(self) -> None:
-        base = os.path.realpath(self.base)
-        targets = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                target = line.split()[4].encode().decode("unicode_escape")
-                if target == base or target.startswith(base + "/"):
-                    targets.append(target)
-        for target in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        for m in mountlib.mounts_under(self.base):
+            subprocess.run(["umount", "-l", m.target], capture_output=True, check=False)
 
     def remove_data(self) -> None:
         """Delete the daemon's folder (after :meth:`stop`)."""

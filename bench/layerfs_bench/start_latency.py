@@ -22,7 +22,10 @@ mean something.
   (``LAYERFS_DAEMON=0``): a cold interpreter imports and runs everything. Both use
   Python's bytecode cache (kept under the scratch folder).
 * ``ContainerManager.run (library)`` — in this warm process with the manager open:
-  layer, mount, engine start and wait, unmount, removal.
+  layer, mount, engine start and wait, unmount, removal. And the engine alone on an
+  unpacked rootfs directory (``runtime.start`` + ``wait``), for the storage's share;
+  and once more without the seccomp filter and with the caller's descriptors handed
+  over instead of relayed (docs/security.md: what the hardening costs).
 * ``runc run`` of a prepared bundle (``runc spec``, args ``true``, its own network
   namespace: only ``lo``); ``crun run`` of the same bundle (crun refuses this VM's
   hybrid cgroup layout, so it runs in a private mount namespace without
@@ -52,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +71,8 @@ DOCKER = "docker run --rm --network none"
 DAEMON = "layerfs run, daemon"
 IN_PROCESS = "layerfs run, in-process"
 LIBRARY = "ContainerManager.run (library)"
+ENGINE = "runtime.start, unpacked rootfs"
+ENGINE_UNHARDENED = "  same, unconfined + passthrough"
 PYTHON = "python -c pass"
 IMPORT_DAEMON = "layerfs import, daemon"
 IMPORT_IN_PROCESS = "layerfs import, in-process"
@@ -176,7 +182,9 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
     """Measure; ``{"results": {row: {"median": s, "runs": [...]}, "ratios": {...}, "goals":
     [...], "notes": [...]}``. Needs root. Nothing is asserted."""
     from layerfs.layers import LayerStore
-    from layerfs.runtime import RuntimeConfig
+    from layerfs.runtime import ContainerSpec, RuntimeConfig
+    from layerfs.runtime import start as engine_start
+    from layerfs.runtime import state as records
     from layerfs.runtime.containers import ContainerManager
     from layerfs.testing import images as timg
 
@@ -190,6 +198,8 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
     cleanups: list[Callable[[], None]] = []
     notes: list[str] = []
     null = os.open(os.devnull, os.O_RDWR)
+    sink_r, sink_w = os.pipe()
+    threading.Thread(target=_drain, args=(sink_r,), daemon=True).start()
     try:
         # --- the image, a layerfs root, a runc bundle ---------------------------------------------
         say("building the busybox image and the runc bundle")
@@ -233,11 +243,30 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
                 raise RuntimeError(f"ContainerManager.run: {status}")
             return dt
 
+        engine_state = base / "engine-state"
+
+        def engine_only(hardened: bool = True) -> float:
+            # stdout is a pipe of ours (as for a caller whose output is piped), so the
+            # relay has something to relay.
+            s = ContainerSpec(rootfs=bundle / "rootfs", argv=["true"], network="none",
+                              seccomp="default" if hardened else "unconfined")
+            t = time.perf_counter()
+            c = engine_start(s, engine_state, config, stdin=null, stdout=sink_w, stderr=sink_w,
+                             passthrough=not hardened)
+            status = c.wait()
+            dt = time.perf_counter() - t
+            records.remove(engine_state, s.id)
+            if status.code != 0:
+                raise RuntimeError(f"runtime.start: {status}")
+            return dt
+
         start = [
             Contender(RUNC, _timed(["runc", "run", "--bundle", str(bundle), f"{tag}-runc"])),
             Contender(DAEMON, _timed(cli, dict(env, LAYERFS_DAEMON="1"))),
             Contender(IN_PROCESS, _timed(cli, dict(env, LAYERFS_DAEMON="0"))),
             Contender(LIBRARY, library),
+            Contender(ENGINE, engine_only),
+            Contender(ENGINE_UNHARDENED, lambda: engine_only(hardened=False)),
             Contender(PYTHON, _timed([sys.executable, "-c", "pass"], env)),
         ]
         if crun and shutil.which("crun"):
@@ -267,6 +296,7 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
                                            cleanups))
     finally:
         os.close(null)
+        os.close(sink_w)
         for fn in reversed(cleanups):
             with contextlib.suppress(Exception):
                 fn()
@@ -323,6 +353,11 @@ def _compare_import(base: Path, root: Path, env: dict[str, str], rounds: int, si
     return interleave([Contender(IMPORT_DAEMON, layerfs_import("1")),
                        Contender(IMPORT_IN_PROCESS, layerfs_import("0")),
                        Contender(TAR, tar_x)], max(3, rounds // 4), say)
+
+
+def _drain(fd: int) -> None:
+    while os.read(fd, 65536):
+        pass
 
 
 def _rootfs_tar(path: Path, tree: Path, size_mb: int) -> None:

@@ -47,48 +47,43 @@ import secrets
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from layerfs.changes import Change, WhiteoutFormat, changes_from_diff_dir
-from layerfs.driver import (
-    Capabilities,
-    Driver,
-    DriverOptions,
-    Usage,
-    backing_filesystem,
-    layer_dir_usage,
-)
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
-from layerfs.mount import Mount, mountinfo
+from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
+from layerfs.mount import Mount, MountInfo, mountinfo
+from layerfs.options import DriverOptions
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
+
+if TYPE_CHECKING:
+    from layerfs.tar import Readable  # the tar codec loads when a layer is applied
 
 MAX_LOWERS = 500  # OVL_MAX_STACK in fs/overlayfs
 
 
-def mount_point_of(path: Path) -> str:
-    """The mount point of the filesystem holding ``path`` (longest matching mount)."""
+def mount_of(path: Path) -> MountInfo:
+    """The mount holding ``path`` (the longest mount point above it; the last one mounted
+    there if several are stacked)."""
     real = os.path.realpath(path)
-    best = "/"
+    best: MountInfo | None = None
     for info in mountinfo():
         if (real == info.target or real.startswith(info.target.rstrip("/") + "/")) and \
-                len(info.target) > len(best):
-            best = info.target
+                (best is None or len(info.target) >= len(best.target)):
+            best = info
+    assert best is not None  # "/" is always mounted
     return best
 
 
 def xfs_project_quotas(path: Path) -> bool:
     """Whether the xfs filesystem holding ``path`` enforces project quotas."""
-    target = mount_point_of(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                opts = line.split(" - ", 1)[1].split()[-1].split(",")
-                if {"prjquota", "pquota"} & set(opts):
-                    return True
-    return False
+    return bool({"prjquota", "pquota"} & mount_of(path).super_option_set)
 
 
 def _short_id() -> str:
@@ -98,12 +93,13 @@ def _short_id() -> str:
 
 class Overlay2Driver(Driver):
     name = "overlay2"
-    capabilities = Capabilities(native_diff=True, native_changes=True, quotas=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True, quotas=True,
                                 max_depth=MAX_LOWERS, whiteout_format=WhiteoutFormat.OVERLAY)
     known_options = {"metacopy", "redirect_dir", "index", "volatile", "userxattr",
                      "mount_program", "size"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         (self.home / "l").mkdir(exist_ok=True)
         opts = self.options
@@ -123,6 +119,12 @@ class Overlay2Driver(Driver):
         if missing and not self.mount_program:
             raise DriverNotSupported(self.name, f"this kernel's overlay rejects "
                                                 f"{', '.join(missing)}")
+        # With redirect_dir or metacopy an upper directory is no longer a plain diff
+        # (a renamed dir points at its lower origin, a metacopy file has no data): the
+        # diff family falls back to the naive differ, and the capabilities say so.
+        self.capabilities = replace(self.CAPABILITIES, native_diff=self.native_diff_ok,
+                                    native_changes=self.native_diff_ok,
+                                    whiteout_format=self.whiteouts)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
@@ -216,19 +218,20 @@ class Overlay2Driver(Driver):
             projid = int(self.state.get("next_projid", 100_000))
             self.state.set("next_projid", projid + 1)
             self.state.set(f"projid:{layer_id}", projid)
-        mnt = mount_point_of(self.home)
+        mnt = mount_of(self.home).target
         diff = self._diff(layer_id)
         for command in (f"project -s -p {diff} {projid}", f"limit -p bhard={size} {projid}"):
             subprocess.run(["xfs_quota", "-x", "-c", command, mnt], check=True,
                            capture_output=True)
 
     def _clear_quota(self, layer_id: str) -> None:
-        projid = self.state.get(f"projid:{layer_id}") if self.state else None
-        if projid is None:
+        state = self.state
+        projid = state.get(f"projid:{layer_id}") if state else None
+        if state is None or projid is None:
             return
         subprocess.run(["xfs_quota", "-x", "-c", f"limit -p bhard=0 {projid}",
-                        mount_point_of(self.home)], capture_output=True)
-        self.state.delete(f"projid:{layer_id}")
+                        mount_of(self.home).target], capture_output=True)
+        state.delete(f"projid:{layer_id}")
 
     @translate_errors("overlay2 remove")
     def remove(self, layer_id: str) -> None:
@@ -280,7 +283,7 @@ class Overlay2Driver(Driver):
         return [Mount("overlay", "overlay", options)]
 
     # --- native diffs --------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str):  # type: ignore[no-untyped-def]
+    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
         lowers = self._lower_diff_dirs(layer_id)
 
         def exists_below(path: str) -> bool:
@@ -314,29 +317,29 @@ class Overlay2Driver(Driver):
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if not self.native_diff_ok:
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), self.whiteouts,
                                      self._exists_below(layer_id))
 
     @translate_errors("overlay2 diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if not self.native_diff_ok:
-            return super().diff(layer_id, parent, out)
-        from layerfs.tarlayer import export_native  # the tar codec loads when used
+            return self.naive.diff(layer_id, parent, out)
+        from layerfs.tar import export_native  # the tar codec loads when used
 
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         # A fresh layer's diff/ is empty: the tar's entries, with whiteouts in overlay
         # form, are exactly what its upper dir must hold.
-        from layerfs.tarlayer import apply_layer
+        from layerfs.tar import apply_layer
 
         return apply_layer(self._diff(layer_id), stream, self.whiteouts)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
         if not self.native_diff_ok:
-            return super().diff_size(layer_id, parent)
+            return self.naive.diff_size(layer_id, parent)
         seen: set[int] = set()
         total = 0
         for dirpath, _dirs, files in os.walk(self._diff(layer_id)):

@@ -15,7 +15,7 @@ import textwrap
 TYPE_CHECKING = False       # typing costs ms at import; mypy reads TYPE_CHECKING as True
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
     from ..layers import LayerStore
@@ -87,6 +87,32 @@ def subcommands(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     sub: SubParsers = parser.add_subparsers(parser_class=factory, **kw)
     sub.layerfs_wanted = wanted  # type: ignore[attr-defined]  # for command_parser
     return sub
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+             error: Callable[[str], None], interrupted: Callable[[], None] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; every failure a user can cause is one
+    line through ``error`` and an exit code, never a traceback."""
+    from ..errors import LayerfsError
+
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LayerfsError as e:
+        error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        if interrupted is not None:
+            interrupted()
+        return 130
+    except BrokenPipeError:
+        return 141
+    except PermissionError as e:
+        error(f"{e} (most commands need root)")
+        return 1
 
 
 def command_parser(sub: SubParsers, name: str, help: str, description: str, examples: str,

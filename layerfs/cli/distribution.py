@@ -16,6 +16,8 @@ from .images import image_store, progress_for
 
 TYPE_CHECKING = False       # no typing or library imports until a command runs
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..distribution import RegistryOptions
 
 
@@ -25,7 +27,8 @@ def _options(args: argparse.Namespace) -> RegistryOptions:
     return RegistryOptions(ca=args.ca, insecure=args.insecure)
 
 
-def _say(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _say(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """Where the library reports progress lines (Docker's pull/push lines), unless -q."""
     if args.quiet:
         return None
     return lambda line: print(line, flush=True)

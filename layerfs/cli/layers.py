@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import LayerfsError
+from ..errors import InvalidArgument, LayerfsError
 from . import console
 from .common import SubParsers, emit_json, human_size, open_store
 
@@ -25,7 +25,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .. import plugins
-    from ..driver import DriverOptions
+    from ..options import DriverOptions
     root = Path(args.root)
     data: dict[str, Any] = {"root": str(root)}
     try:
@@ -65,7 +65,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .. import plugins
-    from ..driver import driver_info
+    from ..plugins import driver_info
     rows = []
     for name in sorted(plugins.registered()):
         probe = plugins.probe(name, Path(args.root))
@@ -97,7 +97,7 @@ def _labels(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise LayerfsError(f"label {item!r} is not KEY=VALUE")
+            raise InvalidArgument(f"label {item!r} is not KEY=VALUE")
         labels[key] = value
     return labels
 
@@ -152,7 +152,7 @@ def cmd_layer_umount(args: argparse.Namespace) -> int:
                 print(target)
             return 0
         if not args.id:
-            raise LayerfsError("give a layer id or --all")
+            raise InvalidArgument("give a layer id or --all")
         store.unmount(args.id, args.target, force=args.force)
     return 0
 
@@ -165,7 +165,7 @@ def cmd_layer_diff(args: argparse.Namespace) -> int:
             console.err.print(f"wrote {args.output}: layer size {human_size(size)}")
         else:
             if sys.stdout.isatty():
-                raise LayerfsError("refusing to write a tar to a terminal; use -o FILE or a pipe")
+                raise InvalidArgument("refusing to write a tar to a terminal; use -o FILE or a pipe")
             store.diff(args.id, sys.stdout.buffer)
             sys.stdout.buffer.flush()
     return 0

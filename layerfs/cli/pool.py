@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..units import parse_size
 from .common import SubParsers
 
 
 def cmd_pool_create(args: argparse.Namespace) -> int:
     from .. import pool
-    from ..driver import parse_size
 
     if args.kind == "btrfs":
         if not args.image or not args.mount:

@@ -43,19 +43,20 @@ The config is pushed verbatim, so the image id is the same everywhere. Which
 blob holds which diff id, and where it was seen, is kept in the root's
 database (table ``registry_blobs``), filled by pulls and pushes.
 
-Modules, by flow: :mod:`.reference` (names and platforms), :mod:`.auth` (credentials
+Modules, by flow: :mod:`.auth` (credentials
 and challenges), :mod:`.errors`, :mod:`.transport` (one registry host over HTTP; login),
 :mod:`.blobs` (the blob table and the staging folder), :mod:`.pull`, :mod:`.push`.
 In this package "registry" always means an OCI registry; the storage driver registry is
 :mod:`layerfs.plugins`.
 """
 
+from ..oci import Platform
+from ..reference import RemoteReference
 from .auth import Credentials, CredentialStore, RegistryAuth, parse_challenges
 from .blobs import remove_staged_blobs, staged_blobs
 from .errors import RegistryError, Unauthorized
 from .pull import PullResult, RemoteSource, pull
 from .push import MEDIA_TYPES, PushResult, push
-from .reference import Platform, RemoteReference
 from .transport import MANIFEST_ACCEPT, Manifest, Registry, RegistryOptions, login, logout
 
 __all__ = [

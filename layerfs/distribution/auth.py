@@ -42,12 +42,12 @@ from typing import Any
 import httpx
 
 from ..errors import InvalidArgument, LayerfsError
+from ..reference import registry_host
 from .errors import RegistryError, Unauthorized, error_detail, transport_message
 
 CONFIG_ENV = "LAYERFS_CONFIG"
 #: The key Docker uses for Docker Hub in ``auths``.
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
-_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,6 @@ def config_path() -> Path:
         p = Path(value).expanduser()
         return p if p.suffix == ".json" else p / "config.json"
     return Path.home() / ".config" / "layerfs" / "config.json"
-
-
-def registry_host(server: str) -> str:
-    """``https://host:port/v1/`` (as Docker writes keys) or ``host:port`` → ``host:port``;
-    every Docker Hub spelling → ``docker.io``."""
-    text = server.strip()
-    if "://" in text:
-        text = text.split("://", 1)[1]
-    host = text.split("/", 1)[0].lower()
-    if not host:
-        raise InvalidArgument(f"registry {server!r}: no host name")
-    return "docker.io" if host in _HUB_HOSTS else host
 
 
 def _key_for(host: str) -> str:

@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 import httpx
 
 from .. import oci
-from ..errors import InvalidArgument, LayerfsError, NotFound
+from ..digests import chain_ids, hasher_for, short_id
+from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
+from ..oci import Platform, parse_descriptor
+from ..reference import RemoteReference
 from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
 from .errors import Cancelled, RegistryError, ssl_error, transport_message
-from .reference import Platform, RemoteReference
 from .transport import CHUNK, Manifest, Registry, RegistryOptions
 
 if TYPE_CHECKING:
@@ -125,7 +127,7 @@ class _Download:
             if self.final.exists():
                 # Finished by an earlier pull: checked again, it is about to be trusted.
                 fd = os.open(self.final, os.O_RDONLY | os.O_CLOEXEC)
-                hasher = oci.hasher_for(self.digest)
+                hasher = hasher_for(self.digest)
                 size = os.fstat(fd).st_size
                 if size == self.size:
                     _hash_file(fd, size, hasher)
@@ -148,7 +150,7 @@ class _Download:
             if offset > self.size:
                 os.ftruncate(fd, 0)
                 offset = 0
-            hasher = oci.hasher_for(self.digest)
+            hasher = hasher_for(self.digest)
             if offset:
                 self.resumed_from = offset
                 _hash_file(fd, offset, hasher)
@@ -158,7 +160,7 @@ class _Download:
             key = f"download:{self.digest}"
             progress = src.progress
             if progress is not None:
-                progress.begin(key, f"{oci.short_id(self.digest)} download", self.size)
+                progress.begin(key, f"{short_id(self.digest)} download", self.size)
                 if offset:
                     progress.advance(key, offset)
             try:
@@ -315,7 +317,7 @@ class _TailReader:
                     continue
             n = os.preadv(job.read_fd, [view[:min(len(view), available)]], self.pos)
             if n <= 0:
-                raise LayerfsError(f"blob {job.digest}: staged file is shorter than expected")
+                raise CorruptState(f"blob {job.digest}: staged file is shorter than expected")
             self.pos += n
             return n
 
@@ -537,17 +539,6 @@ class PullResult:
     resumes: int                   # downloads resumed (Range) after a cut
 
 
-def _descriptor(desc: object, what: str) -> tuple[str, str, int]:
-    if not isinstance(desc, dict):
-        raise InvalidArgument(f"{what}: a descriptor must be a JSON object")
-    digest = oci.check_digest(desc.get("digest"), f"{what}: digest")
-    size = desc.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidArgument(f"{what}: bad size {size!r}")
-    media_type = desc.get("mediaType")
-    return digest, media_type if isinstance(media_type, str) else "", size
-
-
 def _resolve_manifest(reg: Registry, ref: RemoteReference, platform: Platform,
                       explicit_platform: bool) -> tuple[Manifest, str | None]:
     """The image manifest for ``platform`` (following an index); (manifest, index digest)."""
@@ -572,7 +563,7 @@ def _resolve_manifest(reg: Registry, ref: RemoteReference, platform: Platform,
             offered.append("/".join(str(x) for x in (p.get("os"), p.get("architecture"),
                                                      p.get("variant")) if x) or "?")
             if platform.matches(p):
-                _descriptor(entry, f"{ref}: index manifests[{i}]")
+                parse_descriptor(entry, f"{ref}: index manifests[{i}]")
                 chosen = entry
                 break
         if chosen is None:
@@ -588,32 +579,22 @@ def _resolve_manifest(reg: Registry, ref: RemoteReference, platform: Platform,
 
 def _read_image(reg: Registry, ref: RemoteReference, manifest: Manifest, platform: Platform,
                 explicit_platform: bool) -> oci.ImageToLoad:
-    where = f"{ref}: manifest {oci.short_id(manifest.digest)}"
+    where = f"{ref}: manifest {short_id(manifest.digest)}"
     doc = manifest.doc
-    if not isinstance(doc.get("layers"), list):
-        raise InvalidArgument(f"{where} has no \"layers\" list")
-    c_digest, c_type, c_size = _descriptor(doc.get("config"), f"{where}: config")
-    if c_type and c_type not in CONFIG_TYPES:
-        raise InvalidArgument(f"{where}: config media type {c_type!r}: this is not a "
+    c = oci.manifest_config(doc, where)
+    if c.media_type and c.media_type not in CONFIG_TYPES:
+        raise InvalidArgument(f"{where}: config media type {c.media_type!r}: this is not a "
                               f"container image (an artifact?)")
-    config_bytes = reg.get_blob_bytes(ref.repository, c_digest, c_size, f"{ref}: config")
-    config = oci.parse_config(config_bytes, f"{ref}: config {oci.short_id(c_digest)}")
+    config_bytes = reg.get_blob_bytes(ref.repository, c.digest, c.size, f"{ref}: config")
+    config = oci.parse_config(config_bytes, f"{ref}: config {short_id(c.digest)}")
     if explicit_platform and (config.get("os"), config.get("architecture")) != \
             (platform.os, platform.architecture):
         raise InvalidArgument(f"{ref}: the image is {config.get('os')}/"
                               f"{config.get('architecture')}, not {platform}")
     diff_ids = config["rootfs"]["diff_ids"]
-    descs = doc["layers"]
-    if len(descs) != len(diff_ids):
-        raise InvalidArgument(f"{where} lists {len(descs)} layers, its config has "
-                              f"{len(diff_ids)} diff ids")
-    layers = []
-    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        digest, media_type, size = _descriptor(desc, f"{where}: layers[{i}]")
-        if media_type and media_type not in oci.LAYER_TYPES:
-            raise InvalidArgument(f"{where}: layer {digest} has media type {media_type!r}, "
-                                  f"which is not a layer tar")
-        layers.append(oci.LayerToLoad(digest, diff_id, digest, size, media_type or None))
+    layers = [oci.LayerToLoad(d.digest, diff_id, d.digest, d.size, d.media_type or None)
+              for d, diff_id in zip(oci.manifest_layers(doc, diff_ids, where), diff_ids,
+                                    strict=True)]
     names = [ref.local_name] if ref.local_name else []
     return oci.ImageToLoad(config_bytes, config, layers, names, where)
 
@@ -641,7 +622,7 @@ def pull(images: ImageStore, reference: str | RemoteReference, *,
         reg.ping()
         manifest, index_digest = _resolve_manifest(reg, ref, want, platform is not None)
         todo = _read_image(reg, ref, manifest, want, platform is not None)
-        chains = oci.chain_ids([la.diff_id for la in todo.layers])
+        chains = chain_ids([la.diff_id for la in todo.layers])
         before = None
         if ref.local_name and images.exists(ref.local_name):
             before = images.resolve(ref.local_name)
@@ -651,7 +632,7 @@ def pull(images: ImageStore, reference: str | RemoteReference, *,
             started = source.start()
             for layer in todo.layers:
                 if layer.digest not in started:
-                    say(f"{oci.short_id(layer.digest or '')}: Already exists")
+                    say(f"{short_id(layer.digest or '')}: Already exists")
             try:
                 loaded = images.load_images(source, [todo], verify_present=False,
                                             progress=progress)
@@ -665,7 +646,7 @@ def pull(images: ImageStore, reference: str | RemoteReference, *,
             success = True
             for job in source.jobs:
                 if job.state == "done":
-                    say(f"{oci.short_id(job.digest)}: Pull complete")
+                    say(f"{short_id(job.digest)}: Pull complete")
         finally:
             source.close(success)
     # Blobs that went through an apply were checked against both digests: remember them

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -19,16 +18,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from .. import oci
+from ..digests import HashingWriter, short_id
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument
+from ..reference import RemoteReference
+from ..tar import Readable
 from .blobs import compression_of, ensure_schema, known_blobs, record_blobs
 from .errors import Cancelled, RegistryError
-from .reference import RemoteReference
 from .transport import CHUNK, Registry, RegistryOptions
 
 if TYPE_CHECKING:
@@ -69,21 +70,6 @@ class _FileBody:
                 yield chunk
 
 
-class _Hashing:
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 MEDIA_TYPES = {
     ("docker", "gzip"): oci.MT_DOCKER_LAYER_GZIP, ("docker", "none"): oci.MT_DOCKER_LAYER,
     ("oci", "gzip"): oci.MT_OCI_LAYER_GZIP, ("oci", "none"): oci.MT_OCI_LAYER,
@@ -102,12 +88,12 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
                                dir=images.scratch)
     key = f"compress:{layer.chain_id}"
     if progress is not None:
-        progress.begin(key, f"{oci.short_id(layer.diff_id)} prepare", layer.tar_size)
+        progress.begin(key, f"{short_id(layer.diff_id)} prepare", layer.tar_size)
     try:
         with os.fdopen(fd, "wb") as f, images.open_layer_tar(layer) as tar:
-            out = _Hashing(f)
+            out = HashingWriter(f)
             if compression == "gzip":
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,  # type: ignore[arg-type]
+                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,
                                    mtime=0, filename="") as gz:
                     _copy(tar, gz, progress, key)
             elif compression == "zstd":
@@ -116,7 +102,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
                     _copy(tar, zw, progress, key)
             else:
                 _copy(tar, out, progress, key)
-        return Path(tmp), "sha256:" + out.hash.hexdigest(), out.size
+        return Path(tmp), out.digest, out.size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -126,7 +112,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
             progress.end(key)
 
 
-def _copy(src: IO[bytes], dst: Any, progress: Progress | None, key: str) -> None:
+def _copy(src: Readable, dst: Any, progress: Progress | None, key: str) -> None:
     while chunk := src.read(CHUNK):
         dst.write(chunk)
         if progress is not None:
@@ -183,7 +169,7 @@ def push(images: ImageStore, source: str, destination: str | None = None, *,
         media_type = MEDIA_TYPES[(format, compression)]
         try:
             for layer in image.layers:
-                short = oci.short_id(layer.diff_id)
+                short = short_id(layer.diff_id)
                 if layer.diff_id in done:
                     digest, size = done[layer.diff_id]
                     result_layers.append({"mediaType": media_type, "digest": digest,
@@ -195,7 +181,7 @@ def push(images: ImageStore, source: str, destination: str | None = None, *,
                     temps.append(path)
                     if reg.blob_exists(repo, digest) is not None:
                         result.existing.append(digest)
-                        say(f"{oci.short_id(digest)}: Layer already exists")
+                        say(f"{short_id(digest)}: Layer already exists")
                     else:
                         uploads.append(pool.submit(_upload, reg, repo, digest, size, path,
                                                    progress, say, result, cancel))
@@ -257,7 +243,7 @@ def _reuse(reg: Registry, repo: str, rows: Sequence[Any], result: PushResult,
     for row in rows:
         if row["repository"] == repo and reg.blob_exists(repo, row["digest"]) is not None:
             result.existing.append(row["digest"])
-            say(f"{oci.short_id(row['digest'])}: Layer already exists")
+            say(f"{short_id(row['digest'])}: Layer already exists")
             return row["digest"], row["size"]
     for row in rows:
         if row["repository"] == repo:
@@ -269,7 +255,7 @@ def _reuse(reg: Registry, repo: str, rows: Sequence[Any], result: PushResult,
             continue
         if location is None:
             result.mounted.append(row["digest"])
-            say(f"{oci.short_id(row['digest'])}: Mounted from {row['repository']}")
+            say(f"{short_id(row['digest'])}: Mounted from {row['repository']}")
             return row["digest"], row["size"]
         with contextlib.suppress(RegistryError, httpx.HTTPError):
             reg.request("DELETE", "", url=location, expect=(200, 202, 204, 404),
@@ -285,7 +271,7 @@ def _upload(reg: Registry, repo: str, digest: str, size: int, path: Path,
             result: PushResult, cancel: threading.Event) -> None:
     key = f"upload:{digest}"
     if progress is not None:
-        progress.begin(key, f"{oci.short_id(digest)} upload", size)
+        progress.begin(key, f"{short_id(digest)} upload", size)
     try:
         reg.upload_blob(repo, digest, size, _FileBody(path, progress, key, cancel))
     finally:
@@ -293,5 +279,5 @@ def _upload(reg: Registry, repo: str, digest: str, size: int, path: Path,
             progress.end(key)
     result.uploaded.append(digest)
     if say is not None:
-        say(f"{oci.short_id(digest)}: Pushed")
+        say(f"{short_id(digest)}: Pushed")
 

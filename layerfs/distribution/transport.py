@@ -18,10 +18,11 @@ from urllib.parse import urljoin
 import httpx
 
 from .. import __version__, oci
+from ..digests import sha256_digest, verify_bytes
 from ..errors import InvalidArgument, NotFound
+from ..reference import DOCKER_HUB
 from .auth import Credentials, CredentialStore, RegistryAuth, registry_host
 from .errors import RegistryError, RegistryNotFound, Unauthorized, error_detail, ssl_error, transport_message
-from .reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +230,9 @@ class Registry:
                                   f"{MAX_MANIFEST}-byte limit")
         if reference.startswith(("sha256:", "sha512:")):
             digest = reference
-            _check_bytes(data, digest, f"{what}: manifest")
+            verify_bytes(data, digest, f"{what}: manifest")
         else:
-            digest = oci.sha256_digest(data)
+            digest = sha256_digest(data)
             header = r.headers.get("docker-content-digest")
             if header and header.startswith("sha256:") and header != digest:
                 raise InvalidArgument(f"{what}: manifest digest mismatch: the registry says "
@@ -260,7 +261,7 @@ class Registry:
         if len(data) != size:
             raise InvalidArgument(f"{what} {digest}: {len(data)} bytes, the manifest says "
                                   f"{size}")
-        _check_bytes(data, digest, what)
+        verify_bytes(data, digest, what)
         return data
 
     def blob_exists(self, repository: str, digest: str) -> int | None:
@@ -283,7 +284,7 @@ class Registry:
         return self._location(r)
 
     def _location(self, r: httpx.Response) -> str:
-        location = r.headers.get("location")
+        location: str | None = r.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: upload answer has no Location header")
         return urljoin(str(r.url), location)
@@ -322,7 +323,7 @@ class Registry:
 
     def put_manifest(self, repository: str, reference: str, data: bytes,
                      media_type: str) -> str:
-        digest = oci.sha256_digest(data)
+        digest = sha256_digest(data)
         r = self.request("PUT", f"/v2/{repository}/manifests/{reference}",
                          what=f"{self.host}/{repository}:{reference}: manifest",
                          expect=(200, 201, 202), content=data, retry=False,
@@ -333,16 +334,6 @@ class Registry:
                                 f"manifest as {got}, not {digest}")
         return digest
 
-
-def _check_bytes(data: bytes, digest: str, what: str) -> None:
-    h = oci.hasher_for(digest)
-    h.update(data)
-    got = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
-    if got != digest:
-        raise InvalidArgument(f"{what}: digest mismatch: expected {digest}, got {got}")
-
-
-# --- login ---------------------------------------------------------------------------------
 
 def login(server: str, credentials: Credentials, *, options: RegistryOptions | None = None,
           store: CredentialStore | None = None) -> str:

@@ -6,7 +6,7 @@ has, as ``rootfs.diff_ids``) plus those layers. Everything is named by digest:
 * the **image id** is the sha256 of the config bytes, as in Docker;
 * a layer's **diff id** is the sha256 of its uncompressed tar;
 * a layer's **chain id** names it together with everything below it
-  (:func:`~layerfs.oci.chain_ids`). Two images whose first layers are the same
+  (:func:`~layerfs.digests.chain_ids`). Two images whose first layers are the same
   share those layers on disk: a layer is applied once per chain id, whatever
   archive or image it arrives in.
 
@@ -31,7 +31,7 @@ A process killed half-way leaves rows whose owner is dead; the next
 
 Saving writes each layer tar again *exactly* (same bytes, so the same digests
 and image id) from the layer's files plus the tar-split record kept at load
-time (:class:`~layerfs.oci.TarSplitRecorder`), the technique Docker uses.
+time (:class:`~layerfs.tar.split.TarSplitRecorder`), the technique Docker uses.
 
 Modules: :mod:`.catalog` (the tables: names, lookups, users, removal, recovery),
 :mod:`.load` (archives, registry blobs, root filesystems and commits in), :mod:`.save`

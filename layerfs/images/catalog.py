@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from .. import oci
+from ..digests import short_id
 from ..driver import scratch_owner
 from ..errors import CorruptState, InUse, InvalidArgument, LayerfsError, NotFound
 from ..layers import LayerStore
 from ..metastore import now, process_alive, process_token
+from ..reference import looks_like_reference, parse_reference
 from .config import RunConfig, rfc3339
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class Image:
 
     @property
     def short_id(self) -> str:
-        return oci.short_id(self.id)
+        return short_id(self.id)
 
     @property
     def top_layer(self) -> str | None:
@@ -135,7 +136,7 @@ class Image:
 
 
 def token_alive(token: str | None) -> bool:
-    return bool(token) and process_alive(token.split("/", 1)[0])  # type: ignore[union-attr]
+    return token is not None and process_alive(token.split("/", 1)[0])
 
 
 # --- the catalog -------------------------------------------------------------------------------
@@ -264,8 +265,8 @@ class Catalog:
         if not text:
             raise InvalidArgument("empty image reference")
         hex_part = text.removeprefix("sha256:")
-        if oci.looks_like_reference(text) and not (text.startswith("sha256:")):
-            name = oci.parse_reference(text)
+        if looks_like_reference(text) and not (text.startswith("sha256:")):
+            name = parse_reference(text)
             rows = self._query("SELECT image FROM image_names WHERE name = ?", (name,))
             if rows:
                 return rows[0][0], name
@@ -373,7 +374,7 @@ class Catalog:
     # --- names --------------------------------------------------------------------------------
     def tag(self, ref: str, name: str) -> str:
         """Point ``name`` (``repo[:tag]``) at the image ``ref`` names; returns the name."""
-        target = oci.parse_reference(name)
+        target = parse_reference(name)
         with self.store.transaction() as db:
             image_id = self.resolve(ref)
             db.execute("INSERT OR REPLACE INTO image_names (name, image, created) VALUES "
@@ -381,7 +382,7 @@ class Catalog:
         return target
 
     def untag(self, name: str) -> None:
-        full = oci.parse_reference(name)
+        full = parse_reference(name)
         with self.store.transaction() as db:
             if db.execute("DELETE FROM image_names WHERE name = ?", (full,)).rowcount == 0:
                 raise NotFound(f"image name {name!r} not found")
@@ -429,12 +430,12 @@ class Catalog:
                 db.execute("DELETE FROM image_names WHERE name = ?", (by_name,))
                 return [("Untagged", by_name)]
             if by_name is None and len(names) > 1 and not force:
-                raise InUse(f"image {oci.short_id(image_id)} has {len(names)} names "
+                raise InUse(f"image {short_id(image_id)} has {len(names)} names "
                             f"({', '.join(names)}): remove them one by one, or use force")
             users = [r[0] for r in db.execute(
                 "SELECT container FROM image_users WHERE image = ?", (image_id,))]
             if users:
-                raise InUse(f"image {ref} ({oci.short_id(image_id)}) is used by "
+                raise InUse(f"image {ref} ({short_id(image_id)}) is used by "
                             f"{len(users)} container(s): {', '.join(users[:3])}")
             top_chain = db.execute("SELECT top_chain FROM images WHERE id = ?",
                                    (image_id,)).fetchone()[0]
@@ -445,11 +446,11 @@ class Catalog:
                     "SELECT layer FROM image_layers WHERE parent_chain = ?", (top_chain,))}
                 others = [c for c in self.store.children(top_layer) if c not in chain_layers]
                 if others:
-                    raise InUse(f"image {ref} ({oci.short_id(image_id)}) has a container "
+                    raise InUse(f"image {ref} ({short_id(image_id)}) has a container "
                                 f"layer on it: {others[0]}")
                 mounts = self.store.list_mounts(top_layer)
                 if mounts:
-                    raise InUse(f"image {ref} ({oci.short_id(image_id)}) is mounted at "
+                    raise InUse(f"image {ref} ({short_id(image_id)}) is mounted at "
                                 f"{mounts[0].target}")
             db.execute("DELETE FROM image_names WHERE image = ?", (image_id,))
             db.execute("DELETE FROM images WHERE id = ?", (image_id,))

@@ -32,11 +32,14 @@ import zstandard
 
 from .. import oci
 from ..changes import naive_changes
+from ..digests import chain_ids, sha256_digest, short_id
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument, LayerfsError, NotFound
 from ..layers import new_layer_id
 from ..metastore import now, process_token
-from ..tarlayer import export_changes, open_layer_stream
+from ..reference import parse_reference
+from ..tar import export_changes, open_layer_stream
+from ..tar.split import TarSplitRecorder
 from .catalog import (
     LABEL_CHAIN,
     LABEL_DIFF,
@@ -103,7 +106,7 @@ class Loading(Catalog):
         Either every image is loaded, with all digests verified, or nothing is.
         """
         if repo is not None:
-            repo = oci.parse_reference(repo).rsplit(":", 1)[0]
+            repo = parse_reference(repo).rsplit(":", 1)[0]
         self.scratch.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=scratch_prefix("images-load", "archive"),
                                         dir=self.scratch))
@@ -146,7 +149,7 @@ class Loading(Catalog):
                 progress: Progress | None, *,
                 verify_present: bool = True) -> tuple[str | None, int]:
         diff_ids = [layer.diff_id for layer in image.layers]
-        chains = oci.chain_ids(diff_ids)
+        chains = chain_ids(diff_ids)
         parent_layer: str | None = None
         parent_chain: str | None = None
         total = 0
@@ -206,7 +209,7 @@ class Loading(Catalog):
             # Another process is applying (or removing) this very layer: wait for it.
             if progress is not None and not waiting:
                 progress.begin(key, f"waiting for another load of layer "
-                               f"{oci.short_id(chain)}", None)
+                               f"{short_id(chain)}", None)
             waiting = True
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -235,20 +238,20 @@ class Loading(Catalog):
         blob_size = layer.size if layer.size is not None else src.size(layer.path)
         key = f"layer:{chain}"
         if progress is not None:
-            progress.begin(key, f"layer {oci.short_id(layer.diff_id)}", blob_size)
-        recorder = oci.TarSplitRecorder()
+            progress.begin(key, f"layer {short_id(layer.diff_id)}", blob_size)
+        recorder = TarSplitRecorder()
         try:
             with src.open(layer.path) as raw:
                 blob = oci.DigestReader(raw, where, expected=layer.digest,
                                         expected_size=blob_size, progress=progress,
                                         progress_key=key, hashing=False)
-                plain = open_layer_stream(blob)  # type: ignore[arg-type]
+                plain = open_layer_stream(blob)
                 diff = oci.DigestReader(plain, f"{where} (uncompressed)",
                                         expected=layer.diff_id, recorder=recorder)
                 try:
                     labels = {LABEL_OWNER: op.token, LABEL_CHAIN: chain,
                               LABEL_DIFF: layer.diff_id}
-                    rec = self.layers.apply(diff, parent_layer,  # type: ignore[arg-type]
+                    rec = self.layers.apply(diff, parent_layer,
                                             layer_id=layer_id, labels=labels)
                 except LayerfsError as err:
                     if str(err).startswith(where):
@@ -278,14 +281,14 @@ class Loading(Catalog):
         blob_size = layer.size if layer.size is not None else src.size(layer.path)
         key = f"verify:{layer.path}"
         if progress is not None:
-            progress.begin(key, f"verify {oci.short_id(layer.diff_id)}", blob_size)
+            progress.begin(key, f"verify {short_id(layer.diff_id)}", blob_size)
         try:
             with src.open(layer.path) as raw:
                 blob = oci.DigestReader(raw, where, expected=layer.digest,
                                         expected_size=blob_size, progress=progress,
                                         progress_key=key, hashing=False)
                 try:
-                    plain = open_layer_stream(blob)  # type: ignore[arg-type]
+                    plain = open_layer_stream(blob)
                     oci.DigestReader(plain, where, expected=layer.diff_id).finish()
                 except (EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
                     raise InvalidArgument(f"{where}: layer stream is corrupt: {err}") from err
@@ -314,7 +317,7 @@ class Loading(Catalog):
         or ``stream`` (like ``docker import``). ``changes`` are Dockerfile instructions
         (``CMD``, ``ENTRYPOINT``, ``ENV``, ``WORKDIR``, ``USER``, ``EXPOSE``, ``LABEL``,
         ``STOPSIGNAL``, ``VOLUME``) applied to the config."""
-        target = oci.parse_reference(name) if name else None
+        target = parse_reference(name) if name else None
         run_config: dict[str, Any] = {}
         for change in changes:
             apply_change(run_config, change)
@@ -327,10 +330,10 @@ class Loading(Catalog):
             try:
                 blob = oci.DigestReader(raw, label, progress=progress, progress_key=key,
                                         hashing=False)
-                recorder = oci.TarSplitRecorder()
-                diff = oci.DigestReader(open_layer_stream(blob),  # type: ignore[arg-type]
+                recorder = TarSplitRecorder()
+                diff = oci.DigestReader(open_layer_stream(blob),
                                         f"{label} (uncompressed)", recorder=recorder)
-                rec = self.layers.apply(diff, None,  # type: ignore[arg-type]
+                rec = self.layers.apply(diff, None,
                                         layer_id=layer_id, labels={LABEL_OWNER: op.token})
                 try:
                     diff_id = diff.finish()
@@ -371,7 +374,7 @@ class Loading(Catalog):
         The layer is applied on the base's top layer under its chain id, through the
         same reservation and rollback as :meth:`load`.
         """
-        target = oci.parse_reference(name) if name else None
+        target = parse_reference(name) if name else None
         base = self.get(ref)
         path = Path(diff)
         digest = hashlib.sha256()
@@ -381,7 +384,7 @@ class Loading(Catalog):
         diff_id = f"sha256:{digest.hexdigest()}"
         parent_chain = base.layers[-1].chain_id if base.layers else None
         chain = diff_id if parent_chain is None else \
-            oci.sha256_digest(f"{parent_chain} {diff_id}".encode())
+            sha256_digest(f"{parent_chain} {diff_id}".encode())
         with self._operation() as op:
             layer_id, size, fresh = self._acquire(chain, diff_id, parent_chain, op, None)
             if fresh:

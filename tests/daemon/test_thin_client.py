@@ -55,7 +55,7 @@ def test_help_and_version_import_no_library(args: list[str], tmp_path: Path) -> 
     assert heavy(modules, ("rich", "sqlite3", "pyfuse3", "trio", "httpx", "typing", "json",
                            "subprocess", "layerfs_drivers", "zstandard")) == []
     assert heavy(modules, ("layerfs.images", "layerfs.layers", "layerfs.metastore",
-                           "layerfs.runtime", "layerfs.distribution", "layerfs.tarlayer",
+                           "layerfs.runtime", "layerfs.distribution", "layerfs.tar",
                            "layerfs.oci", "layerfs.driver", "layerfs.plugins")) == []
 
 
@@ -65,7 +65,7 @@ def test_layer_ls_imports_no_image_code(root: Root) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rich.table" in modules and "sqlite3" in modules       # it does use those
     assert heavy(modules, ("pyfuse3", "trio", "httpx", "zstandard")) == []
-    assert heavy(modules, ("layerfs.images", "layerfs.distribution", "layerfs.tarlayer",
+    assert heavy(modules, ("layerfs.images", "layerfs.distribution", "layerfs.tar",
                            "layerfs.oci", "layerfs.runtime")) == []
 
 

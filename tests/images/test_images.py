@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from layerfs import oci
+from layerfs.digests import chain_ids
 from layerfs.errors import AlreadyExists, InUse, InvalidArgument, NotFound
 from layerfs.images import ImageStore, RunConfig, apply_change
 from layerfs.layers import LayerStore
+from layerfs.reference import parse_reference
 from layerfs.testing import images as timg
 
 from .conftest import Archives, run_image, snapshot
@@ -51,11 +52,11 @@ def check_sample_tree(images: ImageStore, ref: str) -> None:
 
 def test_chain_ids_follow_the_oci_spec() -> None:
     d = [sha256(b"a"), sha256(b"b"), sha256(b"c")]
-    c = oci.chain_ids(d)
+    c = chain_ids(d)
     assert c[0] == d[0]
     assert c[1] == sha256(f"{d[0]} {d[1]}".encode())
     assert c[2] == sha256(f"{c[1]} {d[2]}".encode())
-    assert oci.chain_ids([]) == []
+    assert chain_ids([]) == []
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -67,13 +68,13 @@ def test_chain_ids_follow_the_oci_spec() -> None:
     ("registry.example.com:443/a/b", "registry.example.com:443/a/b:latest"),
 ])
 def test_references_are_normalised(text: str, expected: str) -> None:
-    assert oci.parse_reference(text) == expected
+    assert parse_reference(text) == expected
 
 
 @pytest.mark.parametrize("text", ["Busybox", "bad name", "a:b:c", "x:-tag", "a@sha256:00", ""])
 def test_bad_references_are_refused(text: str) -> None:
     with pytest.raises(InvalidArgument):
-        oci.parse_reference(text)
+        parse_reference(text)
 
 
 def test_changes_build_a_run_config() -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from layerfs import oci
+from layerfs.digests import sha256_digest
 from layerfs.distribution import (
     RegistryError,
     RegistryOptions,
@@ -177,7 +178,7 @@ def test_index_resolves_to_a_platform(images: ImageStore, tmp_path: Path,
     try:
         result = pull(native, f"{host}/{repo}:latest", options=INSECURE)
         assert result.image.id == samples.sample.id
-        assert result.index_digest == oci.sha256_digest(data)
+        assert result.index_digest == sha256_digest(data)
         assert result.manifest_digest == amd_push.digest
         arm_result = pull(native, f"{host}/{repo}:latest", platform="linux/arm64",
                           options=INSECURE)

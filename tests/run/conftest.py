@@ -40,18 +40,14 @@ from layerfs.testing import images as timg
 from ..conftest import root_for
 from ..daemons import CliMode, cli_env
 from ..host_resources import free_subnet, rmdir_retry
+from ..support import timeouts
 
 SCRATCH = Path("/tmp/lfs-run")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A hung container must not eat the CI budget: bound every runner test."""
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.path)).parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(180))
+    timeouts.bound(config, items, Path(__file__).parent, 180)
 
 
 @dataclass
@@ -222,6 +218,19 @@ def make_cli(session: Session, tmp_path: Path, request: pytest.FixtureRequest,
 def cli(make_cli: Callable[[str], Cli]) -> Cli:
     """A fresh overlay2 root with busybox:latest (for the tests that are not about drivers)."""
     return make_cli("overlay2")
+
+
+def busybox_layer(cli: Cli) -> bytes:
+    """The layer tar of the session's busybox image (to build hostile images on)."""
+    import json
+    import tarfile
+
+    with tarfile.open(cli.session.busybox) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        layer = tar.extractfile(json.load(member)[0]["Layers"][0])
+        assert layer is not None
+        return layer.read()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:

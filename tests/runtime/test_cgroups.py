@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from layerfs import mount as mountlib
 from layerfs.errors import LayerfsError
 from layerfs.runtime import RuntimeConfig
 from layerfs.runtime.cgroups import DEFAULT_ROOT, Cgroup, Limits, detect
@@ -87,8 +88,7 @@ def test_cgroup_is_removed_on_exit_and_processes_are_in_it(rootfs: Path, state: 
 
 
 def test_detect_matches_the_mounts() -> None:
-    with open("/proc/self/mountinfo") as f:
-        fstypes = {line.split(" - ")[1].split()[0] for line in f if "/sys/fs/cgroup" in line}
+    fstypes = {m.fstype for m in mountlib.mountinfo() if m.target.startswith("/sys/fs/cgroup")}
     mode = detect()
     if "cgroup" not in fstypes:
         assert mode == "v2"

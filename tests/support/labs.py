@@ -77,6 +77,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from layerfs import mount as mountlib
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABS_DIR = REPO_ROOT / "docs" / "labs"
 DEFAULT_BASE = Path(os.environ.get("LAB_BASE", "/tmp/lfs-labs"))
@@ -634,19 +636,9 @@ def _read(path: str) -> str:
         return ""
 
 
-def _unescape(field_: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
-
-
 def _mounts() -> list[tuple[str, str, str]]:
     """(mount point, fstype, source) of every mount in this mount namespace."""
-    out = []
-    for line in _read("/proc/self/mountinfo").splitlines():
-        left, _, right = line.partition(" - ")
-        parts, rparts = left.split(), right.split()
-        if len(parts) > 4 and len(rparts) >= 2:
-            out.append((_unescape(parts[4]), rparts[0], _unescape(rparts[1])))
-    return out
+    return [(m.target, m.fstype, m.source) for m in mountlib.mountinfo()]
 
 
 def _loops() -> dict[str, str]:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from layerfs import units
 from layerfs.errors import ExternalCommandFailed, LayerfsError, command_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -543,10 +544,7 @@ def parse_size(text: str | int | None) -> int:
         return 0
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"bad size {text!r}: use e.g. 4G, 512M or a byte count")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    return units.parse_size(text, what="disk size")
 
 
 _ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")

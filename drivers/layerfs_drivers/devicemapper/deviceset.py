@@ -96,17 +96,8 @@ def _run(cmd: list[str], *, what: str | None = None) -> str:
 
 def device_mounts(devno: int) -> list[tuple[str, str, bool]]:
     """Mounts of block device ``devno`` in this namespace: (target, fs root, superblock ro)."""
-    found = []
-    want = f"{os.major(devno)}:{os.minor(devno)}"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) >= 5 and lf[2] == want:
-                super_opts = rf[2].split(",") if len(rf) > 2 else []
-                found.append((mountlib._unescape(lf[4]), mountlib._unescape(lf[3]),
-                              "ro" in super_opts))
-    return found
+    return [(info.target, info.root, "ro" in info.super_option_set)
+            for info in mountlib.mountinfo() if info.devno == devno]
 
 
 class DeviceSet:
@@ -206,7 +197,7 @@ class DeviceSet:
                 setup.directlvm_device, vg, setup.thinp_percent, setup.thinp_metapercent,
                 setup.thinp_autoextend_threshold, setup.thinp_autoextend_percent,
                 force=setup.directlvm_device_force)
-            record.update(name=pool.name, vg=vg, lv=pool.lv)  # type: ignore[attr-defined]
+            record.update(name=pool.name, vg=vg, lv=pool.lv)
         else:
             assert setup.thinpooldev
             pool = open_existing(setup.thinpooldev)
@@ -425,7 +416,7 @@ class DeviceSet:
 
     # --- layers -----------------------------------------------------------------------------
     def create(self, layer: str, parent: str | None, size: int | None) -> DeviceRecord:
-        self._ensure()
+        pool = self._ensure()
         with self.locked():
             if self.meta.device(layer) is not None:
                 raise AlreadyExists(f"devicemapper: layer {layer} already has a device")
@@ -440,7 +431,7 @@ class DeviceSet:
                         f"devicemapper: size {human(size)} is smaller than "
                         f"{'the base device' if parent is None else 'the parent layer'} "
                         f"({human(origin.size)}); a thin device's filesystem cannot shrink")
-            status = self.pool.status()  # type: ignore[union-attr]
+            status = pool.status()
             self.check_free_space(status)
             rec = self._make_device(layer, origin, origin.size, status=status)
             if size is not None and size > origin.size:

@@ -1,9 +1,13 @@
-"""Property: for random trees and random edits made through a driver's mount,
-diff then apply on the parent reproduces the child exactly — contents, modes,
-owners, xattrs, hardlinks, symlinks, devices, fifos."""
+"""A property of the conformance suite (needs hypothesis): for random trees and random
+edits made through a driver's mount, diff then apply on the parent reproduces the child
+exactly — contents, modes, owners, xattrs, hardlinks, symlinks, devices, fifos.
+
+Subclass :class:`PropertyTests` like :class:`~layerfs.testing.conformance.DriverTests`.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -93,27 +97,30 @@ def apply_edit(root: Path, op: str, parts: list[str], n: int) -> None:
         pass  # an edit an earlier one made impossible (or EXDEV for a lower dir rename)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(edits=st.lists(EDIT, min_size=1, max_size=10))
-def test_diff_apply_reproduces_child(store: LayerStore, edits: list) -> None:
-    base = store.create().id
-    with store.mounted(base) as path:
-        build_parent(path)
-    child = store.create(base).id
-    with store.mounted(child) as path:
-        for op, parts, n in edits:
-            apply_edit(path, op, parts, n)
-    import io
-    buf = io.BytesIO()
-    size = store.diff(child, buf)
-    assert store.diff_size(child) == size
-    buf.seek(0)
-    copy = store.apply(buf, base)
-    assert copy.size == size
-    with store.mounted(child, readonly=True) as a:
-        want = tree_manifest(a)
-    with store.mounted(copy.id, readonly=True) as b:
-        got = tree_manifest(b)
-    assert got == want
-    for layer in (copy.id, child, base):
-        store.remove(layer)
+class PropertyTests:
+    """Diff/apply round trips of random edits; ``store`` as in the suite."""
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(edits=st.lists(EDIT, min_size=1, max_size=10))
+    def test_diff_apply_reproduces_child(self, store: LayerStore,
+                                         edits: list[tuple[str, list[str], int]]) -> None:
+        base = store.create().id
+        with store.mounted(base) as path:
+            build_parent(path)
+        child = store.create(base).id
+        with store.mounted(child) as path:
+            for op, parts, n in edits:
+                apply_edit(path, op, parts, n)
+        buf = io.BytesIO()
+        size = store.diff(child, buf)
+        assert store.diff_size(child) == size
+        buf.seek(0)
+        copy = store.apply(buf, base)
+        assert copy.size == size
+        with store.mounted(child, readonly=True) as a:
+            want = tree_manifest(a)
+        with store.mounted(copy.id, readonly=True) as b:
+            got = tree_manifest(b)
+        assert got == want
+        for layer in (copy.id, child, base):
+            store.remove(layer)
