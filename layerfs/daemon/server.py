@@ -89,6 +89,10 @@ WARM_MODULES = (
     "shlex", "tempfile", "uuid",
 )
 
+#: Seconds new commands wait for a recovery in progress before they are served anyway (a
+#: hung unmount in it must not stop the daemon from serving).
+RECOVERY_GATE = 30.0
+
 PR_SET_CHILD_SUBREAPER = 36
 #: What a worker gets, ``hangup_grace`` seconds apart, once its client has gone away.
 _ESCALATION = (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL)
@@ -168,6 +172,7 @@ class Supervisor:
         self._seq = itertools.count()
         self._recovery_pid: int | None = None
         self._recovery_again = False
+        self._gate: _Timer | None = None
         self._keeper_pid: int | None = None
         self.stopping = False
         self._stop_deadline_armed = False
@@ -571,6 +576,7 @@ class Supervisor:
         pid = self._fork(lambda: worker.recover(self.root))
         self._recovery_pid = pid
         self.children[pid] = self._recovered
+        self._close_gate()
 
     def _recovered(self, status: int) -> None:
         self._recovery_pid = None
@@ -579,7 +585,31 @@ class Supervisor:
         if self._recovery_again:
             self._recovery_again = False
             self._start_recovery()
+        if self._recovery_pid is None:
+            self._open_gate()
         self._start_keeper()
+
+    def _close_gate(self) -> None:
+        """Accept no new client while a recovery runs (they wait in the listen backlog):
+        as without a daemon, where the next command recovers before it does anything,
+        the first command after a kill -9 sees the root recovered, never half-way."""
+        if self._gate is not None or self.listener is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.listener)
+        self._gate = self.after(RECOVERY_GATE, self._gate_timed_out)
+
+    def _gate_timed_out(self) -> None:
+        log.warning("recovery still runs after %.0f s: serving commands meanwhile", RECOVERY_GATE)
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        if self._gate is None:
+            return
+        self._gate.cancelled = True
+        self._gate = None
+        if self.listener is not None:
+            self.sel.register(self.listener, selectors.EVENT_READ, "listener")
 
     def _start_keeper(self) -> None:
         """A child that keeps one connection to the root's database open, so that no

@@ -71,12 +71,13 @@ class Daemon:
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*self.argv, "daemon", "--root", str(self.root),
                                           *self.extra], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log)
+                                         stdout=log, stderr=log, env={**os.environ, **self.env})
         try:
             wait_for_socket(self.root, timeout=60)
         except TimeoutError:
@@ -187,14 +188,16 @@ def root(denv: Env, tmp_path: Path) -> Iterator[Root]:
 
 @pytest.fixture
 def start_daemon(root: Root, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``start_daemon(hooks=False, extra=[...])``: the real command on ``root``; stopped after."""
+    """``start_daemon(hooks=False, extra=[...], env={...})``: the real command on ``root``
+    (``env`` added to the daemon's own environment, not to its commands'); stopped after."""
     started: list[Daemon] = []
 
-    def start(hooks: bool = False, extra: list[str] | None = None) -> Daemon:
+    def start(hooks: bool = False, extra: list[str] | None = None,
+              env: dict[str, str] | None = None) -> Daemon:
         argv = [sys.executable, str(HERE / "crash_hooks.py")] if hooks else \
             [sys.executable, "-m", "layerfs"]
         d = Daemon(root.path, tmp_path / f"daemon-{len(started)}.log", argv,
-                   extra=extra or []).start()
+                   extra=extra or [], env=env or {}).start()
         started.append(d)
         return d
 

@@ -5,6 +5,9 @@ library functions. A wrapper does nothing unless the command's environment (the
 worker adopts the client's) names its step in ``LAYERFS_TEST_HANG``: then it
 touches ``LAYERFS_TEST_HANG_MARKER`` and sleeps, so that the test kills the
 daemon at exactly that step of the real command.
+
+``LAYERFS_TEST_SLOW_RECOVERY=SECONDS`` in the daemon's own environment makes its
+recovery child hold each container it took over that long before finishing it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def _before(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _slow_claim(fn: Callable[..., Any]) -> Callable[..., Any]:
+    delay = float(os.environ.get("LAYERFS_TEST_SLOW_RECOVERY", "0"))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        claimed = fn(*args, **kwargs)
+        if claimed and delay and os.environ.get("LAYERFS_TEST_SLOW_RECOVERY"):
+            time.sleep(delay)         # the daemon's recovery child (workers adopt the
+        return claimed                # client's environment, which does not name it)
+    return wrapper
+
+
 def install() -> None:
     from layerfs import plugins
     from layerfs.layers import LayerStore
@@ -54,6 +69,7 @@ def install() -> None:
     engine.start = _after("run-started", engine.start)
     ContainerManager._after_exit = _before(  # type: ignore[method-assign]
         "run-exited", ContainerManager._after_exit)
+    ContainerManager._claim = _slow_claim(ContainerManager._claim)  # type: ignore[method-assign]
     for name in plugins.registered():
         cls = plugins.load(name)
         cls.remove = _before("remove", cls.remove)  # type: ignore[method-assign]

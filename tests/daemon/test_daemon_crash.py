@@ -75,6 +75,25 @@ def test_kill_daemon_during_run(step: str, rm: bool, root: Root, tmp_path: Path,
     wait_for(lambda: root.leftovers() == [], what=f"a clean root: {root.leftovers()}")
 
 
+def test_first_command_after_restart_waits_for_recovery(root: Root, tmp_path: Path,
+                                                         start_daemon: Callable[..., Daemon]
+                                                         ) -> None:
+    """As without a daemon (the next command recovers before it does anything), the
+    first command a restarted daemon serves sees the root recovered, not half-way:
+    clients wait while its recovery child runs, here held 2 s per container."""
+    daemon = start_daemon(hooks=True)
+    marker = tmp_path / "marker"
+    proc = root.popen("run", "--name", "victim", "--network", "none", "busybox", "sleep", "60",
+                      env={"LAYERFS_TEST_HANG": "run-mounted",
+                           "LAYERFS_TEST_HANG_MARKER": str(marker)}, stdout=-1, stderr=-1)
+    wait_for(marker.exists, what="the command to reach run-mounted")
+    daemon.kill9()
+    proc.communicate(timeout=30)
+    start_daemon(hooks=True, env={"LAYERFS_TEST_SLOW_RECOVERY": "2"})
+    assert root.layerfs("ps", "-a", "-q").stdout.split() == []
+    wait_for(lambda: root.leftovers() == [], what=f"a clean root: {root.leftovers()}")
+
+
 def test_kill_daemon_during_apply(root: Root, tmp_path: Path,
                                   start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon()
