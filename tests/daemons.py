@@ -33,7 +33,8 @@ MODES = ["in-process", "daemon"]
 
 _FACTORY = r"""
 import logging, os, signal, sys
-from layerfs.daemon.server import Supervisor, log, warm_up
+from layerfs.daemon.server import Supervisor, log
+from layerfs.daemon.warm import warm_up
 from layerfs.runtime import _sys
 
 _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)     # never outlive the test session

@@ -44,7 +44,6 @@ import errno
 import fcntl
 import gc
 import heapq
-import importlib
 import itertools
 import logging
 import os
@@ -60,34 +59,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import InvalidArgument, LayerfsError
-from . import wire
+from . import union, warm, wire
+from .services import Service
 
 log = logging.getLogger("layerfs.daemon")
 
 #: Seconds between the SIGHUP a worker gets when its client went away and SIGTERM,
 #: and again until SIGKILL.
 HANGUP_GRACE = 10.0
-#: Seconds a service gets between SIGTERM and SIGKILL when the daemon stops.
-SERVICE_STOP_GRACE = 10.0
 #: Signals the supervisor handles; blocked around fork so that a worker never runs the
 #: supervisor's handlers.
 _HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: The modules a worker should find already imported: the CLI and what its commands
-#: use. Never modules that capture the process's environment or terminal at import
-#: (the bench harness reads LAYERFS_BENCH_SCRATCH): a worker imports those itself.
-#: The rich consoles are made on first use, in the worker (layerfs.cli.console).
-WARM_MODULES = (
-    "layerfs._entry", "layerfs.cli", "layerfs.cli.run", "layerfs.cli.common",
-    "layerfs.cli.layers", "layerfs.cli.images", "layerfs.cli.distribution", "layerfs.cli.pool",
-    "layerfs.cli.bench", "layerfs.cli.console", "layerfs.daemon.command",
-    "layerfs.runtime.containers", "layerfs.images", "layerfs.layers", "layerfs.metastore",
-    "layerfs.mount", "layerfs.tar", "layerfs.naivediff", "layerfs.oci", "layerfs.reference",
-    "layerfs.digests", "layerfs.changes", "layerfs.plugins",
-    "layerfs.runtime.engine", "layerfs.runtime.network", "layerfs.runtime.state",
-    "layerfs.pool", "layerfs.distribution", "layerfs.daemon.worker", "rich.console",
-    "rich.table", "rich.progress", "sqlite3", "argparse", "tarfile", "gzip", "zstandard", "json",
-    "shlex", "tempfile", "uuid",
-)
 
 #: Seconds new commands wait for a recovery in progress before they are served anyway (a
 #: hung unmount in it must not stop the daemon from serving).
@@ -174,6 +156,7 @@ class Supervisor:
         self._recovery_again = False
         self._gate: _Timer | None = None
         self._keeper_pid: int | None = None
+        self._union_pid: int | None = None
         self.stopping = False
         self._stop_deadline_armed = False
 
@@ -187,7 +170,7 @@ class Supervisor:
         self._lock()
         try:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
-            warm_up()
+            warm.warm_up()
             self._probe_root()
             # Objects that exist now are never collected: a worker's collections skip them
             # instead of writing to every page the fork shares with us (copy-on-write).
@@ -197,7 +180,7 @@ class Supervisor:
             self._start_recovery()
             for service in services:
                 self._start_service(service)
-            self._start_union_zygote()
+            self._start_union_fork_server()
             _sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(self.socket_path))
             log.info("serving %s on %s (pid %d)", self.root, self.socket_path, self.pid)
             self._loop()
@@ -559,8 +542,11 @@ class Supervisor:
                  _describe(status), ms, cpu * 1000)
         if os.WIFSIGNALED(status):
             self._start_recovery()   # it may have left half-done work behind
-        elif self._keeper_pid is None:
-            self._start_keeper()     # the first command may have made the database
+        else:
+            if self._keeper_pid is None:
+                self._start_keeper()     # the first command may have made the database
+            if self._union_pid is None:
+                self._start_union_fork_server()   # ... or made it an aufs root
 
     # --- recovery ---------------------------------------------------------------------------------
     def _start_recovery(self) -> None:
@@ -631,7 +617,7 @@ class Supervisor:
                 log.warning("store keeper: %s", _describe(status))
         self.children[pid] = exited
 
-    # --- services (issue 18) and the union zygote (issue 17, part 3) --------------------------------
+    # --- services (issue 18) and the union fork server (issue 17, part 3) --------------------------
     def _start_service(self, service: Service) -> None:
         self.services[service.name] = service
         pid = self._fork(lambda: service.run(self.root), deathsig=signal.SIGTERM)
@@ -657,42 +643,23 @@ class Supervisor:
                 self._start_service(service)
         self.after(service.backoff, again)
 
-    def _start_union_zygote(self) -> None:
-        """UNION-ZYGOTE HOOK (issue 17, part 3): the warm fork server for FUSE union mounts.
-
-        The aufs driver's ``make_fuse_forker()`` starts it; ``layerfs.mount.set_fuse_forker``
-        routes every FUSE helper mount of this process, hence of every worker forked
-        from it, through it. Workers are separate processes that mount concurrently,
-        so the forker must declare ``fork_safe = True`` (each process talks to the
-        zygote on its own channel); until it does, mounts run the helper command.
-        """
-        from .. import mount as mountlib
-        from .. import plugins
-
-        set_forker = getattr(mountlib, "set_fuse_forker", None)
-        try:
-            make = getattr(plugins.load("aufs"), "make_fuse_forker", None)
-        except LayerfsError:
-            make = None
-        if set_forker is None or make is None:
+    def _start_union_fork_server(self) -> None:
+        """The aufs fork server (:mod:`.union`), once the root is an aufs root: every
+        worker forked after this mounts through it."""
+        if self._union_pid is not None or self.stopping or not union.wanted(self.root):
             return
-        forker = make()
-        if not getattr(forker, "fork_safe", False):
-            log.info("union mounts: the fork server is not usable from workers yet; "
-                     "mounts run the helper")
-            with contextlib.suppress(Exception):
-                forker.close()
+        pid = union.start_fork_server()
+        if pid is None:
             return
-        set_forker(forker)
-        pid = getattr(forker, "pid", None)
-        if isinstance(pid, int):
-            # Its own child: reaped here; a new one if it dies while we serve.
-            def exited(status: int) -> None:
-                log.warning("union fork server: %s", _describe(status))
-                set_forker(None)
-                if not self.stopping:
-                    self.after(1.0, self._start_union_zygote)
-            self.children[pid] = exited
+        self._union_pid = pid
+
+        def exited(status: int) -> None:
+            self._union_pid = None
+            union.forget_fork_server()
+            if not self.stopping:
+                log.warning("union fork server: %s; restarting it", _describe(status))
+                self.after(1.0, self._start_union_fork_server)
+        self.children[pid] = exited
 
     # --- stopping ---------------------------------------------------------------------------------
     def stop(self, why: str) -> None:
@@ -733,87 +700,7 @@ class Supervisor:
             self._escalate(job, signal.SIGTERM)
 
 
-class Service:
-    """A long-running server the daemon forks at start-up and keeps running (issue 18's
-    containerd snapshotter and Docker graphdriver endpoints).
-
-    ``target(root, args)`` runs in a child forked from the warm supervisor before any
-    thread exists; it may start threads (grpcio) and serves until SIGTERM. It is
-    restarted with backoff if it fails; exit status 0 means "done, do not restart".
-    """
-
-    def __init__(self, name: str, target: Callable[[Path, list[str]], object],
-                 args: list[str]) -> None:
-        self.name = name
-        self.target = target
-        self.args = args
-        self.pid: int | None = None
-        self.started = 0.0
-        self.backoff = 0.0
-
-    @classmethod
-    def load(cls, name: str, args: list[str]) -> Service:
-        from .services import load
-
-        return cls(name, load(name), args)
-
-    def run(self, root: Path) -> None:
-        result = self.target(root, self.args)
-        raise SystemExit(result if isinstance(result, int) else 0)
-
-    def terminate(self, sup: Supervisor) -> None:
-        pid = self.pid
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-
-        def kill() -> None:
-            if self.pid == pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        sup.after(SERVICE_STOP_GRACE, kill)
-
-
 # --- helpers ----------------------------------------------------------------------------------------
-
-def warm_up(modules: Sequence[str] = WARM_MODULES) -> list[str]:
-    """Import what workers will need, and load every driver; returns what failed to import
-    (a partial install still serves the commands it can)."""
-    failed = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            failed.append(f"{name}: {err}")
-    from .. import plugins
-
-    for name in plugins.registered():
-        try:
-            plugins.load(name)
-        except LayerfsError as err:
-            failed.append(f"driver {name}: {err}")
-    _warm_parsers()
-    for line in failed:
-        log.debug("warm-up: %s", line)
-    return failed
-
-
-#: Command lines the warm-up parses (and throws away): argparse compiles a regular
-#: expression per argument layout it meets, once per process; parsed here, they are in
-#: ``re``'s cache of every worker.
-WARM_ARGV = (["run", "--rm", "-i", "--network", "none", "--name", "x", "-e", "A=1", "img", "true"],
-             ["exec", "-i", "x", "sh"], ["ps", "-a"], ["images", "-q"], ["layer", "ls"],
-             ["layer", "create", "--parent", "p"], ["layer", "mount", "x"], ["rm", "-f", "x"])
-
-
-def _warm_parsers() -> None:
-    from ..cli import build_parser
-
-    for argv in WARM_ARGV:
-        with contextlib.suppress(Exception, SystemExit):
-            build_parser(argv).parse_args(argv)
-
 
 def _parse_request(message: wire.Message, fds: list[int]) -> Request:
     present = wire.field(message, b"fds")

@@ -14,13 +14,23 @@ restart". It opens its own store: SQLite connections never cross a fork.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import shlex
+import signal
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import InvalidArgument, NotFound
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .server import Supervisor
+
+#: Seconds a service gets between SIGTERM and SIGKILL when the daemon stops.
+SERVICE_STOP_GRACE = 10.0
 
 ENTRY_POINT_GROUP = "layerfs.daemon.services"
 
@@ -58,3 +68,43 @@ def parse(spec: str) -> tuple[str, list[str]]:
     if not words:
         raise InvalidArgument("--service needs a name")
     return words[0], words[1:]
+
+
+class Service:
+    """A long-running server the daemon forks at start-up and keeps running (issue 18's
+    containerd snapshotter and Docker graphdriver endpoints).
+
+    ``target(root, args)`` runs in a child forked from the warm supervisor before any
+    thread exists; it may start threads (grpcio) and serves until SIGTERM. It is
+    restarted with backoff if it fails; exit status 0 means "done, do not restart".
+    """
+
+    def __init__(self, name: str, target: Callable[[Path, list[str]], object],
+                 args: list[str]) -> None:
+        self.name = name
+        self.target = target
+        self.args = args
+        self.pid: int | None = None
+        self.started = 0.0
+        self.backoff = 0.0
+
+    @classmethod
+    def load(cls, name: str, args: list[str]) -> Service:
+        return cls(name, load(name), args)
+
+    def run(self, root: Path) -> None:
+        result = self.target(root, self.args)
+        raise SystemExit(result if isinstance(result, int) else 0)
+
+    def terminate(self, sup: Supervisor) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+        def kill() -> None:
+            if self.pid == pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        sup.after(SERVICE_STOP_GRACE, kill)

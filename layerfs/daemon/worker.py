@@ -12,7 +12,7 @@ handlers run, stdio flushed (exit 120 if stdout cannot be), an uncaught
 
 Module-level state that depends on the environment or the terminal (rich
 consoles, ``os.environ`` read at import) must not be created in the supervisor:
-those modules stay out of :data:`layerfs.daemon.server.WARM_MODULES`, so the
+those modules stay out of :data:`layerfs.daemon.warm.WARM_MODULES`, so the
 worker imports them itself, after adopting the client's environment.
 """
 

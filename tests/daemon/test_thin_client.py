@@ -93,7 +93,7 @@ def test_the_warm_up_leaves_no_process_state_behind() -> None:
     worker), none of the modules that read the environment at import."""
     code = """
 import gc, sqlite3, sys, threading
-from layerfs.daemon.server import warm_up, WARM_MODULES
+from layerfs.daemon.warm import warm_up, WARM_MODULES
 failed = warm_up()
 assert not failed, failed
 assert threading.active_count() == 1, threading.enumerate()
