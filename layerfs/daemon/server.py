@@ -177,10 +177,10 @@ class Supervisor:
             gc.freeze()
             self._listen()
             self._install_signals()
+            self._start_union_fork_server()      # first: the children below inherit it
             self._start_recovery()
             for service in services:
                 self._start_service(service)
-            self._start_union_fork_server()
             _sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(self.socket_path))
             log.info("serving %s on %s (pid %d)", self.root, self.socket_path, self.pid)
             self._loop()
