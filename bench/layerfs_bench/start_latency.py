@@ -32,7 +32,9 @@ mean something.
   /sys/fs/cgroup/unified: a helper in that namespace times it); ``docker run --rm
   --network none`` of the same image on a private dockerd
   (:class:`layerfs_bench.peers.DockerDaemon`).
-* ``python -c pass`` — the interpreter alone, for scale.
+* ``python -c pass`` — the interpreter alone, for scale, and the thin client next to it:
+  ``layerfs --version``, ``layerfs --help`` and ``layerfs layer ls`` (through the daemon
+  and in-process).
 
 The import comparison: ``layerfs import`` of a ~100 MB rootfs tar through the daemon
 and in-process, and GNU ``tar -x`` of the same tar, all into the same filesystem
@@ -40,9 +42,9 @@ and in-process, and GNU ``tar -x`` of the same tar, all into the same filesystem
 
 Goals (issue 17): through the daemon ≤ 1.5× ``runc run`` and ≤ 0.15× ``docker run``;
 in-process ≤ 0.5× ``docker run``; ``layerfs import`` through the daemon ≤ 1.5× ``tar
--x``. Everything the benchmark creates (roots, cgroup parent ``lfsb<hex>``, bundle,
-dockerd data) is under ``/tmp/lfs-run/bench-<hex>`` or named by that tag, and removed
-at the end.
+-x``; ``--version`` and ``--help`` ≤ 2× ``python -c pass``, ``layer ls`` ≤ 3×.
+Everything the benchmark creates (roots, cgroup parent ``lfsb<hex>``, bundle, dockerd
+data) is under ``/tmp/lfs-run/bench-<hex>`` or named by that tag, and removed at the end.
 """
 
 from __future__ import annotations
@@ -74,13 +76,20 @@ LIBRARY = "ContainerManager.run (library)"
 ENGINE = "runtime.start, unpacked rootfs"
 ENGINE_UNHARDENED = "  same, unconfined + passthrough"
 PYTHON = "python -c pass"
+VERSION = "layerfs --version"
+HELP = "layerfs --help"
+LS_DAEMON = "layerfs layer ls, daemon"
+LS_IN_PROCESS = "layerfs layer ls, in-process"
 IMPORT_DAEMON = "layerfs import, daemon"
 IMPORT_IN_PROCESS = "layerfs import, in-process"
 TAR = "tar -x"
 
 #: (row, reference, goal): the ratios issue 17 asks for.
 GOALS = [(DAEMON, RUNC, 1.5), (DAEMON, DOCKER, 0.15), (IN_PROCESS, DOCKER, 0.5),
-         (IMPORT_DAEMON, TAR, 1.5)]
+         (IMPORT_DAEMON, TAR, 1.5), (VERSION, PYTHON, 2.0), (HELP, PYTHON, 2.0),
+         (LS_DAEMON, PYTHON, 3.0), (LS_IN_PROCESS, PYTHON, 3.0)]
+#: Rows compared with ``python -c pass`` (the thin client's aims), not with the runtimes.
+THIN = (VERSION, HELP, LS_DAEMON, LS_IN_PROCESS, PYTHON)
 
 _CRUN_HELPER = r"""
 import os, subprocess, sys, time
@@ -232,6 +241,7 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
         cleanups.append(daemon.stop)
         cli = [*console_script(), "--root", str(root), "run", "--rm", "--network", "none",
                "busybox", "true"]
+        ls = [*console_script(), "--root", str(root), "layer", "ls"]
 
         def library() -> float:
             t = time.perf_counter()
@@ -268,6 +278,10 @@ def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports
             Contender(ENGINE, engine_only),
             Contender(ENGINE_UNHARDENED, lambda: engine_only(hardened=False)),
             Contender(PYTHON, _timed([sys.executable, "-c", "pass"], env)),
+            Contender(VERSION, _timed([*console_script(), "--version"], env)),
+            Contender(HELP, _timed([*console_script(), "--help"], env)),
+            Contender(LS_DAEMON, _timed(ls, dict(env, LAYERFS_DAEMON="1"))),
+            Contender(LS_IN_PROCESS, _timed(ls, dict(env, LAYERFS_DAEMON="0"))),
         ]
         if crun and shutil.which("crun"):
             helper = CrunHelper(bundle, f"{tag}-crun")
@@ -394,14 +408,17 @@ def table(report: dict[str, Any]) -> str:
     def ref(name: str) -> float | None:
         return res[name]["median"] if name in res else None
 
-    runc, docker, tar = ref(RUNC), ref(DOCKER), ref(TAR)
-    lines = [f"{'':34s} {'median':>10s} {'x runc':>8s} {'x docker':>9s} {'x tar -x':>9s}"]
+    runc, docker, tar, python = ref(RUNC), ref(DOCKER), ref(TAR), ref(PYTHON)
+    lines = [f"{'':34s} {'median':>10s} {'x runc':>8s} {'x docker':>9s} {'x tar -x':>9s} "
+             f"{'x python':>9s}"]
     for name, r in res.items():
         m = r["median"]
         is_import = name in (IMPORT_DAEMON, IMPORT_IN_PROCESS, TAR)
-        cols = [f"{m / runc:8.2f}" if runc and not is_import else f"{'':8s}",
-                f"{m / docker:9.3f}" if docker and not is_import else f"{'':9s}",
-                f"{m / tar:9.2f}" if tar and is_import else f"{'':9s}"]
+        start = not is_import and name not in THIN
+        cols = [f"{m / runc:8.2f}" if runc and start else f"{'':8s}",
+                f"{m / docker:9.3f}" if docker and start else f"{'':9s}",
+                f"{m / tar:9.2f}" if tar and is_import else f"{'':9s}",
+                f"{m / python:9.2f}" if python and name in THIN else f"{'':9s}"]
         lines.append(f"{name:34s} {m * 1000:8.1f}ms {' '.join(cols)}")
     for g in report["goals"]:
         if g["ratio"] is None:
