@@ -29,6 +29,8 @@ import pytest
 
 from layerfs.daemon import wire
 
+from .host_resources import wait_gone
+
 MODES = ["in-process", "daemon"]
 
 _FACTORY = r"""
@@ -92,21 +94,6 @@ def wait_for_socket(root: Path, timeout: float = 60) -> None:
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
-
-
-def wait_gone(pid: int, timeout: float = 60) -> None:
-    """Until process ``pid`` (not necessarily our child) has terminated."""
-    import select
-
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            raise TimeoutError(f"process {pid} still running after {timeout} s")
-    finally:
-        os.close(pidfd)
 
 
 class Daemons:

@@ -186,17 +186,17 @@ def root(denv: Env, tmp_path: Path) -> Iterator[Root]:
         store.wipe()
 
 
-@pytest.fixture
-def start_daemon(root: Root, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``start_daemon(hooks=False, extra=[...], env={...})``: the real command on ``root``
-    (``env`` added to the daemon's own environment, not to its commands'); stopped after."""
+def daemon_starter(path: Path, logs: Path) -> Iterator[Callable[..., Daemon]]:
+    """``start(hooks=False, extra=[...], env={...})``: the real command on the root at
+    ``path`` (``env`` added to the daemon's own environment, not to its commands'); every
+    daemon started is stopped when the generator finishes."""
     started: list[Daemon] = []
 
     def start(hooks: bool = False, extra: list[str] | None = None,
               env: dict[str, str] | None = None) -> Daemon:
         argv = [sys.executable, str(HERE / "crash_hooks.py")] if hooks else \
             [sys.executable, "-m", "layerfs"]
-        d = Daemon(root.path, tmp_path / f"daemon-{len(started)}.log", argv,
+        d = Daemon(path, logs / f"{path.name}-daemon-{len(started)}.log", argv,
                    extra=extra or [], env=env or {}).start()
         started.append(d)
         return d
@@ -205,6 +205,12 @@ def start_daemon(root: Root, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+
+
+@pytest.fixture
+def start_daemon(root: Root, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Daemons on ``root`` (:func:`daemon_starter`)."""
+    yield from daemon_starter(root.path, tmp_path)
 
 
 @pytest.fixture
@@ -231,4 +237,4 @@ def zombies_of(pid: int) -> list[int]:
     return out
 
 
-__all__ = ["Daemon", "Env", "Root", "wait_for", "wait_gone", "zombies_of"]
+__all__ = ["Daemon", "Env", "Root", "daemon_starter", "wait_for", "wait_gone", "zombies_of"]

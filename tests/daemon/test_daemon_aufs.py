@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from layerfs import mount as mountlib
 from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
 
-from .conftest import Daemon, Env, Root, wait_for, zombies_of
+from .conftest import Daemon, Env, Root, daemon_starter, wait_for, zombies_of
 
 
 def ppid(pid: int) -> int:
@@ -69,18 +68,7 @@ def aufs_root(denv: Env, tmp_path: Path) -> Iterator[tuple[Root, str]]:
 @pytest.fixture
 def start_aufs_daemon(aufs_root: tuple[Root, str], tmp_path: Path
                       ) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(extra: list[str] | None = None) -> Daemon:
-        d = Daemon(aufs_root[0].path, tmp_path / f"aufs-daemon-{len(started)}.log",
-                   [sys.executable, "-m", "layerfs"], extra=extra or []).start()
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
+    yield from daemon_starter(aufs_root[0].path, tmp_path)
 
 
 def test_aufs_mounts_fork_from_the_daemons_fork_server(

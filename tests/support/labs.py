@@ -79,6 +79,8 @@ from typing import TextIO
 
 from layerfs import mount as mountlib
 
+from ..host_resources import wait_gone
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABS_DIR = REPO_ROOT / "docs" / "labs"
 DEFAULT_BASE = Path(os.environ.get("LAB_BASE", "/tmp/lfs-labs"))
@@ -504,7 +506,11 @@ class _LabDaemons:
             started = _descendants(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            _wait_gone(pid, 60)
+            try:
+                wait_gone(pid, 60)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             text = _read(str(log))
             self.commands += text.count("): exit ") + text.count("): killed by ")
             if "layerfs daemon: stopped" not in text or "Traceback" in text:
@@ -528,20 +534,6 @@ def _descendants(pid: int) -> set[int]:
                 found.add(int(child))
                 todo.append(int(child))
     return found
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    import select
-
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
 
 
 def _kill_session(sid: int) -> list[int]:
