@@ -20,8 +20,18 @@ from .daemon.client import scan
 _FAST = {"run", "exec"}
 
 
+def version_line() -> str:
+    from . import __version__
+
+    return f"layerfs {__version__}"
+
+
 def run_here(args: list[str]) -> int:
     """Run the command in this process (no daemon)."""
+    if args == ["--version"]:
+        # What the parser's --version action prints, without building the parser.
+        sys.stdout.write(version_line() + "\n")
+        return 0
     if scan(args)[1] in _FAST and not {"-h", "--help"} & set(args):
         from .cli.run import main as run_main
 

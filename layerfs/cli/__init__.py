@@ -22,6 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .._entry import version_line
 from .common import DEFAULT_ROOT, add_global_options, dispatch, subcommands
 
 EPILOG = f"""\
@@ -48,7 +49,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Container storage drivers you can mount, measure and learn from.",
         epilog=EPILOG)
     add_global_options(parser)
-    parser.add_argument("--version", action="version", version="layerfs 0.1.0")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = subcommands(parser, argv, dest="command", metavar="COMMAND")
     for group in (layers, pool, images, run, bench, distribution, daemon):
         group.register(sub)

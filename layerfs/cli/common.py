@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 TYPE_CHECKING = False       # typing costs ms at import; mypy reads TYPE_CHECKING as True
 
@@ -120,6 +119,8 @@ def command_parser(sub: SubParsers, name: str, help: str, description: str, exam
     """A subcommand whose --help teaches: a wrapped description, then examples."""
     if getattr(sub, "layerfs_wanted", None) not in (None, name):
         return sub.add_parser(name, help=help, **kw)      # not run: no text to wrap
+    import textwrap
+
     parser: argparse.ArgumentParser = sub.add_parser(
         name, help=help, description=textwrap.fill(description, 88),
         epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter,

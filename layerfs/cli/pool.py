@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import InvalidArgument
-from ..units import parse_size
 from .common import SubParsers
 
 
 def cmd_pool_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .. import pool
+    from ..units import parse_size
 
     if args.kind == "btrfs":
         if not args.image or not args.mount:
@@ -26,6 +27,8 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_destroy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .. import pool
 
     if args.kind == "btrfs":

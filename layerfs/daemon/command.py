@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
+
+from ..cli.common import SubParsers, command_parser
 
 DESCRIPTION = (
     "Serve this root's commands from one warm process: every `layerfs` command on the root "
@@ -25,11 +26,9 @@ EXAMPLES = """\
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("daemon", help="serve this root's commands from one warm process",
-                       description=textwrap.fill(DESCRIPTION, 88),
-                       epilog="examples:\n" + EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: SubParsers) -> None:
+    p = command_parser(sub, "daemon", "serve this root's commands from one warm process",
+                       DESCRIPTION, EXAMPLES)
     p.add_argument("--root", dest="daemon_root", metavar="ROOT",
                    help="the root to serve (default: the global --root)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",

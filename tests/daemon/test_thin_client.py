@@ -57,6 +57,9 @@ def test_help_and_version_import_no_library(args: list[str], tmp_path: Path) -> 
     assert heavy(modules, ("layerfs.images", "layerfs.layers", "layerfs.metastore",
                            "layerfs.runtime", "layerfs.distribution", "layerfs.tar",
                            "layerfs.oci", "layerfs.driver", "layerfs.plugins")) == []
+    if args == ["--version"]:   # printed without building the parser
+        assert proc.stdout == f"layerfs {layerfs.__version__}\n"
+        assert heavy(modules, ("argparse", "layerfs.cli", "textwrap", "pathlib")) == []
 
 
 def test_layer_ls_imports_no_image_code(root: Root) -> None:
