@@ -43,12 +43,12 @@ def start_fork_server() -> int | None:
     from .. import mount as mountlib
     from .. import plugins
 
-    set_forker = getattr(mountlib, "set_fuse_forker", None)
     try:
+        # Not in the Driver contract: a capability of the aufs driver's FUSE mode.
         make = getattr(plugins.load(DRIVER), "make_fuse_forker", None)
     except LayerfsError:
         make = None
-    if set_forker is None or make is None:
+    if make is None:
         return None
     forker = make()
     if not getattr(forker, "fork_safe", False):
@@ -56,7 +56,7 @@ def start_fork_server() -> int | None:
                  "the helper")
         forker.close()
         return None
-    set_forker(forker)
+    mountlib.set_fuse_forker(forker)
     pid: int = forker.pid
     log.info("union mounts: fork server started (pid %d)", pid)
     return pid
@@ -66,6 +66,4 @@ def forget_fork_server() -> None:
     """Mounts run the helper again (the fork server has exited)."""
     from .. import mount as mountlib
 
-    set_forker = getattr(mountlib, "set_fuse_forker", None)
-    if set_forker is not None:
-        set_forker(None)
+    mountlib.set_fuse_forker(None)

@@ -47,10 +47,6 @@ def fork_server_of(daemon: Daemon) -> int:
     return int(found[-1])
 
 
-pytestmark = pytest.mark.skipif(not hasattr(mountlib, "set_fuse_forker"),
-                                reason="the aufs fork server (branch union) is not merged yet")
-
-
 @pytest.fixture
 def aufs_root(denv: Env, tmp_path: Path) -> Iterator[tuple[Root, str]]:
     """An aufs root with one layer (wiped after)."""
