@@ -76,19 +76,71 @@ def process_token(pid: int | None = None) -> str:
         return f"{pid}:0"
 
 
+#: How long :func:`process_alive` waits for a process that is already dying to be gone.
+DYING_WAIT = 10.0
+_PF_EXITING = 0x4                       # task flags (linux/sched.h): in do_exit()
+_SIGKILL_BIT = 1 << (9 - 1)             # SIGKILL in /proc/PID/status's pending masks
+
+
 def process_alive(token: str | None) -> bool:
-    """Whether the process ``token`` names still runs. A zombie does not: its work is
-    over, and where nobody reaps (this VM's PID 1, a killed daemon's workers) it would
-    otherwise look alive forever and its half-done work would never be recovered."""
+    """Whether the process ``token`` names can still do work on the root.
+
+    A pid whose start time differs is another process, and a zombie's work is over
+    (where nobody reaps, like this VM's PID 1, it would otherwise look alive for
+    ever). A process that was sent SIGKILL, or is already exiting, is still listed
+    for a moment -- ``kill -9 PID; layerfs ...`` used to find it "alive" and leave its
+    half-made layer to a later command. It will never return to user space, but a
+    write it has in flight may still land: wait (at most :data:`DYING_WAIT` s) until it
+    is gone, then say dead. So the answer after ``kill -9`` returns is always "dead".
+    """
     if not token:
         return False
     pid_text, _, start = token.partition(":")
     try:
-        with open(f"/proc/{int(pid_text)}/stat", "rb") as f:
+        pid = int(pid_text)
+        with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0] not in (b"Z", b"X") and int(fields[19]) == int(start)
+        if int(fields[19]) != int(start) or fields[0] in (b"Z", b"X", b"x"):
+            return False
+        dying = int(fields[6]) & _PF_EXITING or _sigkill_pending(pid)
     except (OSError, ValueError, IndexError):
         return False
+    if dying:
+        _wait_gone(pid)
+        return process_token(pid) == token and not _is_zombie(pid)
+    return True
+
+
+def _sigkill_pending(pid: int) -> bool:
+    # A fatal signal stays in the shared pending set until the process is reaped.
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith((b"ShdPnd:", b"SigPnd:")) and \
+                    int(line.split()[1], 16) & _SIGKILL_BIT:
+                return True
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X", b"x")
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (a pidfd turns readable once it is a zombie or gone)."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return   # already reaped
+    try:
+        select.select([fd], [], [], DYING_WAIT)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,16 @@
 
 One module per command group, each with a ``register(subparsers)``:
 
-=================  ==========================================================
-:mod:`.layers`     ``info``, ``drivers``, ``layer ...``: the storage root
-:mod:`.pool`       ``pool create|destroy``: btrfs and device-mapper storage
-:mod:`.images`     ``import``, ``load``, ``save``, ``images``, ``rmi``, ...
-:mod:`.run`        ``run``, ``ps``, ``stop``, ``exec``, ...: containers
-:mod:`.bench`      ``bench``: the benchmark scenarios
+====================  =========================================================
+:mod:`.layers`        ``info``, ``drivers``, ``layer ...``: the storage root
+:mod:`.pool`          ``pool create|destroy``: btrfs and device-mapper storage
+:mod:`.images`        ``import``, ``load``, ``save``, ``images``, ``rmi``, ...
+:mod:`.run`           ``run``, ``ps``, ``stop``, ``exec``, ...: containers
+:mod:`.system`        ``system df|prune|reset``: the root as a whole
+:mod:`.bench`         ``bench``: the benchmark scenarios
 :mod:`.distribution`  ``pull``, ``push``, ``login``, ``logout``: OCI registries
-=================  ==========================================================
+:mod:`.boundary`      where every failure becomes one line on stderr
+====================  =========================================================
 
 :mod:`.common` holds what they share; :mod:`.console` the rich consoles. This package
 imports neither rich nor any group until :func:`main` builds the parser, because
@@ -23,7 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from .._entry import version_line
-from .common import DEFAULT_ROOT, add_global_options, dispatch, subcommands
+from .common import DEFAULT_ROOT, add_global_options, subcommands
 
 EPILOG = f"""\
 examples:
@@ -40,9 +42,9 @@ environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STOR
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``layerfs`` parser; given the ``argv`` it will parse, it builds the parser of that
-    subcommand only (the others are listed, not built: see :func:`.common.build_only`)."""
+    subcommand only (the others are listed, not built: see :func:`.common.subcommands`)."""
     from ..daemon import command as daemon
-    from . import bench, distribution, images, layers, pool, run
+    from . import bench, distribution, images, layers, pool, run, system
 
     parser = argparse.ArgumentParser(
         prog="layerfs", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,25 +53,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_global_options(parser)
     parser.add_argument("--version", action="version", version=version_line())
     sub = subcommands(parser, argv, dest="command", metavar="COMMAND")
-    for group in (layers, pool, images, run, bench, distribution, daemon):
+    for group in (layers, pool, images, run, system, bench, distribution, daemon):
         group.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .boundary import dispatch
+
     argv = sys.argv[1:] if argv is None else argv
-
-    def error(message: str) -> None:
-        from .console import err
-
-        err.print(f"[red]layerfs: error:[/] {message}", highlight=False, soft_wrap=True)
-
-    def interrupted() -> None:
-        from .console import err
-
-        err.print("layerfs: interrupted")
-
-    return dispatch(build_parser(argv), argv, error, interrupted)
+    return dispatch(build_parser(argv), argv)
 
 
 __all__ = ["build_parser", "main"]

@@ -181,7 +181,8 @@ def register(sub: SubParsers) -> None:
                        "  cat pw.txt | layerfs login -u alice --password-stdin --ca ca.pem "
                        "127.0.0.1:5443\n")
     p.add_argument("server", metavar="REGISTRY")
-    p.add_argument("-u", "--username", metavar="USER")
+    p.add_argument("-u", "--username", metavar="USER", help="user name (default: asked on the "
+                   "terminal)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     _tls(p)
     p.set_defaults(func=cmd_login, quiet=True)

@@ -115,6 +115,9 @@ class Image:
     layers: list[ImageLayer]
     created: float
     size: int
+    #: The names the load (or pull) that returned this image gave it -- those in the
+    #: archive -- unlike ``names``, which has every name the image has. Empty otherwise.
+    loaded_as: tuple[str, ...] = ()
 
     @property
     def short_id(self) -> str:

@@ -164,6 +164,9 @@ class TarReader:
                         raise InvalidArgument(f"layer stream is truncated: {self._compression} "
                                               f"data ends before any tar content")
                     raise InvalidArgument("layer stream is empty: not a tar archive")
+                if not self._seen and not self._compression:
+                    raise InvalidArgument(f"layer stream is not a tar archive ({len(block)} "
+                                          f"bytes: less than one {BLOCK}-byte tar header)")
                 if not block and not ext.pending:
                     raise InvalidArgument("layer tar is truncated: the stream ends without "
                                           "an end-of-archive marker")

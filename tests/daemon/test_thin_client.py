@@ -66,7 +66,7 @@ def test_layer_ls_imports_no_image_code(root: Root) -> None:
     modules, proc = imported([LAYERFS, "--root", str(root.path), "layer", "ls"],
                              root.environ("in-process", None))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rich.table" in modules and "sqlite3" in modules       # it does use those
+    assert "sqlite3" in modules     # it does use that (piped, the table is plain rows: no rich)
     assert heavy(modules, ("pyfuse3", "trio", "httpx", "zstandard")) == []
     assert heavy(modules, ("layerfs.images", "layerfs.distribution", "layerfs.tar",
                            "layerfs.oci", "layerfs.runtime")) == []
