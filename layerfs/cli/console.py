@@ -50,9 +50,7 @@ if TYPE_CHECKING:
 
 
 def plain(cell: Cell) -> str:
-    from rich.text import Text
-
-    return cell.plain if isinstance(cell, Text) else cell
+    return cell if isinstance(cell, str) else cell.plain   # a str needs no rich
 
 
 def plain_rows(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> list[str]:

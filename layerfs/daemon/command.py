@@ -42,7 +42,9 @@ def register(sub: SubParsers) -> None:
                    "of the group layerfs.daemon.services (the engines' endpoints) or "
                    "module:function, with its arguments (repeatable; see docs/daemon.md)")
     p.add_argument("--log-level", default=os.environ.get("LAYERFS_DAEMON_LOG", "info"),
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="what the log on stderr shows (default: $LAYERFS_DAEMON_LOG, else "
+                   "%(default)s; debug adds every worker's start)")
     p.set_defaults(func=cmd_daemon)
 
 
