@@ -137,6 +137,18 @@ class Daemons:
         self.proc.wait(30)
 
 
+def workers_of(daemon: int) -> list[int]:
+    """Pids of a daemon's workers: the children that lead a session of their own (its
+    recovery child, store keeper, fork server and services do not)."""
+    found = []
+    for child in Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split():
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{child}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if int(fields[3]) == int(child) and fields[0] != b"Z":   # session id
+                found.append(int(child))
+    return found
+
+
 def stop(pid: int, timeout: float = 60) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -159,6 +171,19 @@ class CliMode:
             self.served[path] = self.daemons.start(path)
         return {"LAYERFS_DAEMON": "1"}
 
+    def settle(self, root: Path | str, timeout: float = 60) -> None:
+        """Until the commands the daemon of ``root`` runs are over: a client that is
+        killed leaves its worker to be hung up (SIGHUP, like a closed terminal), which
+        stops it shortly after, not at once. Nothing to wait for in-process."""
+        pid = self.served.get(Path(root).absolute())
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while workers_of(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the daemon of {root} still runs {workers_of(pid)}")
+            time.sleep(0.02)
+
     def close(self) -> None:
         for pid in self.served.values():
             stop(pid)
@@ -167,6 +192,12 @@ class CliMode:
 
 #: The mode of the running test, for CLI helpers that are plain functions.
 ACTIVE: CliMode | None = None
+
+
+def cli_settle(root: Path | str) -> None:
+    """After killing a client: until its command is over (:meth:`CliMode.settle`)."""
+    if ACTIVE is not None:
+        ACTIVE.settle(root)
 
 
 def cli_env(root: Path | str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
 from layerfs.runtime.containers import LABEL_CONTAINER, ContainerManager
 from layerfs.testing import images as timg
 
-from ..daemons import stop, wait_for_socket, wait_gone
+from ..daemons import stop, wait_for_socket, wait_gone, workers_of
 from ..host_resources import rmdir_retry
 
 HERE = Path(__file__).parent
@@ -104,15 +104,7 @@ class Daemon:
         return self.log.read_text()
 
     def workers(self) -> list[int]:
-        """Pids of the daemon's workers: the children that lead a session of their own
-        (its recovery child and services do not)."""
-        found = []
-        for child in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split():
-            with contextlib.suppress(OSError, IndexError):
-                fields = Path(f"/proc/{child}/stat").read_bytes().rsplit(b")", 1)[1].split()
-                if int(fields[3]) == int(child) and fields[0] != b"Z":   # session id
-                    found.append(int(child))
-        return found
+        return workers_of(self.pid)
 
 
 @dataclass

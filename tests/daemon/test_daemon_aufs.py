@@ -103,5 +103,7 @@ def test_no_zombie_after_1000_aufs_mount_cycles(tmp_path: Path,
     wait_for(done.exists, timeout=900, what="1,000 mount cycles")
     wait_for(lambda: zombies_of(forker) == [] and zombies_of(daemon.pid) == [],
              what=f"no zombie: {zombies_of(forker)} {zombies_of(daemon.pid)}")
-    assert "service tests.daemon.sample_service:mount_cycles: exit 0" in daemon.text()
+    # The supervisor logs the service's exit once it has reaped it, after "done".
+    wait_for(lambda: "service tests.daemon.sample_service:mount_cycles: exit 0" in daemon.text(),
+             what="the service's exit in the log")
     assert daemon.stop() == 0

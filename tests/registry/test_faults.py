@@ -21,7 +21,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, Fault, FaultProxy
 
-from ..daemons import cli_env
+from ..daemons import cli_env, cli_settle
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
@@ -131,6 +131,7 @@ def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProx
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        cli_settle(root)    # through a daemon, the hung-up worker stops just after
     finally:
         fault.release.set()
         if proc.poll() is None:
