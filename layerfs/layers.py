@@ -167,7 +167,7 @@ class LayerStore:
             store.close()
             raise
         self = cls(root_path, drv, store)
-        if recover:
+        if recover and store.full is None:   # a full disk: read-only, nothing to redo
             self.recover()
         return self
 

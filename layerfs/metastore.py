@@ -23,10 +23,13 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import DiskFull
 
 SCHEMA_VERSION = 1
 
@@ -174,26 +177,66 @@ class MountRecord:
     readonly: bool
 
 
+#: Below this much free space a filesystem counts as full (sqlite needs a few pages).
+_FULL_BELOW = 1 << 20
+
+
+def disk_full(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` has (almost) no space left for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < _FULL_BELOW
+
+
 class MetaStore:
-    """Thin typed layer over the sqlite database. Thread-safe within a process."""
+    """Thin typed layer over the sqlite database. Thread-safe within a process.
+
+    On a full filesystem the database cannot even be opened for writing (WAL mode
+    creates its shared-memory file): it is then opened read-only, from the main file
+    alone, so listings still work, and :attr:`full` says why every write fails with
+    :class:`~layerfs.errors.DiskFull`."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 60000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
         self._depth = 0
-        with self.transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', ?)",
-                             (str(SCHEMA_VERSION),))
+        self.full: str | None = None
+        try:
+            self._db = self._connect()
+        except sqlite3.OperationalError:
+            if not (self.path.exists() and disk_full(self.path.parent)):
+                raise
+            # immutable: no lock, no -shm; what the last writer left unchecked-pointed
+            # in the -wal is not seen (every layerfs process checkpoints on close).
+            uri = f"file:{urllib.parse.quote(str(self.path))}?immutable=1"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self.full = f"{self.path.parent}: no space left on its filesystem"
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._db = db
+            with self.transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', ?)",
+                           (str(SCHEMA_VERSION),))
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -213,19 +256,34 @@ class MetaStore:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            if self.full is not None:
+                raise DiskFull(f"{self.full}: nothing can be recorded until space is freed")
             try:
-                yield self._db
-            except BaseException:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield self._db
+                except BaseException:
+                    self._depth = 0
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        self._db.execute("ROLLBACK")
+                    raise
                 self._depth = 0
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as err:
+                self._depth = 0
+                if disk_full(self.path.parent) or "disk is full" in str(err):
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        self._db.execute("ROLLBACK")
+                    raise DiskFull(f"{self.path.parent}: no space left on its filesystem: "
+                                   f"nothing was recorded ({err})") from err
                 raise
-            self._depth = 0
-            self._db.execute("COMMIT")
 
     def extend_schema(self, ddl: str) -> None:
-        """Let a higher level (images, containers) add its own tables to this database."""
+        """Let a higher level (images, containers) add its own tables to this database
+        (not on a full disk, read-only: the tables are there or the root is empty)."""
+        if self.full is not None:
+            return
         with self.transaction() as db:
             for statement in ddl.split(";"):
                 if statement.strip():
