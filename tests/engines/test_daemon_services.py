@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from layerfs.engines.proto import snapshots_pb2 as api
+from layerfs.layers import LayerStore
 
 from .test_snapshotter_errors import Client
 
@@ -66,6 +67,10 @@ def test_the_daemon_runs_both_engine_services(tmp_path: Path, sockdir: Path) -> 
     pytest.importorskip("layerfs.daemon.services", reason="layerfs daemon is not merged here")
     snapshotter, plugin = sockdir / "snapshots.sock", sockdir / "plugin.sock"
     log = tmp_path / "daemon.log"
+    # Made first: two services opening a *fresh* root at the same instant race in its
+    # creation (FileExistsError, SQLite "disk I/O error"); the daemon restarts the loser
+    # a second later, but this test counts the starts.
+    LayerStore.open(tmp_path / "root", "vfs").close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERFS_")}
     with open(log, "wb") as out:
         daemon = subprocess.Popen(
