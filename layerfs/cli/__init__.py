@@ -9,6 +9,7 @@ One module per command group, each with a ``register(subparsers)``:
 :mod:`.run`        ``run``, ``ps``, ``stop``, ``exec``, ...: containers
 :mod:`.bench`      ``bench``: the benchmark scenarios
 :mod:`.distribution`  ``pull``, ``push``, ``login``, ``logout``: OCI registries
+:mod:`.inspect`    ``explain``, ``image explore|diff``, ``union stats``: seeing inside
 =================  ==========================================================
 
 :mod:`.common` holds what they share; :mod:`.console` the rich consoles. This package
@@ -38,7 +39,7 @@ environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STOR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, distribution, images, layers, pool, run
+    from . import bench, distribution, images, inspect, layers, pool, run
 
     parser = argparse.ArgumentParser(
         prog="layerfs", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     parser.add_argument("--version", action="version", version="layerfs 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (layers, pool, images, run, bench, distribution):
+    for group in (layers, pool, images, inspect, run, bench, distribution):
         group.register(sub)
     return parser
 

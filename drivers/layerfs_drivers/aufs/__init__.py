@@ -207,6 +207,25 @@ class AufsDriver(Driver):
     def usage(self, layer_id: str) -> Usage:
         return layer_dir_usage(self._diff(layer_id))
 
+    def counters(self, target: Path, *, reset: bool = False) -> dict[str, int] | None:
+        """The FUSE union's counters: a JSON object in the virtual xattr of its mount root
+        (see :mod:`layerfs_drivers.aufs.unionfs`); kernel aufs counts nothing."""
+        if self.mode != "fuse":
+            return None
+        import json
+
+        from .unionfs import RESET_XATTR, STATS_XATTR
+
+        try:
+            raw = os.getxattr(target, STATS_XATTR, follow_symlinks=False)
+            if reset:
+                os.setxattr(target, RESET_XATTR, b"1", follow_symlinks=False)
+        except OSError as err:
+            raise InvalidArgument(f"aufs: {target} does not answer the union's counters "
+                                  f"({err.strerror}): is it a layerfs-union mount?") from err
+        data = json.loads(raw)
+        return {k: int(v) for k, v in data.items() if isinstance(v, int)}
+
     def metadata(self, layer_id: str) -> dict[str, str]:
         return {"Branch": str(self._diff(layer_id)),
                 "Branches": ":".join(str(b) for b in self._branches(layer_id)),

@@ -32,10 +32,11 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import btrfsutil
 
+from layerfs import extents
 from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, naive_changes
 from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, backing_filesystem, layer_dir_usage
 from layerfs.errors import (
@@ -219,6 +220,22 @@ class BtrfsDriver(Driver):
             fields = proc.stdout.strip().splitlines()[-1].split()
             exclusive, shared = int(fields[1]), int(fields[2])
         return Usage(tree.bytes, tree.inodes, exclusive_bytes=exclusive, shared_bytes=shared)
+
+    def path_facts(self, layer_id: str, path: str) -> dict[str, Any]:
+        """The file's extents in the layer's subvolume: bytes it shares with other
+        subvolumes (the layers it was snapshotted from or to) and bytes only this layer
+        holds (blocks written since), as the kernel flags them (FIEMAP)."""
+        target = self._path(layer_id) / path
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        if not stat.S_ISREG(st.st_mode):
+            return {}
+        try:
+            return extents.sharing(target).as_dict()
+        except OSError:
+            return {}
 
     def qgroup_usage(self, layer_id: str) -> tuple[int, int]:
         """(referenced, exclusive) bytes of the layer's qgroup (quotas must be on)."""
