@@ -263,8 +263,10 @@ class Overlay2Driver(Driver):
             return [Mount("bind", diff, ("rbind", "ro" if readonly else "rw"))]
         if readonly:
             # No upper: overlay is read-only by construction; index/volatile need an upper.
+            # metacopy stays: a container layer's metacopy files, now a lower layer, are
+            # only followed to their data with metacopy=on (without it, EPERM on read).
             extra = [o for o in self._feature_options()
-                     if not o.startswith(("index", "volatile", "metacopy"))]
+                     if not o.startswith(("index", "volatile"))]
             options = (f"lowerdir={':'.join([diff, *lowers])}", *extra)
         else:
             options = (f"lowerdir={':'.join(lowers)}", f"upperdir={diff}",

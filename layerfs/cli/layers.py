@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -18,6 +19,9 @@ from ..driver import DriverOptions, driver_info
 from ..errors import LayerfsError
 from .common import SubParsers, emit_json, human_size, open_store
 from .console import err, out
+
+if TYPE_CHECKING:
+    from ..layers import LayerStore
 
 # --- info / drivers -----------------------------------------------------------------------------
 
@@ -104,6 +108,9 @@ def cmd_layer_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         layers = store.layers()
         mounted = {m.layer for m in store.store.list_mounts()}
+        # A read-write layer's size changes as it is written: measured now, as the bytes
+        # its diff carries (what `docker ps -s` shows), never stored.
+        layers = [r if r.readonly else replace(r, size=_rw_size(store, r.id)) for r in layers]
     if args.json:
         emit_json([dict(r.as_dict(), mounted=r.id in mounted) for r in layers])
         return 0
@@ -117,6 +124,13 @@ def cmd_layer_ls(args: argparse.Namespace) -> int:
                       "yes" if r.id in mounted else "")
     out.print(table)
     return 0
+
+
+def _rw_size(store: LayerStore, layer_id: str) -> int | None:
+    try:
+        return store.diff_size(layer_id)
+    except LayerfsError:
+        return None
 
 
 def cmd_layer_rm(args: argparse.Namespace) -> int:

@@ -168,6 +168,9 @@ def entries_from_tar(stream: BinaryIO, what: str) -> list[Entry]:
             raise _corrupt(what, str(err)) from err
         if not parts:
             continue  # the layer root ("./")
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
+            raise _corrupt(what, f"corrupt whiteout: {h.name!r} is inside a whiteout "
+                                 f"(a whiteout is an empty file, it holds nothing)")
         name = parts[-1]
         kind = _TAR_KINDS.get(h.kind)
         if name.startswith(WHITEOUT_PREFIX):

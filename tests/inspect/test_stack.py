@@ -141,3 +141,19 @@ def test_an_image_without_waste_scores_one() -> None:
     assert (eff.score, eff.wasted_bytes, eff.inefficiencies) == (1.0, 0, [])
     empty = efficiency(stack_of(LayerTar().dir("d")))
     assert empty.score == 1.0 and empty.user_wasted_ratio == 0.0
+
+
+def test_diff_of_two_stacks() -> None:
+    from layerfs.inspect.diff import diff_stacks
+    from layerfs.inspect.targets import LayerRef, Target
+
+    base = LayerTar().dir("etc").file("etc/conf", "a=1").file("etc/old", "o")
+    a = stack_of(base)
+    b = stack_of(base, LayerTar().dir("etc").file("etc/conf", "a=22").whiteout("etc/old")
+                 .file("etc/new", "n"))
+    ta = Target("image", "a", [LayerRef("L0", chain_id="c0")])
+    tb = Target("image", "b", [LayerRef("L0", chain_id="c0"), LayerRef("L1", chain_id="c1")])
+    d = diff_stacks(ta, a, tb, b)
+    assert [(c.kind, c.path, c.size) for c in d.changes] == [
+        ("C", "etc/conf", 4), ("A", "etc/new", 1), ("D", "etc/old", 1)]
+    assert (d.shared, d.a_only, d.b_only) == (1, 0, 1)

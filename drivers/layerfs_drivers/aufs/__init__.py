@@ -29,6 +29,7 @@ first branches and extended by ``remount,append:`` — returned as several
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -218,11 +219,19 @@ class AufsDriver(Driver):
 
         try:
             raw = os.getxattr(target, STATS_XATTR, follow_symlinks=False)
-            if reset:
-                os.setxattr(target, RESET_XATTR, b"1", follow_symlinks=False)
         except OSError as err:
             raise InvalidArgument(f"aufs: {target} does not answer the union's counters "
                                   f"({err.strerror}): is it a layerfs-union mount?") from err
+        if reset:
+            try:
+                os.setxattr(target, RESET_XATTR, b"1", follow_symlinks=False)
+            except OSError as err:
+                if err.errno == errno.EROFS:
+                    raise InvalidArgument(
+                        f"aufs: cannot reset the counters of {target}: it is mounted "
+                        f"read-only and the kernel refuses to set the reset attribute "
+                        f"there (compare two readings instead)") from err
+                raise
         data = json.loads(raw)
         return {k: int(v) for k, v in data.items() if isinstance(v, int)}
 

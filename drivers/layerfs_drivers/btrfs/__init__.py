@@ -232,6 +232,13 @@ class BtrfsDriver(Driver):
             return {}
         if not stat.S_ISREG(st.st_mode):
             return {}
+        # A deleted subvolume (the read-only snapshot a diff of a writable layer sends
+        # from) keeps its extents referenced until the cleaner gets to it: wait, or every
+        # block of a freshly diffed layer would look shared.
+        btrfsutil.sync(self.home)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["btrfs", "subvolume", "sync", str(self.home)], capture_output=True,
+                           timeout=60)
         try:
             return extents.sharing(target).as_dict()
         except OSError:
