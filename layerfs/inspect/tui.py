@@ -234,8 +234,9 @@ class ExploreApp(App[None]):
         grid.add_column(style="bold")
         grid.add_column()
         grid.add_row("Command", sl.command or "(no history)")
-        grid.add_row("Layer", f"{sl.layer_id[:12]}  {self.fmt_size(sl.size)}  "
-                              f"{len(sl.entries)} entries")
+        grid.add_row("Digest" if sl.diff_id else "Layer",
+                     f"{sl.diff_id or sl.layer_id[:12]}")
+        grid.add_row("Size", f"{self.fmt_size(sl.size)}, {len(sl.entries)} entries")
         grid.add_row("Image", f"{self.fmt_size(eff.size_bytes)}, efficiency "
                               f"{eff.score * 100:.1f} %, wasted {self.fmt_size(eff.wasted_bytes)}"
                               f" ({pct} of the layers above the base)")

@@ -183,3 +183,25 @@ def test_explain_lays_indexes_of_an_image_loaded_on_every_driver(sample_on: Imag
     assert stack.entry_at("sample/gone.txt") is None
     assert sorted(stack.children("sample", stack.top)) == ["changed.txt", "dir", "keep.txt",
                                                            "replaced", "tree"]
+
+
+def test_a_container_is_explained_and_diffed_against_its_image(tmp_path: Path,
+                                                               sample_archive: Path) -> None:
+    with image_store("overlay2", tmp_path / "root") as images:
+        images.load(sample_archive)
+        root = images.layers.root
+        run = cli(root, "run", "--name", "box", "--network", "none", "sample", "sh", "-c",
+                  "echo more >> /sample/keep.txt; rm /sample/dir/b.txt; echo n > /new.txt")
+        assert run.returncode == 0, run.stderr
+        proc = cli(root, "explain", "--container", "box", "/sample/keep.txt", check=True)
+        assert "in container box (4 layers)" in proc.stdout
+        assert "served by layer 4 of 4 (container box (read-write))" in proc.stdout
+        assert "hides the file from layer 2 of 4 (add /sample): replaced by layer 4" \
+            in proc.stdout
+        data = json.loads(cli(root, "image", "diff", "sample", "container:box", "--json",
+                              check=True).stdout)
+        kinds = {c["path"]: c["kind"] for c in data["changes"]}
+        assert kinds["/sample/keep.txt"] == "C" and kinds["/sample/dir/b.txt"] == "D"
+        assert kinds["/new.txt"] == "A"
+        assert data["layers"]["shared"] == 3 and data["layers"]["b_only"] == 1
+        cli(root, "rm", "box", check=True)
