@@ -344,9 +344,11 @@ class MetaStore:
     def index_rows(self, layer_id: str) -> list[tuple[Any, ...]]:
         """Every entry of a layer's index (:data:`INDEX_COLUMNS`), in path order."""
         with self._lock:
-            return [tuple(r) for r in self._db.execute(
+            cur = self._db.cursor()
+            cur.row_factory = None   # plain tuples: tens of thousands of rows, no Row objects
+            return cur.execute(
                 "SELECT path, kind, mode, uid, gid, size, mtime, link, flags FROM layer_files "
-                "WHERE layer = ? ORDER BY path", (layer_id,))]
+                "WHERE layer = ? ORDER BY path", (layer_id,)).fetchall()
 
     def index_lookup(self, layer_id: str, paths: list[bytes]) -> list[tuple[Any, ...]]:
         """The entries of ``paths`` (where the layer has one) in a layer's index."""

@@ -136,8 +136,8 @@ def cmd_union_stats(args: argparse.Namespace) -> int:
 
     from .console import out
 
-    table = Table(title=f"union counters of {target}" + (" (now reset)" if args.reset else ""),
-                  title_justify="left")
+    print(f"union counters of {target}" + (" (now reset to zero)" if args.reset else ""))
+    table = Table()
     table.add_column("group")
     table.add_column("counter")
     table.add_column("value", justify="right")

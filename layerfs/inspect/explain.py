@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..changes import WhiteoutFormat
@@ -326,6 +326,11 @@ def explain(layers: LayerStore, indexer: Indexer, target: Target, path: str) -> 
         if facts.get("metacopy"):
             ex.data_from = next((c for c in ex.hidden if c.entry is not None
                                  and c.entry.kind in (FILE, HARDLINK)), None)
+            # That lower copy is not hidden: its data is what a read gets.
+            ex.hidden = [replace(c, how="metacopy-data", by="", wasted=0)
+                         if c is ex.data_from else c for c in ex.hidden]
+            if ex.data_from is not None:
+                ex.data_from = replace(ex.data_from, how="metacopy-data", by="", wasted=0)
     if driver.capabilities.whiteout_format is WhiteoutFormat.AUFS and stack.layers:
         ex.lookup = lookup_cost(stack, resolved)
         ex.counted = _count_lookup(layers, target, resolved)
@@ -397,6 +402,10 @@ def human_lines(ex: Explanation, size: Any) -> list[str]:
         else:
             out.append(f"  served by {layer(ex.serving)}: {describe(ex.entry)}")
     for c in ex.hidden:
+        if c.how == "metacopy-data":
+            out.append(f"  reads its data from the file in {layer(c)} (metacopy): nothing "
+                       f"wasted")
+            continue
         hidden_how = {"override": f"replaced by {c.by}",
                WHITEOUT_CAUSE: f"deleted by a whiteout of /{c.by}",
                OPAQUE_CAUSE: f"hidden by the opaque directory /{c.by}",
@@ -405,9 +414,10 @@ def human_lines(ex: Explanation, size: Any) -> list[str]:
         waste = f", {size(c.wasted)} wasted" if c.wasted else ""
         out.append(f"  hides the {KIND_NAMES[c.entry.kind]} from {layer(c)}: {hidden_how}"
                    f"{waste}")
-    if ex.hidden:
-        out.append(f"  wasted: {size(ex.wasted_bytes)} in {len(ex.hidden)} hidden "
-                   f"cop{'ies' if len(ex.hidden) > 1 else 'y'}")
+    hidden = [c for c in ex.hidden if c.wasted]
+    if hidden:
+        out.append(f"  wasted: {size(ex.wasted_bytes)} in {len(hidden)} hidden "
+                   f"cop{'ies' if len(hidden) > 1 else 'y'}")
     if ex.nearest_parent is not None:
         out.append(f"  nearest existing parent: {ex.nearest_parent}")
     out += _fact_lines(ex, size, layer)

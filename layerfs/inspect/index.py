@@ -33,7 +33,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 from ..changes import AUFS_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 from ..errors import CorruptState, LayerfsError
@@ -58,9 +58,12 @@ OPAQUE_FLAG = 1
 IMPLICIT_FLAG = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One entry of a layer's diff. ``path`` is relative: ``usr/bin/env``."""
+class Entry(NamedTuple):
+    """One entry of a layer's diff. ``path`` is relative: ``usr/bin/env``.
+
+    A named tuple, not a dataclass: an image holds tens of thousands and the explorer
+    loads them all from the store on every start.
+    """
 
     path: str
     kind: str
@@ -100,8 +103,8 @@ class Entry:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Entry:
         path, kind, mode, uid, gid, size, mtime, link, flags = row
-        return cls(os.fsdecode(path), kind, mode, uid, gid, size, mtime,
-                   os.fsdecode(link) if link else "", flags)
+        return cls(path.decode("utf-8", "surrogateescape"), kind, mode, uid, gid, size, mtime,
+                   link.decode("utf-8", "surrogateescape") if link else "", flags)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": "/" + self.path, "kind": KIND_NAMES[self.kind]}
@@ -219,8 +222,7 @@ def entries_from_tar(stream: BinaryIO, what: str) -> list[Entry]:
         if e.kind != DIR:
             raise _corrupt(what, f"corrupt whiteout {path + '/' + WHITEOUT_OPAQUE!r}: "
                                  f"{path!r} is not a directory in this layer")
-        out[path] = Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.link,
-                          e.flags | OPAQUE_FLAG)
+        out[path] = e._replace(flags=e.flags | OPAQUE_FLAG)
     return list(out.values())
 
 

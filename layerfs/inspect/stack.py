@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from .index import DIR, WHITEOUT, Entry
+from .index import DIR, IMPLICIT_FLAG, OPAQUE_FLAG, WHITEOUT, Entry
 
 # Causes of a deletion.
 WHITEOUT_CAUSE = "whiteout"
@@ -36,8 +36,7 @@ REPLACED_CAUSE = "replaced"
 ADDED, MODIFIED, REMOVED, UNMODIFIED = "added", "modified", "removed", "unmodified"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """What layer ``layer`` did to a path: set it to ``entry``, or deleted it (``entry`` is
     None; ``cause`` says how and ``by`` names the whiteout's or opaque directory's path)."""
 
@@ -83,16 +82,15 @@ class Stack:
 
     layers: list[StackLayer]
     history: dict[str, list[Event]] = field(default_factory=dict)
-    #: Every name ever seen under a directory, sorted (the tree's shape across all layers).
-    names: dict[str, list[str]] = field(default_factory=dict)
-    #: The paths each layer changed (entries and deletions), by position.
-    changed: list[set[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._names: dict[str, list[str]] | None = None
+        self._changed: list[set[str]] | None = None
         self._replay()
 
     # --- the replay ---------------------------------------------------------------------
     def _replay(self) -> None:
+        # Written for speed: the explorer replays tens of thousands of entries on start.
         history = self.history
         present: dict[str, Entry] = {}
         kids: dict[str, set[str]] = {"": set()}
@@ -111,7 +109,7 @@ class Stack:
             stack = [path]
             while stack:
                 d = stack.pop()
-                for name in kids.pop(d, set()):
+                for name in kids.pop(d, ()):
                     child = f"{d}/{name}" if d else name
                     if present.pop(child, None) is not None:
                         record(child, Event(layer, None, cause, by))
@@ -124,44 +122,77 @@ class Stack:
             record(path, Event(layer, None, cause, by))
             delete_below(path, layer, cause, by)
             kids.pop(path, None)
-            siblings = kids.get(parent_of(path))
+            parent, _, name = path.rpartition("/")
+            siblings = kids.get(parent)
             if siblings is not None:
-                siblings.discard(path.rpartition("/")[2])
+                siblings.discard(name)
 
         for pos, layer in enumerate(self.layers):
-            entries = sorted(layer.entries.values(), key=lambda e: e.path)
-            for e in entries:
+            entries = layer.entries
+            # A layer's deletions hide what is below before its own entries are laid over.
+            for e in entries.values():
                 if e.kind == WHITEOUT:
                     if e.path in present:
                         delete(e.path, pos, WHITEOUT_CAUSE, e.path)
                     else:  # nothing below to delete: kept, so explain can show it
                         record(e.path, Event(pos, None, WHITEOUT_CAUSE, e.path))
-            for e in entries:
-                if e.kind == DIR and e.opaque and e.path in present:
+                elif e.flags & OPAQUE_FLAG and e.path in present:
                     delete_below(e.path, pos, OPAQUE_CAUSE, e.path)
-            for e in entries:
-                if e.kind == WHITEOUT:
+            for path, e in entries.items():
+                kind = e.kind
+                if kind == WHITEOUT:
                     continue
-                old = present.get(e.path)
-                if old is not None and old.kind == DIR and e.kind != DIR:
-                    delete_below(e.path, pos, REPLACED_CAUSE, e.path)
-                if e.implicit and old is not None:
-                    continue  # a directory the tar only implies: the one below stays
-                present[e.path] = e
-                if e.kind == DIR:
-                    kids.setdefault(e.path, set())
+                old = present.get(path)
+                if old is not None and old.kind == DIR:
+                    if kind != DIR:
+                        delete_below(path, pos, REPLACED_CAUSE, path)
+                        kids.pop(path, None)
+                    elif e.flags & IMPLICIT_FLAG:
+                        continue  # a directory the tar only implies: the one below stays
+                present[path] = e
+                if kind == DIR and path not in kids:
+                    kids[path] = set()
+                parent, _, name = path.rpartition("/")
+                siblings = kids.get(parent)
+                if siblings is None:
+                    kids[parent] = {name}
                 else:
-                    kids.pop(e.path, None)
-                kids.setdefault(parent_of(e.path), set()).add(e.path.rpartition("/")[2])
-                record(e.path, Event(pos, e))
-        changed: list[set[str]] = [set() for _ in self.layers]
-        names: dict[str, set[str]] = {}
-        for path, events in history.items():
-            names.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
-            for ev in events:
-                changed[ev.layer].add(path)
-        self.names = {d: sorted(n) for d, n in names.items()}
-        self.changed = changed
+                    siblings.add(name)
+                event = Event(pos, e)
+                events = history.get(path)
+                if events is None:
+                    history[path] = [event]
+                elif events[-1].layer == pos:
+                    events[-1] = event
+                else:
+                    events.append(event)
+
+    @property
+    def names(self) -> dict[str, list[str]]:
+        """Every name ever seen under a directory, sorted (the tree's shape across all
+        layers)."""
+        if self._names is None:
+            names: dict[str, set[str]] = {}
+            for path in self.history:
+                parent, _, name = path.rpartition("/")
+                bucket = names.get(parent)
+                if bucket is None:
+                    names[parent] = {name}
+                else:
+                    bucket.add(name)
+            self._names = {d: sorted(n) for d, n in names.items()}
+        return self._names
+
+    @property
+    def changed(self) -> list[set[str]]:
+        """The paths each layer changed (entries and deletions), by position."""
+        if self._changed is None:
+            changed: list[set[str]] = [set() for _ in self.layers]
+            for path, events in self.history.items():
+                for ev in events:
+                    changed[ev.layer].add(path)
+            self._changed = changed
+        return self._changed
 
     # --- queries ----------------------------------------------------------------------
     @property
