@@ -776,7 +776,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "once indexed, layerfs opens an image from its store (no layer is read); dive "
              "reads the whole image on every start: docker save | tar -t is the floor under "
              "it; goal: ≤ 2 s for 1 GB, 20 layers, 60,000 files",
-             {"tiny": dict(layers=4, files=400, size=4 * MiB, reps=3),
+             {"tiny": dict(layers=3, files=300, size=2 * MiB, reps=2),
               "quick": dict(layers=10, files=6000, size=100 * MiB, reps=3),
               "full": dict(layers=20, files=60000, size=GiB, reps=5)}),
     Scenario("container-start", container_start, "start-to-exit of /bin/true",

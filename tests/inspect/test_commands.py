@@ -205,3 +205,40 @@ def test_a_container_is_explained_and_diffed_against_its_image(tmp_path: Path,
         assert kinds["/new.txt"] == "A"
         assert data["layers"]["shared"] == 3 and data["layers"]["b_only"] == 1
         cli(root, "rm", "box", check=True)
+
+
+def test_every_inspect_command_on_the_driver(sample_on: ImageStore, inspect_driver: str) -> None:
+    """explain, explore, diff and union stats through the library, on every driver (the
+    qemu guest runs this for devicemapper: no CLI processes, Python is slow there)."""
+    from layerfs.inspect.diff import diff_stacks
+    from layerfs.inspect.explain import explain
+    from layerfs.inspect.explore import Analysis, evaluate
+    from layerfs.inspect.targets import layer_target
+
+    layers = sample_on.layers
+    indexer = Indexer(layers)
+    image = image_target(sample_on, "sample")
+    box = layers.create(image.layers[-1].layer_id).id
+    with layers.mounted(box) as mnt:
+        (mnt / "sample/keep.txt").write_text("changed by the box\n")
+        os.unlink(mnt / "sample/dir/b.txt")
+        counters = layers.driver.counters(mnt)
+        if getattr(layers.driver, "mode", "") == "fuse":
+            assert counters is not None and counters["lookups"] > 0
+        else:
+            assert counters is None, inspect_driver
+    boxed = layer_target(sample_on, box)
+    kept = explain(layers, indexer, boxed, "/sample/keep.txt")
+    assert kept.serving is not None and kept.serving.position == 3
+    assert [(c.position, c.how) for c in kept.hidden] == [(1, "override")]
+    gone = explain(layers, indexer, boxed, "/sample/dir/b.txt")
+    assert gone.deleted is not None and (gone.deleted.position, gone.deleted.how) == \
+        (3, "whiteout")
+    analysis = Analysis.of(image, load_stack(indexer, image))
+    assert analysis.efficiency.wasted_bytes == 39
+    assert not evaluate(analysis.efficiency).passed
+    d = diff_stacks(image, load_stack(indexer, image), boxed, load_stack(indexer, boxed))
+    kinds = {c.path: c.kind for c in d.changes}
+    assert kinds["sample/keep.txt"] == "C" and kinds["sample/dir/b.txt"] == "D"
+    assert (d.shared, d.a_only, d.b_only) == (3, 0, 1)
+    layers.remove(box)
