@@ -37,30 +37,19 @@ FIXED_MTIME = 1_700_000_000
 IMAGE = "layerfs-bench/inspect:1"
 
 
-def _layer_tar(out: Path, files: dict[str, int], deleted: list[str], blob: bytes,
+def _layer_tar(out: Path, files: dict[str, int], deleted: list[str], blob: memoryview,
                rng: random.Random) -> None:
-    """A layer tar: ``files`` (path -> size, content cut from ``blob``) and whiteouts."""
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
-        for path in sorted(files):
-            parts = path.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    info = tarfile.TarInfo(d)
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, FIXED_MTIME
-                    tar.addfile(info)
-            size = files[path]
-            info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = size, 0o644, FIXED_MTIME
-            off = rng.randrange(0, max(1, len(blob) - size))
-            tar.addfile(info, io.BytesIO(blob[off:off + size]))
-        for path in deleted:
-            parent, _, name = path.rpartition("/")
-            info = tarfile.TarInfo(f"{parent}/.wh.{name}" if parent else f".wh.{name}")
-            info.mtime = FIXED_MTIME
-            tar.addfile(info, io.BytesIO(b""))
+    """A layer tar: ``files`` (path -> size, contents cut from ``blob``) and whiteouts."""
+    from layerfs.testing.images import write_tar
+
+    members: dict[str, bytes | memoryview] = {}
+    for path, size in files.items():
+        off = rng.randrange(0, max(1, len(blob) - size))
+        members[path] = blob[off:off + size]
+    for path in deleted:
+        parent, _, name = path.rpartition("/")
+        members[f"{parent}/.wh.{name}" if parent else f".wh.{name}"] = b""
+    write_tar(out, members)
 
 
 def build_archive(scratch: Path, *, layers: int, files: int, size: int,
@@ -71,7 +60,7 @@ def build_archive(scratch: Path, *, layers: int, files: int, size: int,
     import json
 
     rng = random.Random(seed)
-    blob = rng.randbytes(min(size, 64 << 20) + 4096)
+    blob = memoryview(rng.randbytes(min(size, 64 << 20) + 4096))
     per_file = max(1, size // files)
     base_files = files * 6 // 10
     rest = files - base_files

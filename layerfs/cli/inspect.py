@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, NotFound
-from .common import SubParsers, command_parser, emit_json, human_size, open_store
+from .common import command_parser, emit_json, human_size, open_store
 
 if TYPE_CHECKING:
     from ..images import ImageStore
@@ -233,7 +233,7 @@ def cmd_image_explore(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
-def register(sub: SubParsers) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = command_parser(
         sub, "explain", "where a path comes from, what it hides and what finding it costs",
         "Explain PATH in an image, a layer (with its parents) or a container: the layer that "
@@ -270,7 +270,7 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(func=cmd_union_stats)
 
 
-def register_image(isub: SubParsers) -> None:
+def register_image(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``image explore`` and ``image diff``, in the ``image`` group."""
     from ..inspect import explore
 
