@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .index import DIR, IMPLICIT_FLAG, OPAQUE_FLAG, WHITEOUT, Entry
+from .index import DIR, FILE, IMPLICIT_FLAG, OPAQUE_FLAG, WHITEOUT, Entry
 
 # Causes of a deletion.
 WHITEOUT_CAUSE = "whiteout"
@@ -86,6 +86,8 @@ class Stack:
     def __post_init__(self) -> None:
         self._names: dict[str, list[str]] | None = None
         self._changed: list[set[str]] | None = None
+        self._dirs_cache: dict[tuple[int, bool], set[str]] = {}
+        self._sizes_cache: dict[int, dict[str, int]] = {}
         self._replay()
 
     # --- the replay ---------------------------------------------------------------------
@@ -262,12 +264,48 @@ class Stack:
     def dirs_with_changes(self, layer: int, *, aggregated: bool = False) -> set[str]:
         """Directories holding a path that changed in ``layer`` (or, aggregated, in layers
         1 to ``layer``): dive shows them as modified even when they are not themselves."""
+        key = (layer, aggregated)
+        cached = self._dirs_cache.get(key)
+        if cached is not None:
+            return cached
         out: set[str] = set()
         for pos in range(1, layer + 1) if aggregated else (layer,):
             for path in self.changed[pos]:
-                for parent in ancestors(path):
+                parent = path.rpartition("/")[0]
+                while parent and parent not in out:
                     out.add(parent)
+                    parent = parent.rpartition("/")[0]
+        self._dirs_cache[key] = out
         return out
+
+    def dir_sizes(self, layer: int) -> dict[str, int]:
+        """Bytes of the regular files below each directory as of ``layer`` ("" is the
+        root): one pass over every path, kept per layer."""
+        cached = self._sizes_cache.get(layer)
+        if cached is not None:
+            return cached
+        sizes: dict[str, int] = {}
+        for path, events in self.history.items():
+            last = events[-1]
+            if last.layer <= layer:
+                entry = last.entry
+            else:
+                entry = None
+                for ev in events:
+                    if ev.layer > layer:
+                        break
+                    entry = ev.entry
+            if entry is None or entry.kind != FILE or not entry.size:
+                continue
+            parent = path.rpartition("/")[0]
+            sizes[parent] = sizes.get(parent, 0) + entry.size
+        # then each directory into its parent, deepest first
+        for d in sorted(self.names, key=lambda p: -p.count("/")):
+            if d and d in sizes:
+                parent = d.rpartition("/")[0]
+                sizes[parent] = sizes.get(parent, 0) + sizes[d]
+        self._sizes_cache[layer] = sizes
+        return sizes
 
     def copies(self, path: str) -> list[Event]:
         """Every event of ``path``, bottom first (its copies and deletions)."""

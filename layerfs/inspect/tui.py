@@ -27,8 +27,11 @@ from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from .explore import Analysis
-from .index import DIR, FILE, Entry
+from .index import DIR, Entry
 from .stack import ADDED, MODIFIED, REMOVED, UNMODIFIED, Stack
+
+#: The wasted-space table shows the largest this many (drawing a table costs per row).
+WASTED_ROWS = 100
 
 COLOURS = {ADDED: "green", MODIFIED: "yellow", REMOVED: "red", UNMODIFIED: ""}
 
@@ -119,7 +122,7 @@ class ExploreApp(App[None]):
         self.filter_text = ""
         self._filtered: set[str] | None = None
         self._expanded: set[str] = set()
-        self._dir_sizes: dict[tuple[int, str], int] = {}
+        self._view_ready = False
         self._changed_dirs: set[str] = set()
 
     # --- layout -------------------------------------------------------------------------
@@ -145,11 +148,20 @@ class ExploreApp(App[None]):
         wasted = self.query_one("#wasted", DataTable)
         wasted.border_title = "Wasted space"
         wasted.add_columns("Count", "Total Space", "Path")
-        for item in self.analysis.efficiency.inefficiencies:
+        found = self.analysis.efficiency.inefficiencies
+        for item in found[:WASTED_ROWS]:
             wasted.add_row(str(item.count), self.fmt_size(item.wasted), "/" + item.path)
+        if len(found) > WASTED_ROWS:
+            wasted.add_row("", "", f"... {len(found) - WASTED_ROWS} more, smaller (--json "
+                                   f"lists them all)")
         self.query_one("#files", FileTree).show_root = False
         layers.move_cursor(row=self.shown_layer)
         layers.focus()
+        # The table highlights its first row, then ours: draw once, after both.
+        self.call_after_refresh(self._first_view)
+
+    def _first_view(self) -> None:
+        self._view_ready = True
         self.refresh_view()
 
     # --- what is shown ------------------------------------------------------------------
@@ -165,20 +177,7 @@ class ExploreApp(App[None]):
         return self.show_marks[mark]
 
     def dir_size(self, path: str, layer: int) -> int:
-        key = (layer, path)
-        cached = self._dir_sizes.get(key)
-        if cached is not None:
-            return cached
-        total = 0
-        for name in self.stack.names.get(path, ()):
-            child = f"{path}/{name}" if path else name
-            e = self.stack.entry_at(child, layer)
-            if e is None:
-                continue
-            total += self.dir_size(child, layer) if e.kind == DIR else \
-                (e.size if e.kind == FILE else 0)
-        self._dir_sizes[key] = total
-        return total
+        return self.stack.dir_sizes(layer).get(path, 0) if layer >= 0 else 0
 
     def label(self, path: str, name: str, entry: Entry, mark: str) -> Text:
         text = Text()
@@ -244,7 +243,7 @@ class ExploreApp(App[None]):
 
     # --- events -------------------------------------------------------------------------
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id != "layers" or event.row_key.value is None:
+        if not self._view_ready or event.data_table.id != "layers" or event.row_key.value is None:
             return
         layer = int(event.row_key.value)
         if layer != self.shown_layer:
