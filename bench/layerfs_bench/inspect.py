@@ -146,7 +146,7 @@ def _layerfs(ctx: Ctx, archive: Path, params: dict[str, Any], reps: int) -> None
     ctx.step("layerfs load")
     images.load(archive)
     target = image_target(images, IMAGE)
-    indexer = Indexer(store)
+    indexer = Indexer(store, images)
     t0 = time.perf_counter()
     stack = load_stack(indexer, target)
     first = time.perf_counter() - t0

@@ -97,7 +97,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _images(args) as images:
         target = resolve_target(images, image=args.image, layer=args.layer,
                                 container=args.container)
-        indexer = Indexer(images.layers)
+        indexer = Indexer(images.layers, images)
         missing = [r for r in target.layers if not indexer.cached(r.layer_id) and r.readonly]
         if missing:
             load_stack(indexer, target, progress=_progress(args))  # the first index
@@ -184,7 +184,7 @@ def cmd_image_diff(args: argparse.Namespace) -> int:
     with _images(args) as images:
         a = resolve_any(images, args.a)
         b = resolve_any(images, args.b)
-        indexer = Indexer(images.layers)
+        indexer = Indexer(images.layers, images)
         progress = _progress(args)
         result = diff_stacks(a, load_stack(indexer, a, progress=progress),
                              b, load_stack(indexer, b, progress=progress))
@@ -209,7 +209,8 @@ def cmd_image_explore(args: argparse.Namespace) -> int:
                               "rules")
     with _images(args) as images:
         target = image_target(images, args.image)
-        stack = load_stack(Indexer(images.layers), target, progress=_progress(args))
+        stack = load_stack(Indexer(images.layers, images), target,
+                           progress=_progress(args))
     analysis = explore.Analysis.of(target, stack)
     report = None
     if args.ci:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..changes import WhiteoutFormat
@@ -344,16 +345,16 @@ def _count_lookup(layers: LayerStore, target: Target, path: str) -> dict[str, in
     mounts = layers.store.list_mounts(top)
     if not mounts:
         return None
-    where = mounts[0].target
+    where = Path(mounts[0].target)
     driver = layers.driver
-    before = driver.counters(where)  # type: ignore[arg-type]
+    before = driver.counters(where)
     if before is None:
         return None
     try:
-        os.lstat(os.path.join(where, path))
+        os.lstat(where / path)
     except OSError:
         pass
-    after = driver.counters(where)  # type: ignore[arg-type]
+    after = driver.counters(where)
     assert after is not None
     keys = ("lookups", "lookups_negative", "lookup_name_stats", "lookup_whiteout_probes",
             "lookup_opaque_probes")

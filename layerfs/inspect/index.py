@@ -33,7 +33,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from ..changes import AUFS_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 from ..errors import CorruptState, LayerfsError
@@ -42,6 +42,9 @@ from ..tar import header as tarh
 from ..tar.apply import _split_name
 from ..tar.reader import TarReader
 from ..tar.split import TarSplitSkeleton
+
+if TYPE_CHECKING:
+    from ..images.catalog import Catalog
 
 #: Version of what an index row means; a stored index of another format is rebuilt.
 INDEX_FORMAT = 1
@@ -233,26 +236,16 @@ def data_bytes(entries: list[Entry]) -> int:
 
 
 class Indexer:
-    """Builds, caches and loads layer indexes of one root."""
+    """Builds, caches and loads layer indexes of one root. With the root's images, image
+    layers are read from their tar-split records."""
 
-    def __init__(self, layers: LayerStore) -> None:
+    def __init__(self, layers: LayerStore, images: Catalog | None = None) -> None:
         self.layers = layers
         self.store = layers.store
+        self.images = images
 
     def tar_split_of(self, layer_id: str) -> tuple[bytes, int | None] | None:
-        """The tar-split record of an image layer (and its tar's size), if it has one."""
-        with self.store._lock:
-            has_images = self.store.db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'image_layers'"
-            ).fetchone()
-            if not has_images:
-                return None
-            row = self.store.db.execute(
-                "SELECT tar_split, tar_size FROM image_layers WHERE layer = ? AND state = "
-                "'ready'", (layer_id,)).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return bytes(row[0]), row[1]
+        return None if self.images is None else self.images.tar_split_of(layer_id)
 
     def cached(self, layer_id: str) -> bool:
         info = self.store.index_info(layer_id)

@@ -75,18 +75,13 @@ def image_target(images: ImageStore, ref: str) -> Target:
 def layer_target(images: ImageStore, layer_id: str) -> Target:
     layers = images.layers
     chain = list(reversed(layers.chain(layer_id)))
-    by_layer = {}
-    with images.store._lock:
-        rows = images.store.db.execute(
-            "SELECT layer, diff_id, chain_id FROM image_layers").fetchall()
-    for row in rows:
-        by_layer[row[0]] = (row[1], row[2])
+    known = images.image_layers_by_layer()
     refs = []
     for lid in chain:
         rec = layers.get(lid)
-        diff_id, chain_id = by_layer.get(lid, (None, None))
-        refs.append(LayerRef(lid, rec.labels.get("layerfs.comment", ""), rec.readonly,
-                             diff_id, chain_id))
+        il = known.get(lid)
+        refs.append(LayerRef(lid, "", rec.readonly, il.diff_id if il else None,
+                             il.chain_id if il else None))
     return Target("layer", layer_id[:12], refs)
 
 

@@ -122,7 +122,7 @@ def test_the_index_is_kept_once_and_goes_with_its_layer(tmp_path: Path,
         images.load(sample_archive)
         layers = images.layers
         target = image_target(images, "sample")
-        indexer = Indexer(layers)
+        indexer = Indexer(layers, images)
         load_stack(indexer, target)
         store = layers.store
         for ref in target.layers:
@@ -178,7 +178,7 @@ def test_save_index_refuses_a_layer_being_removed(tmp_path: Path) -> None:
 def test_explain_lays_indexes_of_an_image_loaded_on_every_driver(sample_on: ImageStore) -> None:
     """The same answers whatever the driver (the index is the layer's diff)."""
     target = image_target(sample_on, "sample")
-    stack = load_stack(Indexer(sample_on.layers), target)
+    stack = load_stack(Indexer(sample_on.layers, sample_on), target)
     assert stack.entry_at("sample/keep.txt") is not None
     assert stack.entry_at("sample/gone.txt") is None
     assert sorted(stack.children("sample", stack.top)) == ["changed.txt", "dir", "keep.txt",
@@ -216,7 +216,7 @@ def test_every_inspect_command_on_the_driver(sample_on: ImageStore, inspect_driv
     from layerfs.inspect.targets import layer_target
 
     layers = sample_on.layers
-    indexer = Indexer(layers)
+    indexer = Indexer(layers, sample_on)
     image = image_target(sample_on, "sample")
     box = layers.create(image.layers[-1].layer_id).id
     with layers.mounted(box) as mnt:

@@ -46,7 +46,8 @@ def test_block_level_drivers_tell_shared_from_exclusive_bytes(
         box = layers.create(top).id
         with layers.mounted(box) as mnt, open(mnt / "data/big.bin", "ab") as f:
             f.write(b"x" * 4096)
-        ex = explain(layers, Indexer(layers), layer_target(images, box), "/data/big.bin")
+        ex = explain(layers, Indexer(layers, images), layer_target(images, box),
+                     "/data/big.bin")
         facts = ex.facts
         assert ex.facts_layer == 2                      # the top layer's copy is in use
         assert ex.serving is not None and ex.serving.position == 2
@@ -78,7 +79,7 @@ def test_overlay2_says_metacopy_and_copied_up(metacopy_images: ImageStore,
     with layers.mounted(box) as mnt:
         os.chmod(mnt / "data/big.bin", 0o600)            # metadata only: metacopy
         (mnt / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")   # a real copy-up
-        indexer = Indexer(layers)
+        indexer = Indexer(layers, images)
         target = layer_target(images, box)
         ex = explain(layers, indexer, target, "/data/big.bin")
         assert ex.serving is not None and ex.serving.position == 2
@@ -118,7 +119,7 @@ def test_aufs_lookup_cost_computed_matches_the_union_counters(
         if getattr(layers.driver, "mode", "") != "fuse":
             pytest.skip("kernel aufs keeps no counters")
         top = _five_layer_image(images, tmp_path)
-        indexer = Indexer(layers)
+        indexer = Indexer(layers, images)
         target = layer_target(images, top)
         load_stack(indexer, target)
         # the numbers of lab 2, computed from the indexes alone (nothing mounted)

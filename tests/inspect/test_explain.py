@@ -16,7 +16,7 @@ from .conftest import assert_one_line_error, cli
 
 def test_explain_tells_the_story_of_each_path(sample_on: ImageStore) -> None:
     layers = sample_on.layers
-    indexer = Indexer(layers)
+    indexer = Indexer(layers, sample_on)
     target = image_target(sample_on, "sample")
 
     ex = explain(layers, indexer, target, "/sample/changed.txt")

@@ -50,7 +50,8 @@ def sample_images(tmp_path: Path, sample_archive: Path) -> Iterator[ImageStore]:
 @pytest.fixture
 def analysis(sample_images: ImageStore) -> Analysis:
     target = image_target(sample_images, "sample")
-    return Analysis.of(target, load_stack(Indexer(sample_images.layers), target))
+    indexer = Indexer(sample_images.layers, sample_images)
+    return Analysis.of(target, load_stack(indexer, target))
 
 
 def test_json_and_ci_modes(sample_images: ImageStore) -> None:
