@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from layerfs_bench import harness
+from layerfs_bench import harness, runner
 
 
 def test_scenario(benchmark: Any, bench_sessions: Any, bench_case: tuple[str, str]) -> None:
@@ -18,7 +18,7 @@ def test_scenario(benchmark: Any, bench_sessions: Any, bench_case: tuple[str, st
     report = bench_sessions.report
     first_row, first_skip = len(report.results), len(report.skipped)
     first_error = len(report.errors)
-    status = harness.run_scenario(session, name, report, harness.NullReporter(),
+    status = runner.run_scenario(session, name, report, harness.NullReporter(),
                                   benchmark=benchmark)
     rows = report.results[first_row:]
     benchmark.extra_info["layerfs"] = {

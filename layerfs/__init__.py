@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # should not pay for modules they never touch.
 _EXPORTS = {
     "Change": "changes", "ChangeKind": "changes",
-    "Capabilities": "driver", "Driver": "driver", "DriverOptions": "driver", "Usage": "driver",
+    "Capabilities": "driver", "Driver": "driver", "DriverOptions": "options", "Usage": "fsinfo",
     "AlreadyExists": "errors", "CorruptState": "errors", "DriverNotSupported": "errors",
     "InUse": "errors", "InvalidArgument": "errors", "LayerfsError": "errors",
     "NotFound": "errors", "UnsafeArchive": "errors",
@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .changes import Change, ChangeKind
-    from .driver import Capabilities, Driver, DriverOptions, Usage
+    from .driver import Capabilities, Driver
     from .errors import (
         AlreadyExists,
         CorruptState,
@@ -68,7 +68,9 @@ if TYPE_CHECKING:
         NotFound,
         UnsafeArchive,
     )
+    from .fsinfo import Usage
     from .layers import LayerStore, open_root
     from .metastore import LayerRecord
     from .mount import Mount
+    from .options import DriverOptions
     from .plugins import register

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import IO, Any
 
 from .errors import InvalidArgument
 
@@ -64,3 +64,25 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 def short_id(digest: str, n: int = 12) -> str:
     return digest.split(":", 1)[-1][:n]
+
+
+class HashingWriter:
+    """Writes through to ``f``, hashing (sha256) and counting what passes: a compressed
+    blob's digest and size, known once it is written."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()

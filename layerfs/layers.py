@@ -30,9 +30,11 @@ from typing import IO, Any
 from . import mount as mountlib
 from . import plugins
 from .changes import Change
-from .driver import Driver, DriverOptions, Usage, scratch_owner
+from .driver import Driver, Usage, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
+from .options import DriverOptions
+from .tar import Readable
 from .units import parse_size
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -256,7 +258,7 @@ class LayerStore:
             raise
         return self._finish_create(rec.id, 0 if parent is None else None)
 
-    def apply(self, stream: IO[bytes], parent: str | None = None, *,
+    def apply(self, stream: Readable, parent: str | None = None, *,
               layer_id: str | None = None, labels: dict[str, str] | None = None) -> LayerRecord:
         """Create a read-only layer on ``parent`` from an OCI layer tar (any compression).
 

@@ -11,7 +11,7 @@ module knows how images are written down:
   :mod:`layerfs.tar.index`), with every name confined to the archive;
 * **readers** for the two layouts, turning an archive into :class:`ImageToLoad`
   descriptions whose digests the loader then verifies while it streams;
-* **writers** for saving (:class:`TarArchiveWriter`, :class:`DirArchiveWriter`).
+* the writers for saving live with saving (:mod:`layerfs.images.save`).
 
 Two layouts are accepted, in one archive each:
 
@@ -42,12 +42,11 @@ import os
 import platform
 import posixpath
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from .digests import (
     check_digest,
@@ -62,7 +61,7 @@ from .errors import InvalidArgument, LayerfsError, NotFound
 from .reference import is_tag, looks_like_reference, parse_reference
 from .tar.index import Member, members
 from .tar.split import TarSplitRecorder
-from .tar.stream import MAGIC_SIZE, compression_of, open_layer_stream
+from .tar.stream import MAGIC_SIZE, Readable, compression_of, open_layer_stream
 
 # --- media types ----------------------------------------------------------------------------
 
@@ -192,7 +191,7 @@ class Source(Protocol):
     def open(self, name: str) -> BinaryIO: ...
 
 
-def _clean_name(name: str, what: str) -> str:
+def clean_name(name: str, what: str) -> str:
     """Normalise a member name and refuse ones that leave the archive."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise InvalidArgument(f"{what}: bad path {name!r}")
@@ -223,7 +222,7 @@ class RangeReader(io.RawIOBase):
         self._fd = fd
         self._pos = offset
         self._end = offset + size
-        self.name = name  # type: ignore[misc]
+        self.name = name
 
     def readable(self) -> bool:
         return True
@@ -248,7 +247,7 @@ class DirSource:
         self.description = str(root)
 
     def _path(self, name: str) -> Path:
-        clean = _clean_name(name, self.description)
+        clean = clean_name(name, self.description)
         path = (self.root / clean).resolve()
         if path != self.root and self.root not in path.parents:
             raise InvalidArgument(f"{self.description}: {name!r} resolves outside the layout")
@@ -263,7 +262,7 @@ class DirSource:
     def open(self, name: str) -> BinaryIO:
         path = self._path(name)
         try:
-            return open(path, "rb", buffering=0)  # type: ignore[return-value]
+            return open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise NotFound(f"{self.description}: {name} is missing") from None
 
@@ -295,21 +294,21 @@ class TarSource:
         found: dict[str, Member] = {}
         for name, member in members(self._fd, self.description):
             with contextlib.suppress(InvalidArgument):
-                found[_clean_name(name, self.description)] = member
+                found[clean_name(name, self.description)] = member
         return found
 
     def _resolve(self, name: str) -> Member | None:
-        clean = _clean_name(name, self.description)
+        clean = clean_name(name, self.description)
         for _ in range(16):
             m = self.members.get(clean)
             if m is None or m.kind in (b"0", b"5"):
                 return m
             if m.kind == b"1":
-                clean = _clean_name(m.link, self.description)
+                clean = clean_name(m.link, self.description)
             elif m.kind == b"2":
                 target = m.link if m.link.startswith("/") else posixpath.join(
                     posixpath.dirname(clean), m.link)
-                clean = _clean_name(target, self.description)
+                clean = clean_name(target, self.description)
             else:
                 return None
         raise InvalidArgument(f"{self.description}: archive is corrupt: too many links "
@@ -373,7 +372,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
         with raw_cm as raw, os.fdopen(fd, "wb") as out:
             counted = _Counting(raw, progress, "reading archive", total)
             try:
-                plain = open_layer_stream(counted)  # type: ignore[arg-type]
+                plain = open_layer_stream(counted)
                 shutil.copyfileobj(plain, out, 1 << 20)
             except (EOFError, OSError, ValueError) as err:
                 if isinstance(err, LayerfsError):
@@ -395,7 +394,7 @@ def open_source(path: str | os.PathLike[str] | None, scratch: Path, *,
 class _Counting(io.RawIOBase):
     """Pass-through reader reporting progress (bytes read of the compressed input)."""
 
-    def __init__(self, raw: IO[bytes], progress: Any, what: str, total: int | None) -> None:
+    def __init__(self, raw: Readable, progress: Any, what: str, total: int | None) -> None:
         self._raw = raw
         self._progress = progress
         self._key = f"archive:{id(self)}"
@@ -497,7 +496,7 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
                 not isinstance(entry.get("Layers"), list):
             raise InvalidArgument(f"{src.description}: {where} needs \"Config\" and \"Layers\"")
-        config_path = _clean_name(entry["Config"], where)
+        config_path = clean_name(entry["Config"], where)
         config_bytes = read_member(src, config_path, f"{where}: config")
         named = _digest_in_name(config_path)
         if named is not None:
@@ -512,7 +511,7 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
         for path, diff_id in zip(paths, diff_ids, strict=True):
             if not isinstance(path, str):
                 raise InvalidArgument(f"{src.description}: {where}: bad layer path {path!r}")
-            clean = _clean_name(path, where)
+            clean = clean_name(path, where)
             layers.append(LayerToLoad(clean, diff_id, _digest_in_name(clean), None))
         names = []
         for tag in entry.get("RepoTags") or []:
@@ -633,133 +632,44 @@ def _walk_index(src: Source, index: object, where: str, annotations: object,
             known.names += [n for n in names if n not in known.names]
 
 
-def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
+def manifest_config(doc: object, where: str) -> Descriptor:
+    """The config descriptor of an image manifest (which must also list its layers)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
-        raise InvalidArgument(f"{src.description}: {where} must have a \"layers\" list")
-    c = parse_descriptor(doc.get("config"), f"{where}: config")
+        raise InvalidArgument(f"{where} must have a \"layers\" list")
+    return parse_descriptor(doc.get("config"), f"{where}: config")
+
+
+def manifest_layers(doc: dict[str, Any], diff_ids: list[str], where: str) -> list[Descriptor]:
+    """The layer descriptors of an image manifest, one per diff id of its config, each
+    naming a layer tar."""
+    descs = doc["layers"]
+    if len(descs) != len(diff_ids):
+        raise InvalidArgument(f"{where} lists {len(descs)} layers, its config has "
+                              f"{len(diff_ids)} diff ids")
+    layers = [parse_descriptor(desc, f"{where}: layers[{i}]") for i, desc in enumerate(descs)]
+    for d in layers:
+        if d.media_type and d.media_type not in LAYER_TYPES:
+            raise InvalidArgument(f"{where}: layer {d.digest} has media type "
+                                  f"{d.media_type!r}, which is not a layer tar")
+    return layers
+
+
+def _read_manifest(src: Source, doc: object, where: str) -> ImageToLoad:
+    where = f"{src.description}: {where}"
+    c = manifest_config(doc, where)
+    assert isinstance(doc, dict)
     config_bytes = _read_blob(src, c.digest, c.size, f"{where}: config")
     config = parse_config(config_bytes, f"{src.description}: config {c.digest}")
     diff_ids = config["rootfs"]["diff_ids"]
-    descs = doc["layers"]
-    if len(descs) != len(diff_ids):
-        raise InvalidArgument(f"{src.description}: {where} lists {len(descs)} layers, its "
-                              f"config has {len(diff_ids)} diff ids")
     layers = []
-    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        d = parse_descriptor(desc, f"{where}: layers[{i}]")
-        digest, media_type, size = d.digest, d.media_type, d.size
-        if media_type and media_type not in LAYER_TYPES:
-            raise InvalidArgument(f"{src.description}: {where}: layer {digest} has media "
-                                  f"type {media_type!r}, which is not a layer tar")
-        path = _blob_path(digest)
-        if not src.exists(path) and ("foreign" in media_type or "nondistributable" in
-                                     media_type):
-            raise NotFound(f"{src.description}: {where}: foreign layer {digest} is not in "
-                           f"the archive (layerfs does not download layers)")
-        layers.append(LayerToLoad(path, diff_id, digest, size, media_type))
+    for d, diff_id in zip(manifest_layers(doc, diff_ids, where), diff_ids, strict=True):
+        path = _blob_path(d.digest)
+        if not src.exists(path) and ("foreign" in d.media_type or
+                                     "nondistributable" in d.media_type):
+            raise NotFound(f"{where}: foreign layer {d.digest} is not in the archive "
+                           f"(layerfs does not download layers)")
+        layers.append(LayerToLoad(path, diff_id, d.digest, d.size, d.media_type))
     return ImageToLoad(config_bytes, config, layers, [], where)
-
-
-# --- writing archives -----------------------------------------------------------------------
-
-class TarArchiveWriter:
-    """Writes members into a tar stream (a file or stdout); directories are implied."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
-                                 bufsize=1 << 20)
-        self._tar.copybufsize = 1 << 20  # type: ignore[attr-defined]
-        self._names: set[str] = set()
-        self._dirs: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self._names
-
-    def _parents(self, name: str) -> None:
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in self._dirs:
-                self._dirs.add(d)
-                info = tarfile.TarInfo(d)
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                self._tar.addfile(info)
-
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
-        """Add ``size`` bytes read from ``stream`` (which must deliver exactly that many)."""
-        self._parents(name)
-        info = tarfile.TarInfo(name)
-        info.size = size
-        info.mode = 0o644
-        try:
-            self._tar.addfile(info, stream)
-        except OSError as err:
-            raise LayerfsError(f"writing {name} into the archive: {err}") from err
-        self._names.add(name)
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.add_stream(name, len(data), io.BytesIO(data))
-
-    def add_file(self, name: str, path: Path) -> None:
-        with open(path, "rb") as f:
-            self.add_stream(name, os.fstat(f.fileno()).st_size, f)
-
-    def close(self) -> None:
-        self._tar.close()
-
-    def abort(self) -> None:
-        """Give up on a half-written archive without writing its end (the caller deletes it)."""
-        self._tar.closed = True  # type: ignore[attr-defined]
-        self._tar.fileobj.closed = True  # type: ignore[union-attr,attr-defined]
-
-
-class DirArchiveWriter:
-    """Writes members as files under a directory (an OCI layout directory)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self._names: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self._names
-
-    def _target(self, name: str) -> Path:
-        path = self.root / _clean_name(name, str(self.root))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._names.add(name)
-        return path
-
-    def add_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
-        with open(self._target(name), "wb") as f:
-            copied = 0
-            while copied < size:
-                chunk = stream.read(min(1 << 20, size - copied))
-                if not chunk:
-                    raise LayerfsError(f"writing {name}: source ended after {copied} of "
-                                       f"{size} bytes")
-                f.write(chunk)
-                copied += len(chunk)
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self._target(name).write_bytes(data)
-
-    def add_file(self, name: str, path: Path) -> None:
-        target = self._target(name)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-def oci_layout_bytes() -> bytes:
-    return canonical_json({"imageLayoutVersion": "1.0.0"})
 
 
 # --- verifying readers ------------------------------------------------------------------------
@@ -775,7 +685,7 @@ class DigestReader(io.RawIOBase):
     re-export later.
     """
 
-    def __init__(self, raw: IO[bytes], what: str, *, expected: str | None = None,
+    def __init__(self, raw: Readable, what: str, *, expected: str | None = None,
                  expected_size: int | None = None, algorithm: str = "sha256",
                  recorder: TarSplitRecorder | None = None, progress: Any = None,
                  progress_key: str | None = None, hashing: bool = True) -> None:
@@ -797,6 +707,9 @@ class DigestReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, n: int = -1, /) -> bytes:
+        return super().read(n) or b""  # None only from a non-blocking raw stream
 
     def readinto(self, buf: Any) -> int:
         if self._readinto is not None:

@@ -21,9 +21,11 @@ import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
-from .driver import Driver, DriverOptions
+from .driver import Driver
 from .errors import AlreadyExists, DriverNotSupported, InvalidArgument, NotFound
+from .options import DriverOptions
 
 ENTRY_POINT_GROUP = "layerfs.drivers"
 
@@ -145,3 +147,13 @@ def select(root: Path, explicit: str | None = None,
         skipped.append(result)
     reasons = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
     raise DriverNotSupported("auto", f"no storage driver works here ({reasons})")
+
+
+def driver_info(cls: type[Driver]) -> dict[str, Any]:
+    """Static facts about a driver class (for ``layerfs drivers``): what it can do at best;
+    an instance may do less on a given host (:attr:`Driver.capabilities`)."""
+    caps = cls.CAPABILITIES
+    return {"name": cls.name, "native_diff": caps.native_diff,
+            "native_changes": caps.native_changes, "block_level_cow": caps.block_level_cow,
+            "quotas": caps.quotas, "max_depth": caps.max_depth,
+            "whiteouts": caps.whiteout_format.value, "options": sorted(cls.known_options)}

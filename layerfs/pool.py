@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import mount as mountlib
-from .errors import DriverNotSupported, InvalidArgument, LayerfsError, NotFound, command_error
+from .errors import DriverNotSupported, InvalidArgument, NotFound, command_error
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def find_pool(mountpoint: Path) -> LoopPool:
         if info.target == target and info.source.startswith("/dev/loop"):
             back = loop_backing_file(info.source)
             if back is None:
-                raise LayerfsError(f"{info.source} at {target} has no backing file")
+                raise NotFound(f"{info.source} at {target} has no backing file")
             return LoopPool(Path(back), info.source, Path(target), info.fstype)
     raise NotFound(f"no loop-backed pool is mounted at {target}")
 

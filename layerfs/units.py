@@ -20,6 +20,6 @@ def parse_size(text: str, *, what: str = "size") -> int:
     """Bytes that ``text`` names; InvalidArgument (naming ``what``) if it is not a size."""
     m = _SIZE_RE.fullmatch(text)
     if m is None:
-        raise InvalidArgument(f"{what} {text!r}: use a number with an optional b, k, m, g, t "
-                              f"or p suffix (e.g. 512m, 10G)")
+        raise InvalidArgument(f"{what}: {text!r} is not a size (a number with an optional "
+                              f"b, k, m, g, t or p suffix, e.g. 512m, 10G)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -65,10 +65,11 @@ from typing import Any, Protocol
 
 from layerfs import mount as mountlib
 from layerfs import plugins, pool
-from layerfs.driver import DriverOptions, backing_filesystem
 from layerfs.errors import DriverNotSupported, InvalidArgument, LayerfsError
+from layerfs.fsinfo import backing_filesystem
 from layerfs.layers import LayerStore
 from layerfs.metastore import process_alive, process_token
+from layerfs.options import DriverOptions
 
 SCHEMA = "layerfs-bench"
 SCHEMA_VERSION = 1
@@ -185,6 +186,31 @@ def interleave(contenders: Sequence[Contender], runs: int,
         say(f"round {i + 1}/{runs}: " + ", ".join(
             f"{c.name} {c.times[-1]:.3f}s" for c in contenders))
     return {c.name: {"median": statistics.median(c.times), "runs": c.times} for c in contenders}
+
+
+def print_comparison(title: str, results: dict[str, dict[str, Any]], ratios: dict[str, float],
+                     goals: dict[str, float], goal_text: str) -> None:
+    """Render what :func:`interleave` measured: medians, min and max per contender, then
+    the ratios, each against its goal if it has one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("contender", "median", "min", "max"):
+        table.add_column(col, justify="right" if col != "contender" else "left")
+    for name, r in results.items():
+        table.add_row(name, f"{r['median'] * 1000:.0f} ms", f"{min(r['runs']) * 1000:.0f} ms",
+                      f"{max(r['runs']) * 1000:.0f} ms")
+    Console().print(table)
+    rt = Table(title=f"ratios (goal: {goal_text})", title_justify="left")
+    rt.add_column("ratio")
+    rt.add_column("value", justify="right")
+    rt.add_column("goal", justify="right")
+    for name, value in ratios.items():
+        goal = goals.get(name)
+        mark = "" if goal is None else ("[green]met[/]" if value <= goal else "[red]missed[/]")
+        rt.add_row(name, f"{value:.2f}×", mark)
+    Console().print(rt)
 
 
 def remove_tree(path: Path) -> None:
@@ -681,86 +707,6 @@ def new_run_dir(scratch: Path = SCRATCH) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     token = process_token().replace(":", "_")
     return Path(tempfile.mkdtemp(prefix=f"run-{token}-", dir=scratch))
-
-
-# --- running ----------------------------------------------------------------------------------------
-
-def run(targets: Sequence[Target], scenario_names: Sequence[str], profile: str = "quick", *,
-        reporter: Reporter | None = None, scratch: Path = SCRATCH,
-        params_override: dict[str, dict[str, Any]] | None = None) -> Report:
-    """Run ``scenario_names`` on every target with ``profile``; never raises for a driver
-    that fails or is unsupported (those become ``skipped``/``errors`` rows)."""
-    from . import scenarios as sc
-
-    if profile not in PROFILES:
-        raise InvalidArgument(f"unknown profile {profile!r} (use {', '.join(PROFILES)})")
-    names = sc.resolve(scenario_names)
-    reporter = reporter or NullReporter()
-    report = Report(profile=profile, scenarios=list(names), host=host_info())
-    t0 = time.perf_counter()
-    cleanup_stale(scratch)
-    run_dir = new_run_dir(scratch)
-    sessions: list[TargetSession] = []
-    reporter.plan(len(names) * len(targets))
-    try:
-        for i, target in enumerate(targets):
-            session = TargetSession(target, profile, run_dir / f"t{i}", reporter)
-            reporter.start("setup", target.label)
-            session.setup()
-            reporter.finish("setup", target.label, "ok" if session.reason is None else "skipped")
-            sessions.append(session)
-        for name in names:
-            for session in sessions:
-                run_scenario(session, name, report, reporter,
-                             (params_override or {}).get(name))
-    finally:
-        for session in sessions:
-            with contextlib.suppress(Exception):
-                session.teardown()
-            report.targets.append(session.info)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        report.seconds = time.perf_counter() - t0
-    return report
-
-
-def run_scenario(session: TargetSession, name: str, report: Report, reporter: Reporter,
-                 override: dict[str, Any] | None = None, benchmark: Any = None) -> str:
-    """Run one scenario on one prepared target; returns ok / skipped / error."""
-    from . import scenarios as sc
-
-    label = session.target.label
-    reporter.start(name, label)
-    if session.reason is not None:
-        report.skipped.append({"target": label, "scenario": name, "metric": None, "params": {},
-                               "reason": session.reason})
-        reporter.finish(name, label, "skipped")
-        return "skipped"
-    scenario = sc.SCENARIOS[name]
-    params = dict(scenario.profiles[session.profile])
-    params.update(override or {})
-    ctx = Ctx(session, name, report, reporter, benchmark)
-    started = time.perf_counter()
-    status = "ok"
-    try:
-        scenario.fn(ctx, **params)
-    except ScenarioSkip as err:
-        status = "skipped"
-        ctx.skip(str(err))
-    except (LayerfsError, OSError, subprocess.SubprocessError, AssertionError) as err:
-        status = "error"
-        report.errors.append({"target": label, "scenario": name,
-                              "error": f"{type(err).__name__}: {err}"})
-    finally:
-        try:
-            ctx.close()
-        except (LayerfsError, OSError) as err:
-            report.errors.append({"target": label, "scenario": name,
-                                  "error": f"cleanup: {type(err).__name__}: {err}"})
-            status = "error"
-    elapsed = time.perf_counter() - started
-    session.active += elapsed
-    reporter.finish(name, label, f"{status} {elapsed:.1f}s")
-    return status
 
 
 # --- devicemapper in the qemu guest -------------------------------------------------------------

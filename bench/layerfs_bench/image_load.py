@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .harness import Contender, interleave, remove_tree
+from .harness import Contender, interleave, print_comparison, remove_tree
 
 SCRATCH = Path("/tmp/lfs-images/bench")
 # One path for every contender that writes into the scratch filesystem: ext4 puts a new
@@ -203,8 +203,8 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, docker: bool = 
         ratios: dict[str, float] = {}
         for peer in ("docker load", "docker import", "tar -x"):
             if peer in results:
-                ratios[f"lib / {peer}"] = lib / results[peer]["median"]  # type: ignore[operator]
-                ratios[f"cli / {peer}"] = cli / results[peer]["median"]  # type: ignore[operator]
+                ratios[f"lib / {peer}"] = lib / results[peer]["median"]
+                ratios[f"cli / {peer}"] = cli / results[peer]["median"]
         return {
             "params": {"size_bytes": inputs.size, "files": files, "runs": runs,
                        "kernel": platform.release(), "docker": reason or "20.10 overlay2"},
@@ -224,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
     data = run(args.size_mb, args.files, args.runs, docker=not args.no_docker,
@@ -232,31 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    params = data["params"]
-    assert isinstance(params, dict)
-    table = Table(title=f"loading a {params['size_bytes'] / 1e6:.0f} MB single-layer image "
-                        f"({params['files']} files), medians of {params['runs']} interleaved runs",
-                  title_justify="left")
-    for col in ("contender", "median", "min", "max"):
-        table.add_column(col, justify="right" if col != "contender" else "left")
-    results = data["results"]
-    assert isinstance(results, dict)
-    for name, r in results.items():
-        table.add_row(name, f"{r['median'] * 1000:.0f} ms", f"{min(r['runs']) * 1000:.0f} ms",
-                      f"{max(r['runs']) * 1000:.0f} ms")
-    Console().print(table)
-    ratios = data["ratios"]
-    assert isinstance(ratios, dict)
-    goals = {"lib / docker load": 1.0, "lib / tar -x": 1.3}
-    rt = Table(title="ratios (goal: ≤ 1.0× docker load, ≤ 1.3× tar -x)", title_justify="left")
-    rt.add_column("ratio")
-    rt.add_column("value", justify="right")
-    rt.add_column("goal", justify="right")
-    for name, value in ratios.items():
-        goal = goals.get(name)
-        mark = "" if goal is None else ("[green]met[/]" if value <= goal else "[red]missed[/]")
-        rt.add_row(name, f"{value:.2f}×", mark)
-    Console().print(rt)
+    params, results, ratios = data["params"], data["results"], data["ratios"]
+    assert isinstance(params, dict) and isinstance(results, dict) and isinstance(ratios, dict)
+    print_comparison(f"loading a {params['size_bytes'] / 1e6:.0f} MB single-layer image "
+                     f"({params['files']} files), medians of {params['runs']} interleaved runs",
+                     results, ratios, {"lib / docker load": 1.0, "lib / tar -x": 1.3},
+                     "≤ 1.0× docker load, ≤ 1.3× tar -x")
     return 0
 
 

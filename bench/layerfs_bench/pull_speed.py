@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .harness import Contender, interleave, remove_tree
+from .harness import Contender, interleave, print_comparison, remove_tree
 
 SCRATCH = Path("/tmp/lfs-reg/bench")
 REPO = "bench/pull"
@@ -138,7 +138,7 @@ def run(size_mb: int = 100, files: int = 4000, runs: int = 5, *, scratch: Path =
         registry.stop()
         remove_tree(scratch)
     docker = results["docker pull"]["median"]
-    ratios = {f"{name} / docker pull": r["median"] / docker  # type: ignore[operator]
+    ratios = {f"{name} / docker pull": r["median"] / docker
               for name, r in results.items() if name != "docker pull"}
     return {
         "params": {"size_bytes": inputs.size, "blob_bytes": blob_bytes, "files": files,
@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
     data = run(args.size_mb, args.files, args.runs,
@@ -166,30 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    params = data["params"]
-    assert isinstance(params, dict)
-    table = Table(title=f"pulling a {params['size_bytes'] / 1e6:.0f} MB single-layer image "
-                        f"({params['files']} files, {params['blob_bytes'] / 1e6:.0f} MB of "
-                        f"blobs) from a local registry, medians of {params['runs']} "
-                        f"interleaved runs", title_justify="left")
-    for col in ("contender", "median", "min", "max"):
-        table.add_column(col, justify="right" if col != "contender" else "left")
-    results = data["results"]
-    assert isinstance(results, dict)
-    for name, r in results.items():
-        table.add_row(name, f"{r['median'] * 1000:.0f} ms", f"{min(r['runs']) * 1000:.0f} ms",
-                      f"{max(r['runs']) * 1000:.0f} ms")
-    Console().print(table)
-    ratios = data["ratios"]
-    assert isinstance(ratios, dict)
-    rt = Table(title="ratios (goal: ≤ 1.0× docker pull)", title_justify="left")
-    rt.add_column("ratio")
-    rt.add_column("value", justify="right")
-    rt.add_column("goal", justify="right")
-    for name, value in ratios.items():
-        mark = "[green]met[/]" if value <= 1.0 else "[red]missed[/]"
-        rt.add_row(name, f"{value:.2f}×", mark)
-    Console().print(rt)
+    params, results, ratios = data["params"], data["results"], data["ratios"]
+    assert isinstance(params, dict) and isinstance(results, dict) and isinstance(ratios, dict)
+    print_comparison(f"pulling a {params['size_bytes'] / 1e6:.0f} MB single-layer image "
+                     f"({params['files']} files, {params['blob_bytes'] / 1e6:.0f} MB of "
+                     f"blobs) from a local registry, medians of {params['runs']} "
+                     f"interleaved runs", results, ratios, dict.fromkeys(ratios, 1.0),
+                     "≤ 1.0× docker pull")
     return 0
 
 

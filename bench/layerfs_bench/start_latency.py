@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle = base / "bundle"
         (bundle / "rootfs").mkdir(parents=True)
         with tarfile.open(built.path) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+            listing = tar.extractfile("manifest.json")
+            assert listing is not None
+            manifest = json.load(listing)
             layer = tar.extractfile(manifest[0]["Layers"][0])
             assert layer is not None
             with tarfile.open(fileobj=layer) as lt:

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 from layerfs import mount as mountlib
-from layerfs.driver import backing_filesystem
 from layerfs.errors import DriverNotSupported, LayerfsError
+from layerfs.fsinfo import backing_filesystem
 
 # Options a user may turn on; each maps to overlayfs mount options. Turning
 # one on is probed on this root first, so a kernel without it gives a clear

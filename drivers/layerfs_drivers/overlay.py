@@ -36,22 +36,24 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import IO
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
-from layerfs.tar import WhiteoutFormat, apply_layer
+from layerfs.options import DriverOptions
+from layerfs.tar import Readable, WhiteoutFormat, apply_layer
 
 from ._overlayfs import FEATURE_OFF, check_host, probe_features
 
 
 class OverlayDriver(Driver):
     name = "overlay"
-    capabilities = Capabilities(max_depth=None, whiteout_format=WhiteoutFormat.IN_PLACE)
-    known_options: set[str] = set()
+    CAPABILITIES = Capabilities(max_depth=None, whiteout_format=WhiteoutFormat.IN_PLACE)
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         cached = self.state.get("features") if self.state else None
         if cached is None:
@@ -125,12 +127,12 @@ class OverlayDriver(Driver):
                                              f"workdir={d / 'work'}", *self._off_options()))]
 
     @translate_errors("overlay apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         d = self._dir(layer_id)
         if parent is None or self._is_image(layer_id):
             return apply_layer(self._root(layer_id), stream, WhiteoutFormat.IN_PLACE)
         if not self._is_image(parent):
-            return super().apply_diff(layer_id, parent, stream)
+            return self.naive.apply_diff(layer_id, parent, stream)
         # Docker's way: hardlink the parent's whole tree, then apply the layer in
         # place. The applier replaces files (unlink + create), so a changed file
         # gets a new inode and the parent's copy is never written through a link.

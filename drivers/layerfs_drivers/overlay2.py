@@ -47,21 +47,19 @@ import secrets
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import (
-    Capabilities,
-    Driver,
-    DriverOptions,
-    Usage,
-    backing_filesystem,
-    layer_dir_usage,
-)
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
+from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount, MountInfo, mountinfo
-from layerfs.tar import WhiteoutFormat, apply_layer, export_native
+from layerfs.options import DriverOptions
+from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
 
@@ -93,12 +91,13 @@ def _short_id() -> str:
 
 class Overlay2Driver(Driver):
     name = "overlay2"
-    capabilities = Capabilities(native_diff=True, native_changes=True, quotas=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True, quotas=True,
                                 max_depth=MAX_LOWERS, whiteout_format=WhiteoutFormat.OVERLAY)
     known_options = {"metacopy", "redirect_dir", "index", "volatile", "userxattr",
                      "mount_program", "size"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         (self.home / "l").mkdir(exist_ok=True)
         opts = self.options
@@ -118,6 +117,12 @@ class Overlay2Driver(Driver):
         if missing and not self.mount_program:
             raise DriverNotSupported(self.name, f"this kernel's overlay rejects "
                                                 f"{', '.join(missing)}")
+        # With redirect_dir or metacopy an upper directory is no longer a plain diff
+        # (a renamed dir points at its lower origin, a metacopy file has no data): the
+        # diff family falls back to the naive differ, and the capabilities say so.
+        self.capabilities = replace(self.CAPABILITIES, native_diff=self.native_diff_ok,
+                                    native_changes=self.native_diff_ok,
+                                    whiteout_format=self.whiteouts)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
@@ -278,7 +283,7 @@ class Overlay2Driver(Driver):
         return [Mount("overlay", "overlay", options)]
 
     # --- native diffs --------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str):  # type: ignore[no-untyped-def]
+    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
         lowers = self._lower_diff_dirs(layer_id)
 
         def exists_below(path: str) -> bool:
@@ -312,25 +317,25 @@ class Overlay2Driver(Driver):
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if not self.native_diff_ok:
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), self.whiteouts,
                                      self._exists_below(layer_id))
 
     @translate_errors("overlay2 diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if not self.native_diff_ok:
-            return super().diff(layer_id, parent, out)
+            return self.naive.diff(layer_id, parent, out)
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         # A fresh layer's diff/ is empty: the tar's entries, with whiteouts in overlay
         # form, are exactly what its upper dir must hold.
         return apply_layer(self._diff(layer_id), stream, self.whiteouts)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
         if not self.native_diff_ok:
-            return super().diff_size(layer_id, parent)
+            return self.naive.diff_size(layer_id, parent)
         seen: set[int] = set()
         total = 0
         for dirpath, _dirs, files in os.walk(self._diff(layer_id)):

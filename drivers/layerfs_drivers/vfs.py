@@ -23,15 +23,16 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 
 
 class VfsDriver(Driver):
     name = "vfs"
-    capabilities = Capabilities()
-    known_options: set[str] = set()
+    CAPABILITIES = Capabilities()
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:

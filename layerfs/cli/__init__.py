@@ -23,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import DEFAULT_ROOT, add_global_options
+from .common import DEFAULT_ROOT, add_global_options, dispatch
 
 EPILOG = f"""\
 examples:
@@ -54,33 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..errors import LayerfsError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerfsError as e:
+    def error(message: str) -> None:
         from .console import err
 
-        err.print(f"[red]layerfs: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
+        err.print(f"[red]layerfs: error:[/] {message}", highlight=False, soft_wrap=True)
+
+    def interrupted() -> None:
         from .console import err
 
         err.print("layerfs: interrupted")
-        return 130
-    except BrokenPipeError:
-        return 141
-    except PermissionError as e:
-        from .console import err
 
-        err.print(f"[red]layerfs: error:[/] {e} (most commands need root)", highlight=False,
-                  soft_wrap=True)
-        return 1
+    return dispatch(build_parser(), argv, error, interrupted)
 
 
 __all__ = ["build_parser", "main"]

@@ -177,7 +177,7 @@ def _priority(name: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from layerfs_bench import harness, scenarios
+    from layerfs_bench import harness, runner, scenarios
 
     from .console import err, out
 
@@ -199,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.start()
         try:
-            report = harness.run(native, names, args.profile, reporter=reporter)
+            report = runner.run(native, names, args.profile, reporter=reporter)
         finally:
             if progress is not None:
                 progress.stop()

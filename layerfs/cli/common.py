@@ -12,15 +12,16 @@ import json
 import os
 import sys
 import textwrap
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from ..layers import LayerStore
 
 DEFAULT_ROOT = "/var/lib/layerfs"
 
-#: argparse's type for ``parser.add_subparsers()``; its type parameter is private.
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
+#: What ``parser.add_subparsers()`` returns (argparse names the class privately).
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,32 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-s", "--storage-opt", action="append", default=env_opts,
                         metavar="KEY=VALUE", help="driver option (repeatable), e.g. "
                         "metacopy=true for overlay2")
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+             error: Callable[[str], None], interrupted: Callable[[], None] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; every failure a user can cause is one
+    line through ``error`` and an exit code, never a traceback."""
+    from ..errors import LayerfsError
+
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LayerfsError as e:
+        error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        if interrupted is not None:
+            interrupted()
+        return 130
+    except BrokenPipeError:
+        return 141
+    except PermissionError as e:
+        error(f"{e} (most commands need root)")
+        return 1
 
 
 def command_parser(sub: SubParsers, name: str, help: str, description: str, examples: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument
@@ -26,7 +27,8 @@ def _options(args: argparse.Namespace) -> RegistryOptions:
     return RegistryOptions(ca=args.ca, insecure=args.insecure)
 
 
-def _say(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _say(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """Where the library reports progress lines (Docker's pull/push lines), unless -q."""
     if args.quiet:
         return None
     return lambda line: print(line, flush=True)

@@ -232,7 +232,7 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
-def _add_import(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_import(sub: SubParsers) -> None:
     p = command_parser(sub, "import", "a one-layer image from a root filesystem tar or directory",
                        "Create an image whose only layer is ROOTFS (like `docker import`): a tar "
                        "(plain, gzip or zstd), a directory, or - for stdin. Prints the image id.",
@@ -250,7 +250,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=cmd_import)
 
 
-def _add_load(sub: argparse._SubParsersAction, name: str = "load") -> None:  # type: ignore[type-arg]
+def _add_load(sub: SubParsers, name: str = "load") -> None:
     p = command_parser(sub, name, "load images from a docker save archive or an OCI layout",
                        "Load every image of a `docker save` archive or an OCI image layout "
                        "(directory or tar; layers plain, gzip or zstd; the archive itself may be "
@@ -266,7 +266,7 @@ def _add_load(sub: argparse._SubParsersAction, name: str = "load") -> None:  # t
     p.set_defaults(func=cmd_load)
 
 
-def _add_save(sub: argparse._SubParsersAction, name: str = "save") -> None:  # type: ignore[type-arg]
+def _add_save(sub: SubParsers, name: str = "save") -> None:
     p = command_parser(sub, name, "write images to a docker save archive or an OCI layout",
                        "Write images with their layers, byte for byte as loaded, so digests and "
                        "image ids are kept. Formats: docker (what `docker load` reads), oci (an OCI "
@@ -284,7 +284,7 @@ def _add_save(sub: argparse._SubParsersAction, name: str = "save") -> None:  # t
     p.set_defaults(func=cmd_save)
 
 
-def _add_images(sub: argparse._SubParsersAction, name: str = "images") -> None:  # type: ignore[type-arg]
+def _add_images(sub: SubParsers, name: str = "images") -> None:
     p = command_parser(sub, name, "list images",
                        "List images: one row per name; untagged images show as <none>.",
                        "  layerfs images\n  layerfs images busybox\n  layerfs images --json\n")
@@ -295,7 +295,7 @@ def _add_images(sub: argparse._SubParsersAction, name: str = "images") -> None: 
     p.set_defaults(func=cmd_images)
 
 
-def _add_rmi(sub: argparse._SubParsersAction, name: str = "rmi") -> None:  # type: ignore[type-arg]
+def _add_rmi(sub: SubParsers, name: str = "rmi") -> None:
     p = command_parser(sub, name, "remove images (refused while a container uses them)",
                        "Remove a name; the image goes with its last name, and its layers with the "
                        "last image using them. Refused while a container uses the image, or its "
@@ -307,7 +307,7 @@ def _add_rmi(sub: argparse._SubParsersAction, name: str = "rmi") -> None:  # typ
     p.set_defaults(func=cmd_rmi)
 
 
-def _add_history(sub: argparse._SubParsersAction, name: str = "history") -> None:  # type: ignore[type-arg]
+def _add_history(sub: SubParsers, name: str = "history") -> None:
     p = command_parser(sub, name, "how an image was built, layer by layer",
                        "The image config's history, newest first, with the size of each layer.",
                        "  layerfs history busybox\n  layerfs history --no-trunc --json lab/app\n")

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from .. import plugins
-from ..driver import DriverOptions, driver_info
-from ..errors import LayerfsError
+from ..errors import InvalidArgument, LayerfsError
+from ..options import DriverOptions
+from ..plugins import driver_info
 from .common import SubParsers, emit_json, human_size, open_store
 from .console import err, out
 
@@ -91,7 +92,7 @@ def _labels(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise LayerfsError(f"label {item!r} is not KEY=VALUE")
+            raise InvalidArgument(f"label {item!r} is not KEY=VALUE")
         labels[key] = value
     return labels
 
@@ -154,7 +155,7 @@ def cmd_layer_umount(args: argparse.Namespace) -> int:
                 print(target)
             return 0
         if not args.id:
-            raise LayerfsError("give a layer id or --all")
+            raise InvalidArgument("give a layer id or --all")
         store.unmount(args.id, args.target, force=args.force)
     return 0
 
@@ -167,7 +168,7 @@ def cmd_layer_diff(args: argparse.Namespace) -> int:
             err.print(f"wrote {args.output}: layer size {human_size(size)}")
         else:
             if sys.stdout.isatty():
-                raise LayerfsError("refusing to write a tar to a terminal; use -o FILE or a pipe")
+                raise InvalidArgument("refusing to write a tar to a terminal; use -o FILE or a pipe")
             store.diff(args.id, sys.stdout.buffer)
             sys.stdout.buffer.flush()
     return 0

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument, LayerfsError, NotFound
-from .common import SubParsers, add_global_options, command_parser, emit_json
+from .common import SubParsers, add_global_options, command_parser, dispatch, emit_json
 
 if TYPE_CHECKING:
     from ..runtime.containers import Container, ContainerManager, ContainerState, RunOptions
@@ -564,19 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
     register(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerfsError as e:
-        _error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 141
+    return dispatch(parser, argv, _error)
 
 
 __all__ = ["main", "register"]

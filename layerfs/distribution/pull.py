@@ -34,7 +34,7 @@ import httpx
 
 from .. import oci
 from ..digests import chain_ids, hasher_for, short_id
-from ..errors import InvalidArgument, LayerfsError, NotFound
+from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
 from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
@@ -317,7 +317,7 @@ class _TailReader:
                     continue
             n = os.preadv(job.read_fd, [view[:min(len(view), available)]], self.pos)
             if n <= 0:
-                raise LayerfsError(f"blob {job.digest}: staged file is shorter than expected")
+                raise CorruptState(f"blob {job.digest}: staged file is shorter than expected")
             self.pos += n
             return n
 
@@ -581,32 +581,20 @@ def _read_image(reg: Registry, ref: RemoteReference, manifest: Manifest, platfor
                 explicit_platform: bool) -> oci.ImageToLoad:
     where = f"{ref}: manifest {short_id(manifest.digest)}"
     doc = manifest.doc
-    if not isinstance(doc.get("layers"), list):
-        raise InvalidArgument(f"{where} has no \"layers\" list")
-    c = parse_descriptor(doc.get("config"), f"{where}: config")
-    c_digest, c_type, c_size = c.digest, c.media_type, c.size
-    if c_type and c_type not in CONFIG_TYPES:
-        raise InvalidArgument(f"{where}: config media type {c_type!r}: this is not a "
+    c = oci.manifest_config(doc, where)
+    if c.media_type and c.media_type not in CONFIG_TYPES:
+        raise InvalidArgument(f"{where}: config media type {c.media_type!r}: this is not a "
                               f"container image (an artifact?)")
-    config_bytes = reg.get_blob_bytes(ref.repository, c_digest, c_size, f"{ref}: config")
-    config = oci.parse_config(config_bytes, f"{ref}: config {short_id(c_digest)}")
+    config_bytes = reg.get_blob_bytes(ref.repository, c.digest, c.size, f"{ref}: config")
+    config = oci.parse_config(config_bytes, f"{ref}: config {short_id(c.digest)}")
     if explicit_platform and (config.get("os"), config.get("architecture")) != \
             (platform.os, platform.architecture):
         raise InvalidArgument(f"{ref}: the image is {config.get('os')}/"
                               f"{config.get('architecture')}, not {platform}")
     diff_ids = config["rootfs"]["diff_ids"]
-    descs = doc["layers"]
-    if len(descs) != len(diff_ids):
-        raise InvalidArgument(f"{where} lists {len(descs)} layers, its config has "
-                              f"{len(diff_ids)} diff ids")
-    layers = []
-    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        d = parse_descriptor(desc, f"{where}: layers[{i}]")
-        digest, media_type, size = d.digest, d.media_type, d.size
-        if media_type and media_type not in oci.LAYER_TYPES:
-            raise InvalidArgument(f"{where}: layer {digest} has media type {media_type!r}, "
-                                  f"which is not a layer tar")
-        layers.append(oci.LayerToLoad(digest, diff_id, digest, size, media_type or None))
+    layers = [oci.LayerToLoad(d.digest, diff_id, d.digest, d.size, d.media_type or None)
+              for d, diff_id in zip(oci.manifest_layers(doc, diff_ids, where), diff_ids,
+                                    strict=True)]
     names = [ref.local_name] if ref.local_name else []
     return oci.ImageToLoad(config_bytes, config, layers, names, where)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -19,15 +18,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from .. import oci
-from ..digests import short_id
+from ..digests import HashingWriter, short_id
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument
 from ..reference import RemoteReference
+from ..tar import Readable
 from .blobs import compression_of, ensure_schema, known_blobs, record_blobs
 from .errors import Cancelled, RegistryError
 from .transport import CHUNK, Registry, RegistryOptions
@@ -70,21 +70,6 @@ class _FileBody:
                 yield chunk
 
 
-class _Hashing:
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 MEDIA_TYPES = {
     ("docker", "gzip"): oci.MT_DOCKER_LAYER_GZIP, ("docker", "none"): oci.MT_DOCKER_LAYER,
     ("oci", "gzip"): oci.MT_OCI_LAYER_GZIP, ("oci", "none"): oci.MT_OCI_LAYER,
@@ -106,9 +91,9 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
         progress.begin(key, f"{short_id(layer.diff_id)} prepare", layer.tar_size)
     try:
         with os.fdopen(fd, "wb") as f, images.open_layer_tar(layer) as tar:
-            out = _Hashing(f)
+            out = HashingWriter(f)
             if compression == "gzip":
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,  # type: ignore[arg-type]
+                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6,
                                    mtime=0, filename="") as gz:
                     _copy(tar, gz, progress, key)
             elif compression == "zstd":
@@ -117,7 +102,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
                     _copy(tar, zw, progress, key)
             else:
                 _copy(tar, out, progress, key)
-        return Path(tmp), "sha256:" + out.hash.hexdigest(), out.size
+        return Path(tmp), out.digest, out.size
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -127,7 +112,7 @@ def _prepare_blob(images: ImageStore, layer: ImageLayer, compression: str,
             progress.end(key)
 
 
-def _copy(src: IO[bytes], dst: Any, progress: Progress | None, key: str) -> None:
+def _copy(src: Readable, dst: Any, progress: Progress | None, key: str) -> None:
     while chunk := src.read(CHUNK):
         dst.write(chunk)
         if progress is not None:

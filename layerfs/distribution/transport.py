@@ -284,7 +284,7 @@ class Registry:
         return self._location(r)
 
     def _location(self, r: httpx.Response) -> str:
-        location = r.headers.get("location")
+        location: str | None = r.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: upload answer has no Location header")
         return urljoin(str(r.url), location)

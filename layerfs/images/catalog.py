@@ -136,7 +136,7 @@ class Image:
 
 
 def token_alive(token: str | None) -> bool:
-    return bool(token) and process_alive(token.split("/", 1)[0])  # type: ignore[union-attr]
+    return token is not None and process_alive(token.split("/", 1)[0])
 
 
 # --- the catalog -------------------------------------------------------------------------------

@@ -245,13 +245,13 @@ class Loading(Catalog):
                 blob = oci.DigestReader(raw, where, expected=layer.digest,
                                         expected_size=blob_size, progress=progress,
                                         progress_key=key, hashing=False)
-                plain = open_layer_stream(blob)  # type: ignore[arg-type]
+                plain = open_layer_stream(blob)
                 diff = oci.DigestReader(plain, f"{where} (uncompressed)",
                                         expected=layer.diff_id, recorder=recorder)
                 try:
                     labels = {LABEL_OWNER: op.token, LABEL_CHAIN: chain,
                               LABEL_DIFF: layer.diff_id}
-                    rec = self.layers.apply(diff, parent_layer,  # type: ignore[arg-type]
+                    rec = self.layers.apply(diff, parent_layer,
                                             layer_id=layer_id, labels=labels)
                 except LayerfsError as err:
                     if str(err).startswith(where):
@@ -288,7 +288,7 @@ class Loading(Catalog):
                                         expected_size=blob_size, progress=progress,
                                         progress_key=key, hashing=False)
                 try:
-                    plain = open_layer_stream(blob)  # type: ignore[arg-type]
+                    plain = open_layer_stream(blob)
                     oci.DigestReader(plain, where, expected=layer.diff_id).finish()
                 except (EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
                     raise InvalidArgument(f"{where}: layer stream is corrupt: {err}") from err
@@ -331,9 +331,9 @@ class Loading(Catalog):
                 blob = oci.DigestReader(raw, label, progress=progress, progress_key=key,
                                         hashing=False)
                 recorder = TarSplitRecorder()
-                diff = oci.DigestReader(open_layer_stream(blob),  # type: ignore[arg-type]
+                diff = oci.DigestReader(open_layer_stream(blob),
                                         f"{label} (uncompressed)", recorder=recorder)
-                rec = self.layers.apply(diff, None,  # type: ignore[arg-type]
+                rec = self.layers.apply(diff, None,
                                         layer_id=layer_id, labels={LABEL_OWNER: op.token})
                 try:
                     diff_id = diff.finish()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,11 +21,120 @@ from typing import IO, Any
 import zstandard
 
 from .. import oci
-from ..digests import sha256_digest, short_id
+from ..digests import HashingWriter, sha256_digest, short_id
 from ..driver import scratch_prefix
-from ..errors import AlreadyExists, CorruptState, InvalidArgument
+from ..errors import AlreadyExists, CorruptState, InvalidArgument, LayerfsError
 from ..tar.split import TarSplitAssembler
+from ..tar.stream import Readable
 from .catalog import Catalog, Image, ImageLayer, Progress
+
+# --- archive writers ------------------------------------------------------------------------
+
+class TarArchiveWriter:
+    """Writes members into a tar stream (a file or stdout); directories are implied."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+                                 bufsize=1 << 20)
+        self._tar.copybufsize = 1 << 20  # type: ignore[attr-defined]  # not in typeshed
+        self._names: set[str] = set()
+        self._dirs: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def _parents(self, name: str) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self._dirs.add(d)
+                info = tarfile.TarInfo(d)
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                self._tar.addfile(info)
+
+    def add_stream(self, name: str, size: int, stream: Readable) -> None:
+        """Add ``size`` bytes read from ``stream`` (which must deliver exactly that many)."""
+        self._parents(name)
+        info = tarfile.TarInfo(name)
+        info.size = size
+        info.mode = 0o644
+        try:
+            self._tar.addfile(info, stream)
+        except OSError as err:
+            raise LayerfsError(f"writing {name} into the archive: {err}") from err
+        self._names.add(name)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self.add_stream(name, len(data), io.BytesIO(data))
+
+    def add_file(self, name: str, path: Path) -> None:
+        with open(path, "rb") as f:
+            self.add_stream(name, os.fstat(f.fileno()).st_size, f)
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def abort(self) -> None:
+        """Give up on a half-written archive without writing its end (the caller deletes it)."""
+        # tarfile has no abort: a closed TarFile and a closed stream write nothing more
+        # (the stream's finalizer would otherwise flush the end-of-archive blocks).
+        stream: Any = self._tar.fileobj  # tarfile's private _Stream in "w|" mode
+        self._tar.closed = True  # type: ignore[attr-defined]  # not in typeshed
+        stream.closed = True
+
+
+class DirArchiveWriter:
+    """Writes members as files under a directory (an OCI layout directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._names: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def _target(self, name: str) -> Path:
+        path = self.root / oci.clean_name(name, str(self.root))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._names.add(name)
+        return path
+
+    def add_stream(self, name: str, size: int, stream: Readable) -> None:
+        with open(self._target(name), "wb") as f:
+            copied = 0
+            while copied < size:
+                chunk = stream.read(min(1 << 20, size - copied))
+                if not chunk:
+                    raise CorruptState(f"writing {name}: source ended after {copied} of "
+                                       f"{size} bytes")
+                f.write(chunk)
+                copied += len(chunk)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._target(name).write_bytes(data)
+
+    def add_file(self, name: str, path: Path) -> None:
+        target = self._target(name)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def oci_layout_bytes() -> bytes:
+    return oci.canonical_json({"imageLayoutVersion": "1.0.0"})
+
+
+#: Where a save goes: an archive being written as a tar stream, or a layout directory.
+ArchiveWriter = TarArchiveWriter | DirArchiveWriter
 
 
 class Saving(Catalog):
@@ -85,7 +195,7 @@ class Saving(Catalog):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         try:
-            writer = oci.DirArchiveWriter(tmp)
+            writer = DirArchiveWriter(tmp)
             self._write(selected, writer, "oci", compression, progress)
             if out.exists():
                 out.rmdir()
@@ -112,7 +222,7 @@ class Saving(Catalog):
                    compression: str, progress: Progress | None) -> None:
         """The archive as one tar stream. On an error the writer aborts: no end-of-archive
         blocks, so what was written never passes for a complete archive."""
-        writer = oci.TarArchiveWriter(f)
+        writer = TarArchiveWriter(f)
         try:
             self._write(selected, writer, format, compression, progress)
         except BaseException:
@@ -120,13 +230,13 @@ class Saving(Catalog):
             raise
         writer.close()
 
-    def _write(self, selected: list[tuple[Image, list[str]]], writer: Any, format: str,
+    def _write(self, selected: list[tuple[Image, list[str]]], writer: ArchiveWriter, format: str,
                compression: str, progress: Progress | None) -> None:
         written: dict[str, tuple[str, int]] = {}   # diff id -> (digest, size) as written
         docker_manifest: list[dict[str, Any]] = []
         index: list[dict[str, Any]] = []
         if format == "oci":
-            writer.add_bytes("oci-layout", oci.oci_layout_bytes())
+            writer.add_bytes("oci-layout", oci_layout_bytes())
         for image, names in selected:
             layer_entries = []
             for layer in image.layers:
@@ -181,74 +291,63 @@ class Saving(Catalog):
                 "schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": index}))
 
     @contextlib.contextmanager
-    def open_layer_tar(self, layer: ImageLayer) -> Iterator[IO[bytes]]:
+    def open_layer_tar(self, layer: ImageLayer) -> Iterator[TarSplitAssembler]:
         """The layer's tar byte for byte as loaded (its sha256 is the diff id), re-created
         from the layer's files and its tar-split record; reading it to the end fails if
-        the result does not hash to the diff id. For pushing a layer to a registry."""
-        rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
-                           (layer.chain_id,))
-        if not rows or rows[0]["tar_split"] is None:
-            raise CorruptState(f"image layer {layer.chain_id} has no tar-split record; it "
-                               f"cannot be exported with its original digest")
-        record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
-        with self.layers.mounted(layer.layer_id, readonly=True) as root:
-            reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
-                                           f"layer {short_id(layer.diff_id)}")
-            try:
-                yield reader  # type: ignore[misc]
-            finally:
-                reader.close()
-
-    def _write_layer(self, layer: ImageLayer, writer: Any, format: str, compression: str,
-                     progress: Progress | None) -> tuple[str, int]:
-        """Write one layer blob; returns its (digest, size) as stored."""
+        the result does not hash to the diff id. What save and push send."""
         rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE chain_id = ?",
                            (layer.chain_id,))
         if not rows or rows[0]["tar_split"] is None:
             raise CorruptState(f"image layer {layer.chain_id} has no tar-split record; it "
                                f"cannot be saved with its original digest")
         record, tar_size = bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
+        with self.layers.mounted(layer.layer_id, readonly=True) as root:
+            reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
+                                           f"layer {short_id(layer.diff_id)}")
+            try:
+                yield reader
+            finally:
+                reader.close()
+
+    def _write_layer(self, layer: ImageLayer, writer: ArchiveWriter, format: str, compression: str,
+                     progress: Progress | None) -> tuple[str, int]:
+        """Write one layer blob; returns its (digest, size) as stored."""
         hex_diff = layer.diff_id.split(":", 1)[1]
         key = f"save:{layer.chain_id}"
-        if progress is not None:
-            progress.begin(key, f"layer {hex_diff[:12]}", tar_size)
         try:
-            with self.layers.mounted(layer.layer_id, readonly=True) as root:
-                reader = TarSplitAssembler(record, root, layer.diff_id, tar_size,
-                                               f"layer {hex_diff[:12]}")
+            with self.open_layer_tar(layer) as reader:
+                tar_size = reader.size
+                if progress is not None:
+                    progress.begin(key, f"layer {hex_diff[:12]}", tar_size)
                 counted = _ProgressReader(reader, progress, key)
-                try:
-                    if format == "docker":
-                        writer.add_stream(f"{hex_diff}/layer.tar", tar_size, counted)
-                        return layer.diff_id, tar_size
-                    if compression == "none":
-                        writer.add_stream(f"blobs/sha256/{hex_diff}", tar_size, counted)
-                        return layer.diff_id, tar_size
-                    return self._write_compressed(counted, writer,  # type: ignore[arg-type]
-                                                  compression)
-                finally:
-                    reader.close()
+                if format == "docker":
+                    writer.add_stream(f"{hex_diff}/layer.tar", tar_size, counted)
+                    return layer.diff_id, tar_size
+                if compression == "none":
+                    writer.add_stream(f"blobs/sha256/{hex_diff}", tar_size, counted)
+                    return layer.diff_id, tar_size
+                return self._write_compressed(counted, writer, compression)
         finally:
             if progress is not None:
                 progress.end(key)
 
-    def _write_compressed(self, reader: IO[bytes], writer: Any,
+    def _write_compressed(self, reader: Readable, writer: ArchiveWriter,
                           compression: str) -> tuple[str, int]:
 
         fd, tmp = tempfile.mkstemp(prefix=scratch_prefix("images-save", "blob"),
                                    dir=self.scratch)
         try:
             with os.fdopen(fd, "w+b") as f:
-                hashed = _HashingWriter(f)
+                hashed = HashingWriter(f)
                 if compression == "gzip":
-                    with gzip.GzipFile(fileobj=hashed, mode="wb", compresslevel=6,  # type: ignore[arg-type]
+                    with gzip.GzipFile(fileobj=hashed, mode="wb", compresslevel=6,
                                        mtime=0) as gz:
                         shutil.copyfileobj(reader, gz, 1 << 20)
                 else:
                     cctx = zstandard.ZstdCompressor(level=3)
                     with cctx.stream_writer(hashed, closefd=False) as zw:  # type: ignore[arg-type]
                         shutil.copyfileobj(reader, zw, 1 << 20)
-                digest = "sha256:" + hashed.hash.hexdigest()
+                digest = hashed.digest
                 size = hashed.size
             name = f"blobs/sha256/{digest.split(':', 1)[1]}"
             if not writer.has(name):
@@ -260,25 +359,10 @@ class Saving(Catalog):
 
 
 
-class _HashingWriter:
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 class _ProgressReader:
     """Reports bytes read to a progress sink."""
 
-    def __init__(self, raw: Any, progress: Progress | None, key: str) -> None:
+    def __init__(self, raw: TarSplitAssembler, progress: Progress | None, key: str) -> None:
         self._raw = raw
         self._progress = progress
         self._key = key

@@ -29,11 +29,12 @@ gets an *implicit* entry, so every entry's parent is in the index (as it is on d
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..changes import AUFS_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 from ..errors import CorruptState, LayerfsError
@@ -140,7 +141,7 @@ def _corrupt(what: str, msg: str) -> CorruptState:
     return CorruptState(f"{what}: {msg}")
 
 
-def entries_from_tar(stream: BinaryIO, what: str) -> list[Entry]:
+def entries_from_tar(stream: io.BufferedIOBase, what: str) -> list[Entry]:
     """The entries of a layer tar, in archive order (whiteouts and opaque markers turned
     into entries and flags, implicit parents added). ``what`` names the layer in errors.
 
@@ -288,15 +289,13 @@ class Indexer:
             record, tar_size = split
             skeleton = TarSplitSkeleton(record, tar_size if tar_size is not None else 1 << 62,
                                         what)
-            try:
-                return entries_from_tar(skeleton, what), "tar-split"  # type: ignore[arg-type]
-            finally:
-                skeleton.close()
+            with io.BufferedReader(skeleton, buffer_size=1 << 20) as stream:
+                return entries_from_tar(stream, what), "tar-split"
         with self._diff_stream(layer_id) as stream:
             return entries_from_tar(stream, what), "diff"
 
     @contextlib.contextmanager
-    def _diff_stream(self, layer_id: str) -> Iterator[BinaryIO]:
+    def _diff_stream(self, layer_id: str) -> Iterator[io.BufferedIOBase]:
         """The layer's diff tar as a stream, produced by the driver in a thread.
 
         ``LayerStore.diff`` writes; the tar reader reads. A pipe joins them so the tar is
@@ -316,10 +315,10 @@ class Indexer:
                 failure.append(err)
 
         thread = threading.Thread(target=produce, name=f"diff-{layer_id[:12]}", daemon=True)
-        reader: IO[bytes] = open(rfd, "rb", buffering=1 << 20)
+        reader = io.BufferedReader(io.FileIO(rfd, "rb"), buffer_size=1 << 20)
         thread.start()
         try:
-            yield reader  # type: ignore[misc]
+            yield reader
         except LayerfsError:
             reader.close()
             thread.join()

@@ -49,9 +49,10 @@ as Go's archive/tar and therefore Docker do.
 from ..changes import WhiteoutFormat
 from .apply import apply_layer
 from .export import export_changes, export_native
-from .stream import open_layer_stream
+from .stream import Readable, open_layer_stream
 
 __all__ = [
+    "Readable",
     "WhiteoutFormat",
     "apply_layer",
     "export_changes",

@@ -21,7 +21,6 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from ..changes import (
     AUFS_META_PREFIX,
@@ -33,7 +32,7 @@ from ..changes import (
 from ..errors import InvalidArgument, LayerfsError, UnsafeArchive
 from .header import BLK, CHR, DIR, FIFO, KIND_NAMES, LNK, REG, SYM, Header
 from .reader import TarReader, show_name
-from .stream import open_layer_stream_named
+from .stream import Readable, open_layer_stream_named
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +464,7 @@ class _Applier:
                     self.remove(crel)
 
 
-def apply_layer(dest: Path, stream: IO[bytes], fmt: WhiteoutFormat) -> int:
+def apply_layer(dest: Path, stream: Readable, fmt: WhiteoutFormat) -> int:
     """Extract the layer tar ``stream`` into ``dest``; return its size.
 
     ``stream`` may be gzip or zstd compressed (see :func:`open_layer_stream`).

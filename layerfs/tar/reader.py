@@ -10,9 +10,9 @@ a NUL byte are unsafe.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zlib
-from typing import BinaryIO
 
 import zstandard
 
@@ -60,7 +60,7 @@ class TarReader:
     header after the first.
     """
 
-    def __init__(self, stream: BinaryIO, compression: str = "") -> None:
+    def __init__(self, stream: io.BufferedIOBase, compression: str = "") -> None:
         self._f = stream
         self._compression = compression
         self._remaining = 0   # data bytes of the current member not yet read
@@ -93,7 +93,7 @@ class TarReader:
 
     def _readinto(self, view: memoryview) -> int:
         try:
-            return self._f.readinto(view) or 0  # type: ignore[attr-defined]
+            return self._f.readinto(view) or 0
         except DECOMPRESS_ERRORS as err:
             raise InvalidArgument(f"layer stream is corrupt{self._where()}: {err}") from err
         except OSError as err:

@@ -246,6 +246,9 @@ class TarSplitAssembler(io.RawIOBase):
                                f"layer was loaded")
         return got
 
+    def read(self, n: int = -1, /) -> bytes:
+        return super().read(n) or b""  # never None: this stream does not block
+
     def readinto(self, buf: Any) -> int:
         """Fill ``buf`` as far as the tar goes (short only at the end)."""
         view = memoryview(buf).cast("B")

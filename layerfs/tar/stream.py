@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from typing import IO, BinaryIO
+from typing import Protocol
 
 import zstandard
 
@@ -22,6 +22,12 @@ COPY_BUFSIZE = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+class Readable(Protocol):
+    """A byte stream to read from: a file, a pipe, an HTTP body, a verifying reader."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 #: Bytes :func:`compression_of` needs to see.
 MAGIC_SIZE = 6
 
@@ -49,7 +55,7 @@ class _Prefixed(io.RawIOBase):
     the caller owns that.
     """
 
-    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
+    def __init__(self, head: bytes, raw: Readable) -> None:
         self._head = head
         self._raw = raw
 
@@ -70,7 +76,7 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def open_layer_stream(raw: IO[bytes]) -> BinaryIO:
+def open_layer_stream(raw: Readable) -> io.BufferedIOBase:
     """The uncompressed tar inside ``raw``: gzip and zstd are detected by magic.
 
     Anything else is returned as is and must then parse as a tar. bzip2 and xz
@@ -82,7 +88,7 @@ def open_layer_stream(raw: IO[bytes]) -> BinaryIO:
 
 
 
-def open_layer_stream_named(raw: IO[bytes]) -> tuple[BinaryIO, str]:
+def open_layer_stream_named(raw: Readable) -> tuple[io.BufferedIOBase, str]:
     """:func:`open_layer_stream`, also naming the compression found ("" for none)."""
     head = b""
     while len(head) < MAGIC_SIZE:
@@ -93,7 +99,7 @@ def open_layer_stream_named(raw: IO[bytes]) -> tuple[BinaryIO, str]:
     buffered = io.BufferedReader(_Prefixed(head, raw), buffer_size=COPY_BUFSIZE)
     compression = compression_of(head)
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"
     if compression == "zstd":
         # read_across_frames: multi-frame streams (pzstd, seekable zstd) are one layer.
         # The reader does not notice a stream cut short at the end; the tar

@@ -192,7 +192,8 @@ class LayerTar:
         buf.seek(0)
         with tarfile.open(fileobj=buf) as tar:
             for info in tar.getmembers():
-                data = tar.extractfile(info).read() if info.isreg() else None  # type: ignore[union-attr]
+                member = tar.extractfile(info) if info.isreg() else None
+                data = member.read() if member is not None else None
                 self._entries.append((info, data))
         return self
 

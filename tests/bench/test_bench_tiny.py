@@ -16,7 +16,7 @@ import platform
 from pathlib import Path
 
 import pytest
-from layerfs_bench import harness, plots, scenarios
+from layerfs_bench import harness, plots, runner, scenarios
 
 from layerfs import cli
 
@@ -31,7 +31,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> harness.Report:
     targets = [harness.parse_target(d) for d in DRIVERS]
-    return harness.run(targets, ["all"], "tiny", scratch=tmp_path_factory.mktemp("bench"))
+    return runner.run(targets, ["all"], "tiny", scratch=tmp_path_factory.mktemp("bench"))
 
 
 def measured(report: harness.Report, driver: str) -> None:
@@ -61,10 +61,6 @@ def test_every_scenario_ran(report: harness.Report, driver: str) -> None:
         rows = report.find(name, target=driver)
         skips = [s for s in report.skipped if s["target"] == driver and s["scenario"] == name
                  and s["metric"] is None]
-        if name == "container-start" and skips:
-            # Allowed only when the runner itself is missing or unusable.
-            assert "runner" in skips[0]["reason"] or "busybox" in skips[0]["reason"], skips
-            continue
         assert rows, f"{name} recorded nothing on {driver} ({skips})"
         assert not skips, skips
 
@@ -233,7 +229,7 @@ def test_profiles_fit_the_scenarios() -> None:
 
 
 def test_unsupported_drivers_are_skipped_with_a_reason(tmp_path: Path) -> None:
-    rep = harness.run([harness.parse_target("devicemapper"), harness.parse_target("nosuch")],
+    rep = runner.run([harness.parse_target("devicemapper"), harness.parse_target("nosuch")],
                       ["copy-up"], "tiny", scratch=tmp_path)
     assert rep.errors == [] and rep.results == []
     reasons = {s["target"]: s["reason"] for s in rep.skipped}

@@ -37,14 +37,14 @@ from layerfs_drivers.devicemapper.pool import LoopbackPool, signatures
 from layerfs import cli as lfscli
 from layerfs import plugins
 from layerfs.changes import ChangeKind
-from layerfs.driver import DriverOptions
 from layerfs.errors import DriverNotSupported, InUse, InvalidArgument
 from layerfs.layers import LayerStore
 from layerfs.metastore import DriverState, MetaStore
+from layerfs.options import DriverOptions
+from layerfs.testing.conformance.suite import BASE_ENTRIES, tar_of
 from layerfs.testing.trees import tree_manifest
 
 from .. import test_crash as crash_suite
-from ..conformance.test_conformance import BASE_ENTRIES, tar_of
 
 MiB, GiB = 1 << 20, 1 << 30
 SMALL = {"loopdatasize": "1G", "loopmetadatasize": "64M", "basesize": "256M", "fs": "ext4"}

@@ -17,8 +17,8 @@ from layerfs import mount as mountlib
 from layerfs.errors import LayerfsError
 from layerfs.layers import LayerStore
 from layerfs.testing.conformance import close_and_check
+from layerfs.testing.conformance.suite import BASE_ENTRIES, tar_of
 
-from ..conformance.test_conformance import BASE_ENTRIES, tar_of
 from ..conftest import open_store_or_skip
 
 
@@ -168,6 +168,21 @@ def test_rename_lower_dir_works_with_redirect_dir(tmp_path: Path) -> None:
         with store.mounted(copy, readonly=True) as path:
             assert (path / "data2" / "sub" / "deep").read_text() == "deep\n"
             assert not (path / "data").exists()
+    finally:
+        close_and_check(store)
+
+
+@pytest.mark.parametrize(("options", "native"), [((), True), (("redirect_dir=true",), False),
+                                                 (("metacopy=true",), False)])
+def test_capabilities_are_what_the_instance_does(tmp_path: Path, options: tuple[str, ...],
+                                                 native: bool) -> None:
+    """The class says what overlay2 can do; the instance what it does with its options
+    (the bench records the instance's)."""
+    store = overlay2_with(tmp_path, *options)
+    try:
+        assert type(store.driver).CAPABILITIES.native_diff
+        caps = store.driver.capabilities
+        assert caps.native_diff == caps.native_changes == native == store.driver.native_diff_ok
     finally:
         close_and_check(store)
 

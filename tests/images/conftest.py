@@ -27,18 +27,14 @@ from layerfs.testing.conformance import close_and_check
 
 from ..conftest import NATIVE_DRIVERS, root_for
 from ..dm_fixtures import options_for
+from ..support import timeouts
 
 SCRATCH = Path("/tmp/lfs-images")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A hung mount helper or daemon must not eat the CI budget: bound every image test."""
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.path)).parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(300))
+    timeouts.bound(config, items, Path(__file__).parent, 300)
 
 
 @pytest.fixture(scope="session")

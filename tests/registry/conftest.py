@@ -28,6 +28,7 @@ from tests.support import registry as treg
 
 from ..conftest import root_for
 from ..images.conftest import IMAGE_DRIVERS, image_store, open_images_or_skip
+from ..support import timeouts
 
 SCRATCH = Path("/tmp/lfs-reg")
 USER, PASSWORD = "alice", "wonderland-7f3a"
@@ -35,12 +36,7 @@ USER, PASSWORD = "alice", "wonderland-7f3a"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A hung registry or daemon must not eat the CI budget: bound every registry test."""
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.path)).parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(300))
+    timeouts.bound(config, items, Path(__file__).parent, 300)
 
 
 @pytest.fixture(scope="session")

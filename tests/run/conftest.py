@@ -39,18 +39,14 @@ from layerfs.testing import images as timg
 
 from ..conftest import root_for
 from ..host_resources import free_subnet, rmdir_retry
+from ..support import timeouts
 
 SCRATCH = Path("/tmp/lfs-run")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A hung container must not eat the CI budget: bound every runner test."""
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.path)).parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(180))
+    timeouts.bound(config, items, Path(__file__).parent, 180)
 
 
 @dataclass

@@ -33,14 +33,18 @@ import errno
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
+from layerfs.fsinfo import layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import PAGE_SIZE, Mount
-from layerfs.tar import WhiteoutFormat, apply_layer, export_native
+from layerfs.options import DriverOptions
+from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
 WH_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -53,11 +57,12 @@ def kernel_has_aufs() -> bool:
 
 class AufsDriver(Driver):
     name = "aufs"
-    capabilities = Capabilities(native_diff=True, native_changes=True,
+    CAPABILITIES = Capabilities(native_diff=True, native_changes=True,
                                 whiteout_format=WhiteoutFormat.AUFS)
     known_options = {"mode", "entry_timeout", "attr_timeout", "keep_cache"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         for sub in ("diff", "layers"):
             (self.home / sub).mkdir(exist_ok=True)
@@ -160,7 +165,7 @@ class AufsDriver(Driver):
         return mounts
 
     # --- native diffs -------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str):  # type: ignore[no-untyped-def]
+    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
         lowers = self._branches(layer_id)[1:]
 
         def exists_below(path: str) -> bool:
@@ -188,7 +193,7 @@ class AufsDriver(Driver):
         return export_native(self._diff(layer_id), WhiteoutFormat.AUFS, out)
 
     @translate_errors("aufs apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         return apply_layer(self._diff(layer_id), stream, WhiteoutFormat.AUFS)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:

@@ -31,6 +31,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,15 +39,19 @@ import btrfsutil
 
 from layerfs import extents
 from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, naive_changes
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, backing_filesystem, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import (
     DriverNotSupported,
+    InUse,
     LayerfsError,
     NotFound,
     command_error,
     translate_errors,
 )
+from layerfs.fsinfo import backing_filesystem, layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 from layerfs.tar import export_changes
 
 from .send import SendSummary, changed_paths, send_no_data
@@ -54,15 +59,18 @@ from .send import SendSummary, changed_paths, send_no_data
 
 class BtrfsDriver(Driver):
     name = "btrfs"
-    capabilities = Capabilities(native_changes=True, block_level_cow=True, quotas=True)
+    CAPABILITIES = Capabilities(native_changes=True, block_level_cow=True, quotas=True)
     known_options = {"size", "native_changes"}
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         self.subvolumes = self.home / "subvolumes"
         self.subvolumes.mkdir(exist_ok=True)
         self.default_size = self.options.get_size("size", None)
         self.use_send = self.options.get_bool("native_changes", True)
+        if not self.use_send:
+            self.capabilities = replace(self.CAPABILITIES, native_changes=False)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
@@ -134,7 +142,7 @@ class BtrfsDriver(Driver):
             subprocess.run(["btrfs", "subvolume", "sync", str(self.home), str(subvol_id)],
                            capture_output=True, timeout=60)
         except subprocess.TimeoutExpired as err:
-            raise LayerfsError(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
+            raise InUse(f"btrfs: subvolume {subvol_id} still being cleaned after 60 s; "
                                f"its qgroup 0/{subvol_id} remains") from err
         proc = subprocess.run(["btrfs", "qgroup", "destroy", f"0/{subvol_id}", str(self.home)],
                               capture_output=True, text=True)
@@ -193,7 +201,7 @@ class BtrfsDriver(Driver):
 
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if parent is None or not self.use_send:
-            return super().changes(layer_id, parent)
+            return self.naive.changes(layer_id, parent)
         return self._send_changes(layer_id, parent)
 
     def _send_changes(self, layer_id: str, parent: str) -> list[Change]:
@@ -203,7 +211,7 @@ class BtrfsDriver(Driver):
 
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if parent is None or not self.use_send:
-            return super().diff(layer_id, parent, out)
+            return self.naive.diff(layer_id, parent, out)
         return export_changes(self._path(layer_id), self._send_changes(layer_id, parent), out)
 
     # --- reporting -------------------------------------------------------------------------------
@@ -317,10 +325,10 @@ def classify(lower: Path, upper: Path, summary: SendSummary) -> list[Change]:
                     rel = dirpath[len(root):]
                     candidates.update(f"{rel}/{name}" for name in (*dirs, *files))
     for path in list(candidates):
-        for root in (lower, upper):
-            st = _lstat(str(root) + path)
+        for tree in (lower, upper):
+            st = _lstat(str(tree) + path)
             if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                candidates |= _link_group(root, st)
+                candidates |= _link_group(tree, st)
     # Every ancestor of a candidate may have been created by this layer.
     for path in list(candidates):
         parts = path.strip("/").split("/")

@@ -120,7 +120,7 @@ def send_no_data(child: str, parent: str) -> bytes:
     buf = ctypes.create_string_buffer(args, len(args))
     fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.ioctl(fd, BTRFS_IOC_SEND, buf)  # type: ignore[call-overload]
+        fcntl.ioctl(fd, BTRFS_IOC_SEND, buf)
     except OSError as err:
         raise LayerfsError(f"btrfs send of {child} against {parent}: {err.strerror}") from err
     finally:

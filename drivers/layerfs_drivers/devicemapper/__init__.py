@@ -67,9 +67,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, ExternalCommandFailed, InvalidArgument, LayerfsError
+from layerfs.fsinfo import layer_dir_usage
+from layerfs.metastore import DriverState
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 
 from . import config as dmconfig
 from . import dmsetup
@@ -98,10 +101,11 @@ def dm_missing() -> str | None:
 
 class DevicemapperDriver(Driver):
     name = "devicemapper"
-    capabilities = Capabilities(block_level_cow=True, quotas=True)
+    CAPABILITIES = Capabilities(block_level_cow=True, quotas=True)
     known_options = dmconfig.KNOWN_OPTIONS
 
-    def __init__(self, home: Path, options: DriverOptions | None = None, state=None) -> None:
+    def __init__(self, home: Path, options: DriverOptions | None = None,
+                 state: DriverState | None = None) -> None:
         super().__init__(home, options, state)
         if state is None:
             raise InvalidArgument("devicemapper keeps its device table in the layer store: "

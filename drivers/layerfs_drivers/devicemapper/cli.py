@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
+from typing import Any
 
-from layerfs.driver import DriverOptions
 from layerfs.errors import AlreadyExists, InvalidArgument, LayerfsError, NotFound
 from layerfs.layers import LayerStore
 from layerfs.metastore import DriverState, MetaStore
+from layerfs.options import DriverOptions
 
+from . import DevicemapperDriver
 from .config import LOOPBACK_WARNING
 
 DRIVER = "devicemapper"
@@ -49,13 +51,14 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
     return opts
 
 
-def _recorded_pool(root: Path) -> dict | None:
+def _recorded_pool(root: Path) -> dict[str, Any] | None:
     db = root / "layerfs.db"
     if not db.exists():
         return None
     store = MetaStore(db)
     try:
-        return DriverState(store, DRIVER).get("pool")
+        pool: dict[str, Any] | None = DriverState(store, DRIVER).get("pool")
+        return pool
     finally:
         store.close()
 
@@ -105,7 +108,9 @@ def destroy_root_pool(root: Path) -> list[str]:
     try:
         layers = len(store.store.list_layers(state=None))
         store.wipe()  # unmounts what the root mounted, removes every layer's device
-        done = store.driver.destroy_pool()  # type: ignore[attr-defined]
+        driver = store.driver
+        assert isinstance(driver, DevicemapperDriver)
+        done = driver.destroy_pool()
     except BaseException:
         with contextlib.suppress(LayerfsError):
             store.close()

@@ -44,8 +44,8 @@ import shlex
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from layerfs.driver import DriverOptions
 from layerfs.errors import InvalidArgument
+from layerfs.options import DriverOptions
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

@@ -199,7 +199,7 @@ class DeviceSet:
                 setup.directlvm_device, vg, setup.thinp_percent, setup.thinp_metapercent,
                 setup.thinp_autoextend_threshold, setup.thinp_autoextend_percent,
                 force=setup.directlvm_device_force)
-            record.update(name=pool.name, vg=vg, lv=pool.lv)  # type: ignore[attr-defined]
+            record.update(name=pool.name, vg=vg, lv=pool.lv)
         else:
             assert setup.thinpooldev
             pool = open_existing(setup.thinpooldev)
@@ -418,7 +418,7 @@ class DeviceSet:
 
     # --- layers -----------------------------------------------------------------------------
     def create(self, layer: str, parent: str | None, size: int | None) -> DeviceRecord:
-        self._ensure()
+        pool = self._ensure()
         with self.locked():
             if self.meta.device(layer) is not None:
                 raise AlreadyExists(f"devicemapper: layer {layer} already has a device")
@@ -433,7 +433,7 @@ class DeviceSet:
                         f"devicemapper: size {human(size)} is smaller than "
                         f"{'the base device' if parent is None else 'the parent layer'} "
                         f"({human(origin.size)}); a thin device's filesystem cannot shrink")
-            status = self.pool.status()  # type: ignore[union-attr]
+            status = pool.status()
             self.check_free_space(status)
             rec = self._make_device(layer, origin, origin.size, status=status)
             if size is not None and size > origin.size:
@@ -642,8 +642,8 @@ class DeviceSet:
             start, end = ext.physical, ext.physical + ext.length
             for block in range(start // bs, (end - 1) // bs + 1):
                 overlap = min(end, (block + 1) * bs) - max(start, block * bs)
-                data = mine.get(block)
-                if data is not None and refs.get(data, 0) > 1:
+                pool_block = mine.get(block)
+                if pool_block is not None and refs.get(pool_block, 0) > 1:
                     shared += overlap
                 else:
                     exclusive += overlap

@@ -570,7 +570,7 @@ def wait_for_node(name: str, timeout: float = 10.0) -> Path:
         if path.exists():
             return path
         raise ExternalCommandFailed(f"dmsetup mknodes {name}: {path} still missing")
-    import pyudev  # type: ignore[import-untyped]  # only needed on hosts with udev
+    import pyudev  # only needed on hosts with udev
 
     context = pyudev.Context()
     monitor = pyudev.Monitor.from_netlink(context)

@@ -24,6 +24,8 @@ root with a ``txn`` left behind compares the pool's transaction id with
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,7 +68,7 @@ class Metadata:
     def __init__(self, state: DriverState) -> None:
         self.state = state
 
-    def transaction(self):  # type: ignore[no-untyped-def]
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A store transaction: the rows written inside commit together."""
         return self.state.transaction()
 

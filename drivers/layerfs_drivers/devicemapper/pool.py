@@ -31,9 +31,10 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from layerfs.errors import (
     AlreadyExists,
@@ -378,16 +379,16 @@ class LoopbackPool(ThinPool):
         self.metadata_loop = metadata_loop
 
     @staticmethod
-    def _table(params: dict[str, object], data_loop: str, meta_loop: str) -> TableLine:
+    def _table(params: Mapping[str, Any], data_loop: str, meta_loop: str) -> TableLine:
         features = []
         if not params["block_zeroing"]:
             features.append("skip_block_zeroing")
         if params["error_if_no_space"]:
             features.append("error_if_no_space")
-        block_sectors = int(params["block_size"]) // SECTOR  # type: ignore[call-overload]
+        block_sectors = int(params["block_size"]) // SECTOR
         args = f"{meta_loop} {data_loop} {block_sectors} {params['low_water_blocks']}"
         args += f" {len(features)} {' '.join(features)}" if features else " 0"
-        return TableLine(0, int(params["data_size"]) // SECTOR, "thin-pool", args)  # type: ignore[call-overload]
+        return TableLine(0, int(params["data_size"]) // SECTOR, "thin-pool", args)
 
     @classmethod
     def create(cls, root: Path | str, name: str, data_size: int = 100 * GiB,

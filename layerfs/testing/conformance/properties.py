@@ -102,7 +102,8 @@ class PropertyTests:
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
     @given(edits=st.lists(EDIT, min_size=1, max_size=10))
-    def test_diff_apply_reproduces_child(self, store: LayerStore, edits: list) -> None:
+    def test_diff_apply_reproduces_child(self, store: LayerStore,
+                                         edits: list[tuple[str, list[str], int]]) -> None:
         base = store.create().id
         with store.mounted(base) as path:
             build_parent(path)

@@ -31,6 +31,7 @@ from layerfs.changes import ChangeKind
 from layerfs.driver import Capabilities
 from layerfs.errors import InUse, InvalidArgument, NotFound, UnsafeArchive
 from layerfs.layers import LayerStore
+from layerfs.metastore import LayerRecord
 from layerfs.testing.trees import Entry, tree_manifest
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -82,6 +83,15 @@ def manifest_of(store: LayerStore, layer_id: str) -> dict[str, Entry]:
     with store.mounted(layer_id, readonly=True) as path:
         return tree_manifest(path)
 
+def copy_of(store: LayerStore, layer_id: str, parent: str | None) -> LayerRecord:
+    """A new layer on ``parent`` from ``layer_id``'s diff: the round trip every change
+    must survive."""
+    buf = io.BytesIO()
+    store.diff(layer_id, buf)
+    buf.seek(0)
+    return store.apply(buf, parent)
+
+
 def edit_child(path: Path) -> None:
     (path / "etc" / "hostname").write_text("child\n")          # modify
     (path / "etc" / "new.conf").write_text("new\n")            # add
@@ -98,7 +108,6 @@ class DriverTests:
 
     # --- create ----------------------------------------------------------------------------------
 
-
     def test_create_empty(self, store: LayerStore) -> None:
         rec = store.create()
         assert store.exists(rec.id)
@@ -109,7 +118,6 @@ class DriverTests:
             assert (st.st_uid, st.st_gid) == (0, 0)
             assert os.listdir(path) == []
         assert store.driver.exists(rec.id)
-
 
     def test_create_base_exact_modes_and_owners(self, store: LayerStore) -> None:
         base = store.create()
@@ -132,13 +140,11 @@ class DriverTests:
             assert os.readlink(path / "link") == "a/file"
             assert os.lstat(path / "null").st_rdev == os.makedev(1, 3)
 
-
     def test_create_snapshot_sees_parent(self, store: LayerStore) -> None:
         base = make_base(store)
         child = store.create(base)
         assert child.depth == 2 and child.parent == base
         assert manifest_of(store, child.id) == manifest_of(store, base)
-
 
     def test_readonly_layer_refuses_writes(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -147,19 +153,15 @@ class DriverTests:
                 (path / "new").write_text("x")
             assert exc.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
 
-
     def test_parent_must_exist(self, store: LayerStore) -> None:
         with pytest.raises(NotFound):
             store.create("does-not-exist")
-
 
     def test_bad_layer_id(self, store: LayerStore) -> None:
         with pytest.raises(InvalidArgument):
             store.create(layer_id="../escape")
 
-
     # --- deep chains -----------------------------------------------------------------------------
-
 
     @pytest.mark.slow
     def test_deep_layer_read_128(self, store: LayerStore, capabilities: Capabilities) -> None:
@@ -183,9 +185,7 @@ class DriverTests:
         with store.mounted(ids[0], readonly=True) as path:
             assert (path / "f000").read_text() == "layer 0\n"
 
-
     # --- changes, diff, apply ------------------------------------------------------------------------
-
 
 
 
@@ -202,7 +202,6 @@ class DriverTests:
         assert (ChangeKind.ADD, "/data/newdir/inside") in changes
         untouched = {"/etc/passwd", "/bin/tool", "/data/keep", "/var/log/old.log"}
         assert not untouched & {p for _, p in changes}
-
 
     def test_diff_apply_round_trip_with_sizes(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -223,15 +222,10 @@ class DriverTests:
 
 
 
-
     def test_diff_of_base_layer_is_whole_tree(self, store: LayerStore) -> None:
         base = make_base(store)
-        buf = io.BytesIO()
-        store.diff(base, buf)
-        buf.seek(0)
-        other = store.apply(buf)
+        other = copy_of(store, base, None)
         assert manifest_of(store, other.id) == manifest_of(store, base)
-
 
     def test_remove_lower_directory(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -251,7 +245,6 @@ class DriverTests:
         copy = store.apply(buf, base)
         assert manifest_of(store, copy.id) == manifest_of(store, child.id)
 
-
     def test_delete_and_recreate_directory(self, store: LayerStore) -> None:
         base = make_base(store)
         child = store.create(base)
@@ -261,13 +254,9 @@ class DriverTests:
             (path / "data" / "fresh").write_text("fresh\n")
         with store.mounted(child.id, readonly=True) as path:
             assert sorted(os.listdir(path / "data")) == ["fresh"]
-        buf = io.BytesIO()
-        store.diff(child.id, buf)
-        buf.seek(0)
-        copy = store.apply(buf, base)
+        copy = copy_of(store, child.id, base)
         with store.mounted(copy.id, readonly=True) as path:
             assert sorted(os.listdir(path / "data")) == ["fresh"]
-
 
     def test_rename_lower_file(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -278,12 +267,8 @@ class DriverTests:
         changes = {(c.kind, c.path) for c in store.changes(child.id)}
         assert (ChangeKind.DELETE, "/etc/passwd") in changes
         assert (ChangeKind.ADD, "/etc/passwd.old") in changes
-        buf = io.BytesIO()
-        store.diff(child.id, buf)
-        buf.seek(0)
-        copy = store.apply(buf, base)
+        copy = copy_of(store, child.id, base)
         assert manifest_of(store, copy.id) == manifest_of(store, child.id)
-
 
     def test_chown_chmod_lower_files(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -305,12 +290,8 @@ class DriverTests:
         changes = {(c.kind, c.path) for c in store.changes(child.id)}
         assert {(ChangeKind.MODIFY, "/etc/passwd"), (ChangeKind.MODIFY, "/data/keep"),
                 (ChangeKind.MODIFY, "/data/sub")} <= changes
-        buf = io.BytesIO()
-        store.diff(child.id, buf)
-        buf.seek(0)
-        copy = store.apply(buf, base)
+        copy = copy_of(store, child.id, base)
         assert manifest_of(store, copy.id) == manifest_of(store, child.id)
-
 
     def test_whiteout_and_opaque_from_tar(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -322,7 +303,6 @@ class DriverTests:
             assert (path / "etc" / "passwd").exists()
             assert sorted(os.listdir(path / "data")) == ["only"]
             assert ".wh.shadow" not in os.listdir(path / "etc")
-
 
     def test_writes_do_not_leak_to_parent(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -336,9 +316,7 @@ class DriverTests:
         assert manifest_of(store, base) == before
         assert manifest_of(store, b.id) == before
 
-
     # --- remove -----------------------------------------------------------------------------------------
-
 
     def test_remove_refused_with_children(self, store: LayerStore) -> None:
         base = make_base(store)
@@ -350,13 +328,11 @@ class DriverTests:
         assert not store.exists(base)
         assert not store.driver.exists(base)
 
-
     def test_remove_refused_while_mounted(self, store: LayerStore) -> None:
         base = make_base(store)
         with store.mounted(base), pytest.raises(InUse):
             store.remove(base)
         store.remove(base)
-
 
     def test_mount_counts_users(self, store: LayerStore) -> None:
         base = store.create()
@@ -368,7 +344,6 @@ class DriverTests:
         store.unmount(base.id)
         assert not mountlib.is_mounted(p1)
 
-
     def test_failed_apply_leaves_nothing(self, store: LayerStore) -> None:
         base = make_base(store)
         before = {r.id for r in store.layers()}
@@ -378,7 +353,6 @@ class DriverTests:
         assert {r.id for r in store.layers()} == before
         assert not store.driver.exists("hostile")
         assert store.store.get_layer("hostile") is None
-
 
     def test_usage_reports_bytes_and_inodes(self, store: LayerStore) -> None:
         base = make_base(store)

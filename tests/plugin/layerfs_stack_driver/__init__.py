@@ -21,15 +21,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from layerfs.driver import Capabilities, Driver, DriverOptions, Usage, layer_dir_usage
+from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported
+from layerfs.fsinfo import layer_dir_usage
 from layerfs.mount import Mount
+from layerfs.options import DriverOptions
 from layerfs.tar import WhiteoutFormat
 
 
 class StackDriver(Driver):
     name = "stack"
-    capabilities = Capabilities(whiteout_format=WhiteoutFormat.OVERLAY)
+    CAPABILITIES = Capabilities(whiteout_format=WhiteoutFormat.OVERLAY)
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
