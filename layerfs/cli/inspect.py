@@ -92,15 +92,15 @@ def resolve_any(images: ImageStore, text: str) -> Target:
 def cmd_explain(args: argparse.Namespace) -> int:
     from ..inspect.explain import explain, human_lines
     from ..inspect.index import Indexer
-    from ..inspect.targets import load_stack
+    from ..inspect.targets import ensure_indexed
 
     with _images(args) as images:
         target = resolve_target(images, image=args.image, layer=args.layer,
                                 container=args.container)
         indexer = Indexer(images.layers, images)
-        missing = [r for r in target.layers if not indexer.cached(r.layer_id) and r.readonly]
-        if missing:
-            load_stack(indexer, target, progress=_progress(args))  # the first index
+        # The first look at an image indexes its layers (shown on a terminal); explain
+        # itself then reads only the entries of the paths it is asked about.
+        ensure_indexed(indexer, target, _progress(args))
         results = [explain(images.layers, indexer, target, p) for p in args.paths]
     if args.json:
         emit_json([r.as_dict() for r in results] if len(results) > 1 else results[0].as_dict())

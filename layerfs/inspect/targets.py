@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import CorruptState, LayerfsError, NotFound
 from ..images import Image, ImageStore
-from .index import Indexer
+from .index import Indexer, LayerIndex
 from .stack import Stack, StackLayer
 
 
@@ -92,22 +92,42 @@ def container_target(images: ImageStore, container_id: str, name: str, image_id:
     return Target("container", name, refs, image=base.image, container=container_id)
 
 
+def _read(indexer: Indexer, target: Target, pos: int, paths: list[str] | None) -> LayerIndex:
+    """One layer's index (or, with ``paths``, those entries of it). A layer the target names
+    but the store lacks, or whose index cannot be read, is a broken target: one error
+    naming the target and the layer."""
+    ref = target.layers[pos]
+    where = (f"{target.kind} {target.name}: layer {pos + 1} of {len(target.layers)} "
+             f"({ref.layer_id[:12]})")
+    try:
+        return indexer.index(ref.layer_id) if paths is None else \
+            indexer.lookup(ref.layer_id, paths)
+    except NotFound as err:
+        raise CorruptState(f"{where} is missing from the store ({err})") from err
+    except LayerfsError as err:
+        raise CorruptState(f"{where} cannot be read: {err}") from err
+
+
+def ensure_indexed(indexer: Indexer, target: Target,
+                   progress: Callable[[int, int], None] | None = None) -> None:
+    """Index the target's read-only layers that have no stored index yet (the first look
+    at an image); read-write layers are read when used, never kept."""
+    missing = [pos for pos, ref in enumerate(target.layers)
+               if ref.readonly and not indexer.cached(ref.layer_id)]
+    for done, pos in enumerate(missing, 1):
+        _read(indexer, target, pos, None)
+        if progress is not None:
+            progress(done, len(missing))
+
+
 def load_stack(indexer: Indexer, target: Target, paths: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None) -> Stack:
     """The target's layers as a :class:`Stack`: with every entry, or (``paths``) only those
-    entries (what ``explain`` needs). A layer the target names but the store lacks, or
-    whose index cannot be read, is reported as a broken target in one error."""
+    entries (what ``explain`` needs)."""
     layers: list[StackLayer] = []
     total = len(target.layers)
     for pos, ref in enumerate(target.layers):
-        where = f"{target.kind} {target.name}: layer {pos + 1} of {total} ({ref.layer_id[:12]})"
-        try:
-            index = indexer.index(ref.layer_id) if paths is None else \
-                indexer.lookup(ref.layer_id, paths)
-        except NotFound as err:
-            raise CorruptState(f"{where} is missing from the store ({err})") from err
-        except LayerfsError as err:
-            raise CorruptState(f"{where} cannot be read: {err}") from err
+        index = _read(indexer, target, pos, paths)
         layers.append(StackLayer(pos, ref.layer_id, index.entries, index.bytes, ref.command,
                                  ref.readonly, ref.diff_id, ref.chain_id, index.source))
         if progress is not None:
