@@ -160,14 +160,7 @@ class Stack:
                     kids[parent] = {name}
                 else:
                     siblings.add(name)
-                event = Event(pos, e)
-                events = history.get(path)
-                if events is None:
-                    history[path] = [event]
-                elif events[-1].layer == pos:
-                    events[-1] = event
-                else:
-                    events.append(event)
+                record(path, Event(pos, e))
 
     @property
     def names(self) -> dict[str, list[str]]:
@@ -177,11 +170,7 @@ class Stack:
             names: dict[str, set[str]] = {}
             for path in self.history:
                 parent, _, name = path.rpartition("/")
-                bucket = names.get(parent)
-                if bucket is None:
-                    names[parent] = {name}
-                else:
-                    bucket.add(name)
+                names.setdefault(parent, set()).add(name)
             self._names = {d: sorted(n) for d, n in names.items()}
         return self._names
 
