@@ -52,6 +52,24 @@ def btrfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pool.destroy_btrfs(handle.mountpoint)
 
 
+@pytest.fixture(scope="session")
+def debian_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A minimal Debian made by debootstrap (the host's suite, from the Debian mirror), once
+    per session: tests read it, or copy it before they change anything. A mirror that
+    cannot be reached fails with debootstrap's last lines, not a skip."""
+    import shutil
+
+    from layerfs.testing import images as timg
+
+    if shutil.which("debootstrap") is None:
+        pytest.fail("debootstrap is not installed (scripts/setup installs it)")
+    tree = tmp_path_factory.mktemp("debian") / "rootfs"
+    try:
+        yield timg.debian_rootfs(tree)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def root_for(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     if driver == "btrfs":
         pool_mnt: Path = request.getfixturevalue("btrfs_pool")

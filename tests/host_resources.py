@@ -4,10 +4,12 @@ an rmdir for cgroups that the kernel still counts as busy for a moment."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -46,3 +48,20 @@ def rmdir_retry(path: Path) -> None:
                 raise
             time.sleep(0.01)
     path.rmdir()
+
+
+def pids_whose_argv(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Pids of the processes whose command line (``/proc/PID/cmdline`` split on NUL)
+    ``match`` accepts: for finding our own helpers by an exact path they were given."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if match(argv):
+            pids.append(int(entry))
+    return pids

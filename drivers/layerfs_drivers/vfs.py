@@ -10,6 +10,15 @@ On-disk layout under the driver home (``ROOT/vfs``)::
     vfs/
       dir/
         <layer-id>/        the layer's full contents: parent's files + its own changes
+      staging/
+        <pid>_<start>_<layer-id>/   a copy in progress, renamed into dir/ when complete
+
+A layer appears in ``dir/`` only once its copy is whole (a rename). The copy runs
+in a ``cp`` that dies with the process that started it (``PR_SET_PDEATHSIG``): a
+``kill -9`` of ``layer create`` on a big parent used to leave ``cp`` copying for
+minutes, and every command failed on the half-written tree meanwhile. Staging
+directories of dead owners are removed by whoever comes next, best effort (a
+tree still being written by a stray copy is left for a later pass, never an error).
 
 A layer's mount is a bind mount of its directory (read-only for image layers).
 Diffs use the shared naive walk, reading the directories directly (no mount).
@@ -18,16 +27,35 @@ Diffs use the shared naive walk, reading the directories directly (no mount).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, NotFound, translate_errors
 from layerfs.fsinfo import layer_dir_usage
+from layerfs.metastore import process_alive, process_token
 from layerfs.mount import Mount
 from layerfs.options import DriverOptions
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child die (SIGKILL) when this thread exits, even by
+    ``kill -9``; if the parent is already gone by then, the child exits at once."""
+    import ctypes
+
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return child
 
 
 class VfsDriver(Driver):
@@ -53,16 +81,41 @@ class VfsDriver(Driver):
         source = self._dir(parent)
         if not source.is_dir():
             raise NotFound(f"vfs: parent layer {parent} has no directory {source}")
-        # cp -a keeps owners, modes, times, xattrs, hardlinks and special files;
-        # --reflink=auto shares extents where the filesystem can.
-        subprocess.run(["cp", "-a", "--reflink=auto", "--", str(source), str(target)],
-                       check=True, capture_output=True)
+        self._sweep_staging()
+        staging = self.home / "staging"
+        staging.mkdir(exist_ok=True)
+        partial = staging / f"{process_token().replace(':', '_')}_{layer_id}"
+        try:
+            # cp -a keeps owners, modes, times, xattrs, hardlinks and special files;
+            # --reflink=auto shares extents where the filesystem can.
+            subprocess.run(["cp", "-a", "--reflink=auto", "--", str(source), str(partial)],
+                           check=True, capture_output=True, preexec_fn=_die_with_parent(),
+                           close_fds=True)
+            os.rename(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
     @translate_errors("vfs remove")
     def remove(self, layer_id: str) -> None:
         path = self._dir(layer_id)
         if path.exists():
             shutil.rmtree(path)
+        self._sweep_staging()
+
+    def _sweep_staging(self) -> None:
+        """Remove the staging copies of processes that died (best effort: a copy still
+        running there, which PR_SET_PDEATHSIG makes unlikely, is retried next time)."""
+        staging = self.home / "staging"
+        try:
+            entries = list(staging.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            pid, _, rest = entry.name.partition("_")
+            start = rest.partition("_")[0]
+            if not process_alive(f"{pid}:{start}"):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def mounts(self, layer_id: str, *, readonly: bool = False) -> list[Mount]:
         opts = ("rbind", "ro") if readonly else ("rbind", "rw")

@@ -85,12 +85,15 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         pids_limit=args.pids_limit, network=args.network,
         ports=tuple(parse_port(p) for p in args.publish or ()),
         volumes=tuple(parse_volume(v) for v in args.volume or ()), userns=args.userns,
-        read_only=args.read_only, auto_remove=args.rm)
+        read_only=args.read_only, auto_remove=args.rm, cap_add=tuple(args.cap_add or ()),
+        cap_drop=tuple(args.cap_drop or ()), security_opt=tuple(args.security_opt or ()))
 
 
 class _Forwarder:
     """While active, the signals we get go to ``target.kill(sig)`` (a container or an exec
-    process); those that arrive before the target exists are delivered once it does."""
+    process); those that arrive before the target exists are delivered once it does. The
+    same signal a second time before then aborts the start (``KeyboardInterrupt``: what is
+    half-made is undone on the way out), so a start that hangs can still be stopped."""
 
     def __init__(self) -> None:
         self.target: Any = None
@@ -99,6 +102,8 @@ class _Forwarder:
 
     def _handle(self, sig: int, _frame: object) -> None:
         if self.target is None:
+            if sig in self.pending:
+                raise KeyboardInterrupt(f"signal {sig} twice before the container started")
             self.pending.append(sig)
         else:
             self.target.kill(sig)
@@ -198,7 +203,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _Forwarder() as forward:
             try:
                 container: Container = mgr.run(args.image, command, options=opts,
-                                               stdin=stdin)
+                                               stdin=stdin,
+                                               stdio_passthrough=args.stdio_passthrough)
             except LayerfsError as err:
                 code = _exit_code_for(err)
                 if code is None:
@@ -289,6 +295,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 kw.update(stdin=null, stdout=null, stderr=null)
             elif not args.interactive:
                 kw["stdin"] = null
+            kw["passthrough"] = args.stdio_passthrough
             try:
                 proc = mgr.exec(st.id, args.argv, **kw)
             except NotFound as err:
@@ -370,7 +377,8 @@ RUN_DESCRIPTION = (
     "Run COMMAND (default: the image's Entrypoint + Cmd) in a new container: a read-write "
     "layer on the image, mounted through the storage driver, with its own pid, mount, uts, "
     "ipc, network and cgroup namespaces, pivot_root into the layer, a cgroup with the "
-    "limits, Docker's 14 default capabilities and no_new_privs. Attached (the default) it "
+    "limits, Docker's 14 default capabilities, Docker's default seccomp profile and "
+    "no_new_privs. Attached (the default) it "
     "streams the output and exits with the command's exit code (128+N for signal N, 137 when "
     "the memory limit killed it); the signals layerfs gets (Ctrl-C, SIGTERM, ...) go to the "
     "container. With -d it prints the container id; `logs`, `stop`, `rm` take it from there.")
@@ -386,6 +394,8 @@ RUN_EXAMPLES = """\
   layerfs run --rm --pids-limit 20 busybox sh -c 'for i in $(seq 50); do sleep 5 & done'
   layerfs run --rm -v /srv/data:/data:ro busybox ls /data
   layerfs run --rm -u 1000:1000 -e GREETING=hi -w /tmp busybox sh -c 'id; pwd; env'
+  layerfs run --rm --cap-drop ALL --cap-add NET_BIND_SERVICE busybox grep Cap /proc/self/status
+  layerfs run --rm --security-opt seccomp=unconfined busybox unshare -U true  # no filter
 
 what to look at: `cat /proc/self/cgroup` and `cat /proc/1/cmdline` inside, `layerfs ps`,
 `layerfs inspect NAME` (cgroup paths, the layer, its mount), `ip link` on the host (a veth
@@ -411,6 +421,11 @@ def _add_run(sub: SubParsers) -> None:
     g.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected "
                    "(default: /dev/null, as Docker without -i)")
     g.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--stdio-passthrough", action="store_true", help="give the container this "
+                   "process's own stdin/stdout/stderr instead of pipes relayed by layerfs (no "
+                   "copy, but the container can then reopen the files behind them through "
+                   "/proc/self/fd, e.g. read or truncate a file you redirected to; "
+                   "docs/security.md)")
     g = p.add_argument_group("what runs")
     g.add_argument("-e", "--env", action="append", metavar="K=V",
                    help="environment variable (repeatable); -e K copies K from here")
@@ -425,6 +440,15 @@ def _add_run(sub: SubParsers) -> None:
                    "first 12 characters of the id)")
     g.add_argument("--read-only", action="store_true", help="mount the container's root "
                    "read-only (volumes keep their own mode)")
+    g = p.add_argument_group("privileges (docs/security.md)")
+    g.add_argument("--cap-add", action="append", metavar="CAP", help="add a capability to "
+                   "Docker's default 14 (e.g. NET_ADMIN; ALL for every one; repeatable)")
+    g.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a capability "
+                   "(e.g. NET_RAW; ALL for none but the --cap-add ones; repeatable)")
+    g.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="seccomp=unconfined (no syscall filter), seccomp=PROFILE.json (Docker's "
+                   "JSON format; default: layerfs's copy of Docker's profile), "
+                   "no-new-privileges[=true|false] (default true: setuid bits grant nothing)")
     g = p.add_argument_group("limits (cgroup)")
     g.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 64m, 1g (no "
                    "swap on top); going over it kills the command: exit code 137")
@@ -508,6 +532,8 @@ def register(sub: SubParsers) -> None:
     p.add_argument("-d", "--detach", action="store_true", help="do not wait for it")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stdio-passthrough", action="store_true", help="this process's own "
+                   "stdio instead of relayed pipes (see run --help)")
     p.add_argument("-e", "--env", action="append", metavar="K=V")
     p.add_argument("-w", "--workdir", metavar="DIR")
     p.add_argument("-u", "--user", metavar="UID[:GID]")

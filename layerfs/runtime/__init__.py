@@ -34,6 +34,7 @@ from .spec import (
     Volume,
     parse_env,
     parse_port,
+    parse_security_opts,
     parse_user,
     parse_volume,
 )
@@ -42,6 +43,7 @@ from .state import ContainerInfo, cleanup_stale, inspect, kill, list_containers,
 __all__ = [
     "ContainerInfo", "ContainerSpec", "ExecProcess", "ExitStatus", "IdMap", "PortMapping",
     "RunningContainer", "RuntimeConfig", "Volume", "cleanup_stale", "exec_in", "inspect", "kill",
-    "list_containers", "parse_env", "parse_port", "parse_size", "parse_user", "parse_volume",
+    "list_containers", "parse_env", "parse_port", "parse_security_opts", "parse_size",
+    "parse_user", "parse_volume",
     "remove", "run_detached", "running", "start",
 ]

@@ -5,7 +5,8 @@ standard library and parsed by hand so that its own startup stays small::
 
     python -m layerfs.runtime run [--network none|host|bridge] [--state DIR] [-m SIZE]
         [--cpus N] [--pids N] [-v SRC:DST[:ro]]... [-p [IP:]HP:CP[/proto]]... [-e K=V]...
-        [-u UID[:GID]] [-w DIR] [-h NAME] [--userns] [--read-only] [-d] [--keep] ROOTFS CMD...
+        [-u UID[:GID]] [-w DIR] [-h NAME] [--userns] [--read-only] [--cap-add CAP]...
+        [--cap-drop CAP]... [--security-opt OPT]... [-d] [--keep] ROOTFS CMD...
     python -m layerfs.runtime ps|cleanup [--state DIR]
 
 Exits with the container's exit code (``run``). ``--keep`` keeps the exited
@@ -20,7 +21,7 @@ import sys
 DEFAULT_STATE = "/run/layerfs"
 
 _VALUE_FLAGS = {"--network", "--state", "-m", "--cpus", "--pids", "-v", "-p", "-e", "-u", "-w",
-                "-h"}
+                "-h", "--cap-add", "--cap-drop", "--security-opt"}
 _BOOL_FLAGS = {"--userns", "--read-only", "-d", "--keep"}
 
 
@@ -70,6 +71,7 @@ def main(argv: list[str]) -> int:
             print("run: need ROOTFS and a command", file=sys.stderr)
             return 2
         one = {k: v[-1] for k, v in opts.items()}
+        security = spec.parse_security_opts(opts.get("--security-opt", []))
         s = spec.ContainerSpec(
             rootfs=Path(rest[0]).absolute(), argv=rest[1:],
             env=spec.parse_env(opts.get("-e", [])), cwd=one.get("-w", "/"),
@@ -81,7 +83,9 @@ def main(argv: list[str]) -> int:
             pids_limit=int(one["--pids"]) if "--pids" in one else None,
             network=one.get("--network", "bridge"),  # type: ignore[arg-type]
             ports=[spec.parse_port(p) for p in opts.get("-p", [])],
-            userns="--userns" in one, read_only="--read-only" in one)
+            userns="--userns" in one, read_only="--read-only" in one,
+            cap_add=opts.get("--cap-add", []), cap_drop=opts.get("--cap-drop", []),
+            seccomp=security.seccomp, no_new_privileges=security.no_new_privileges)
         if "-d" in one:
             info = engine.run_detached(s, state)
             print(info.id)

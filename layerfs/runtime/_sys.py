@@ -77,6 +77,7 @@ _SYSCALLS = {
     "close_range": (436, 436),
     "openat2": (437, 437),
     "mount_setattr": (442, 442),
+    "seccomp": (317, 277),
     "open_tree": (428, 428),
     "move_mount": (429, 429),
 }
@@ -274,3 +275,41 @@ def loopback_up() -> None:
         _check(_libc.ioctl(fd, _SIOCSIFFLAGS, ifreq), "SIOCSIFFLAGS", "lo")
     finally:
         os.close(fd)
+
+
+# --- seccomp(2) ---------------------------------------------------------------------------------
+SECCOMP_SET_MODE_FILTER = 1
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_set_filter(bpf: bytes, flags: int = 0) -> None:
+    """Install a classic BPF seccomp filter on this thread (needs no_new_privs or
+    CAP_SYS_ADMIN). ``bpf`` is a whole program of 8-byte ``struct sock_filter``\\s."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    _check(_libc.syscall(_nr("seccomp"), SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)),
+           "seccomp")
+
+
+# --- openat2(2) -----------------------------------------------------------------------------------
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2) (Linux 5.6+; Python has no binding): ``RESOLVE_IN_ROOT`` resolves
+    ``path`` as if ``dirfd`` were ``/``, symlinks and ``..`` included."""
+    how = _OpenHow(flags, mode, resolve)
+    return _check(_libc.syscall(_nr("openat2"), dirfd, path.encode(), ctypes.byref(how),
+                                ctypes.sizeof(how)), "openat2", path)

@@ -43,7 +43,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -55,7 +54,8 @@ from ..images import Image, ImageStore
 from ..metastore import now, process_alive, process_token
 from . import engine
 from . import state as records
-from .spec import ContainerSpec, PortMapping, Volume
+from .files import read_small_file
+from .spec import ContainerSpec, PortMapping, Volume, parse_security_opts
 
 if TYPE_CHECKING:
     from .engine import ExecProcess, ExitStatus, RunningContainer, RuntimeConfig
@@ -106,6 +106,9 @@ class RunOptions:
     userns: bool = False
     read_only: bool = False
     auto_remove: bool = False
+    cap_add: Sequence[str] = ()
+    cap_drop: Sequence[str] = ()
+    security_opt: Sequence[str] = ()           # Docker's --security-opt values
 
 
 @dataclass
@@ -151,13 +154,12 @@ class Container:
     """
 
     def __init__(self, manager: ContainerManager, cid: str, name: str | None, image: Image,
-                 running: RunningContainer, tee: _Tee | None) -> None:
+                 running: RunningContainer) -> None:
         self.manager = manager
         self.id = cid
         self.name = name
         self.image = image
         self.engine = running
-        self._tee = tee
         self.status: ExitStatus | None = None
 
     def __repr__(self) -> str:
@@ -195,8 +197,6 @@ class Container:
             except BaseException:
                 self.manager._after_exit(self.id)
                 raise
-            if self._tee is not None:
-                self._tee.join()
             self.manager._after_exit(self.id)
             self.status = status
         return self.status
@@ -208,66 +208,6 @@ class Container:
         if self.status is None:
             self.kill(signal.SIGKILL)
             self.wait()
-
-
-class _Tee:
-    """stdout and stderr of an attached container through pipes: to ours and to its log.
-
-    Docker keeps the output of attached containers too (``docker logs`` works
-    after ``docker run``); the container sees pipes, as with ``docker run``
-    without ``-t``.
-    """
-
-    def __init__(self, stdout: Stdio, stderr: Stdio) -> None:
-        self._dest = (_fileno(stdout, 1), _fileno(stderr, 2))
-        self._pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
-        self._threads: list[threading.Thread] = []
-        self._log = -1
-
-    @property
-    def child_ends(self) -> tuple[int, int]:
-        return self._pipes[0][1], self._pipes[1][1]
-
-    def start(self, log_path: Path) -> None:
-        for _, w in self._pipes:
-            os.close(w)
-        self._log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        for (r, _), dest in zip(self._pipes, self._dest, strict=True):
-            t = threading.Thread(target=self._pump, args=(r, dest), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _pump(self, r: int, dest: int) -> None:
-        forward = True
-        try:
-            while data := os.read(r, 65536):
-                if forward:
-                    try:
-                        _write_all(dest, data)
-                    except OSError:
-                        forward = False  # our stdout went away (EPIPE): keep logging
-                _write_all(self._log, data)
-        finally:
-            os.close(r)
-
-    def join(self) -> None:
-        for t in self._threads:
-            t.join()
-        if self._log >= 0:
-            os.close(self._log)
-            self._log = -1
-
-    def abort(self) -> None:
-        for r, w in self._pipes:
-            for fd in (r, w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _fileno(stream: Stdio, default: int) -> int:
@@ -402,12 +342,15 @@ class ContainerManager:
             workdir = "/" + workdir
         user = opts.user if opts.user is not None else (rc.user or "")
         numeric = _numeric_user(user)
+        security = parse_security_opts(opts.security_opt)
         spec = ContainerSpec(
             rootfs=self.layers.mnt_dir / cid, argv=argv, env=env, cwd=workdir,
             user=numeric or (0, 0), hostname=opts.hostname, volumes=opts.volumes,
             memory=opts.memory, cpus=opts.cpus, pids_limit=opts.pids_limit,
             network=opts.network, ports=opts.ports, userns=opts.userns,  # type: ignore[arg-type]
-            read_only=opts.read_only, id=cid, name=opts.name)
+            read_only=opts.read_only, cap_add=opts.cap_add, cap_drop=opts.cap_drop,
+            seccomp=security.seccomp, no_new_privileges=security.no_new_privileges,
+            id=cid, name=opts.name)
         config = {
             "argv": argv, "entrypoint": entrypoint, "cmd": cmd, "command_given": bool(command),
             "entrypoint_given": opts.entrypoint is not None, "env": env, "workdir": workdir,
@@ -417,6 +360,8 @@ class ContainerManager:
             "volumes": [f"{v.source}:{v.target}{':ro' if v.readonly else ''}"
                         for v in spec.volumes],
             "userns": opts.userns, "read_only": opts.read_only,
+            "cap_add": list(opts.cap_add), "cap_drop": list(opts.cap_drop),
+            "security_opt": list(opts.security_opt),
             "stop_signal": rc.stop_signal, "exposed_ports": rc.exposed_ports,
             "mountpoints": [], "numeric_user": numeric is not None,
         }
@@ -458,31 +403,30 @@ class ContainerManager:
 
     def run(self, image: str, command: Sequence[str] | None = None, *,
             options: RunOptions | None = None, stdin: Stdio = None, stdout: Stdio = None,
-            stderr: Stdio = None, log: bool | None = None, **kw: Any) -> Container:
+            stderr: Stdio = None, log: bool | None = None, stdio_passthrough: bool = False,
+            **kw: Any) -> Container:
         """Create and start a container in this process (``layerfs run`` without ``-d``).
 
         ``options`` or keyword arguments (the :class:`RunOptions` fields) say how.
-        stdio ``None`` inherits this process's. ``log`` (default: unless
-        ``auto_remove``) also copies stdout and stderr to the container's log,
-        through pipes. Returns once the command has exec'd; :meth:`Container.wait`.
+        stdio ``None`` is this process's 0, 1, 2; the container gets pipes that this
+        process relays (``stdio_passthrough``: the descriptors themselves, see
+        :mod:`layerfs.runtime.stdio`). ``log`` (default: unless ``auto_remove``) also
+        copies stdout and stderr to the container's log. Returns once the command has
+        exec'd; :meth:`Container.wait`.
         """
         opts = replace(options, **kw) if options is not None else RunOptions(**kw)
         prep = self._prepare(image, command, opts)
-        tee = _Tee(stdout, stderr) if (log if log is not None else not opts.auto_remove) \
-            else None
+        keep_log = log if log is not None else not opts.auto_remove
         try:
-            out, err = tee.child_ends if tee else (stdout, stderr)
-            running = engine.start(prep.spec, self.state_dir, self.config, stdin=stdin,
-                                   stdout=out, stderr=err, clean_stale=False)
+            running = engine.start(prep.spec, self.state_dir, self.config,
+                                   stdin=_fileno(stdin, 0), stdout=_fileno(stdout, 1),
+                                   stderr=_fileno(stderr, 2), log=keep_log, clean_stale=False,
+                                   passthrough=stdio_passthrough and not keep_log)
         except BaseException:
-            if tee is not None:
-                tee.abort()
             self._delete(prep.id)
             raise
-        if tee is not None:
-            tee.start(running.log_path)
         self._set(prep.id, state="running", config=json.dumps(prep.config))
-        return Container(self, prep.id, opts.name, prep.image, running, tee)
+        return Container(self, prep.id, opts.name, prep.image, running)
 
     def run_detached(self, image: str, command: Sequence[str] | None = None, *,
                      options: RunOptions | None = None, **kw: Any) -> ContainerState:
@@ -743,6 +687,8 @@ class ContainerManager:
                            "Cpus": cfg.get("cpus"), "PidsLimit": cfg.get("pids_limit"),
                            "NetworkMode": cfg.get("network"), "PortBindings": st.ports,
                            "Binds": cfg.get("volumes", []), "ReadonlyRootfs": cfg.get("read_only"),
+                           "CapAdd": cfg.get("cap_add", []), "CapDrop": cfg.get("cap_drop", []),
+                           "SecurityOpt": cfg.get("security_opt", []),
                            "UsernsMode": "private" if cfg.get("userns") else "host",
                            "Uid": cfg.get("uid"), "Gid": cfg.get("gid")},
             "NetworkSettings": {"IPAddress": st.address, "Ports": st.ports},
@@ -851,7 +797,8 @@ class ContainerManager:
 
     def exec(self, ref: str, argv: Sequence[str], **kwargs: Any) -> ExecProcess:
         """Run ``argv`` in a running container: its namespaces, cgroup, user, env and cwd.
-        ``kwargs``: ``env``, ``cwd``, ``user``, ``stdin``, ``stdout``, ``stderr``."""
+        ``kwargs``: ``env``, ``cwd``, ``user``, ``stdin``, ``stdout``, ``stderr``,
+        ``passthrough``."""
         st = self.get(ref)
         if st.status != "running":
             raise InvalidArgument(f"container {st.short_id} is not running ({st.status})")
@@ -935,24 +882,14 @@ def _numeric_user(text: str) -> tuple[int, int] | None:
 
 
 def _read_etc(rootfs: Path, name: str) -> list[list[str]]:
-    """Lines of the image's /etc/<name>, split on ':' — never following a symlink out of it."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=root)
-            try:
-                fd = os.open(name, flags, dir_fd=etc)
-            finally:
-                os.close(etc)
-        finally:
-            os.close(root)
-    except OSError:
+    """Lines of the image's /etc/<name>, split on ':'. The file is hostile input: see
+    :func:`layerfs.runtime.files.read_small_file` (inside the root, regular files only,
+    bounded). A missing file is empty."""
+    data = read_small_file(rootfs, f"etc/{name}")
+    if data is None:
         return []
-    with os.fdopen(fd, "r", errors="replace") as f:
-        data = f.read(1 << 20)
-    return [line.split(":") for line in data.splitlines() if line and not line.startswith("#")]
+    text = data.decode(errors="replace")
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def resolve_user(rootfs: Path, text: str) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
-from . import _sys, security
+from . import _sys, helper, seccomp, security
 from .cgroups import DEFAULT_PARENT, DEFAULT_ROOT, Cgroup, Limits
 from .init import InitPlan, container_main, userns_main
 from .namespaces import (
@@ -53,6 +53,7 @@ from .state import (
     try_lock,
     write_record,
 )
+from .stdio import Relay, make_relay
 
 if TYPE_CHECKING:
     from .network import NetworkConfig
@@ -67,7 +68,7 @@ class RuntimeConfig:
     ``network`` is a :class:`layerfs.runtime.network.NetworkConfig` (imported only
     when bridge networking is used); ``None`` means the default ``layerfs0`` bridge.
     With ``die_with_runner`` the container is SIGKILLed when the process that
-    started it dies (a liveness pipe, see ``init._watch_runner``; not
+    started it dies (a liveness pipe, see ``pid1.c``; not
     ``PR_SET_PDEATHSIG``, which follows the forking *thread*); a detached
     container's runner is its monitor process.
     """
@@ -114,7 +115,7 @@ os.register_at_fork(after_in_child=_forget_alive_pipe)
 
 
 def _runner_alive_fd() -> int:
-    """Read end of this process's liveness pipe (see init._watch_runner).
+    """Read end of this process's liveness pipe (pid1.c watches it).
 
     The write end is never closed: it closes when the process dies. Both ends are
     CLOEXEC and every child the runtime forks closes them, so only this process
@@ -201,6 +202,7 @@ class RunningContainer:
         self._waiter: int = 0        # the child of ours to waitpid (PID 1, or the userns relay)
         self._status_r: int = -1
         self._attachment: Any = None
+        self._relay: Relay | None = None
         self._status: ExitStatus | None = None
         self._released = False
 
@@ -277,6 +279,8 @@ class RunningContainer:
             self._status_r = -1
         status = int(raw.split()[0]) if raw.strip() else init_status
         self._status = ExitStatus.from_wait(status, self.cgroup.oom_killed())
+        if self._relay is not None:
+            self._relay.stop()       # all the output is out before wait() returns
         self.release()
 
     def release(self) -> None:
@@ -329,19 +333,24 @@ class RunningContainer:
 # --- start ------------------------------------------------------------------------------------------
 def start(spec: ContainerSpec, state_dir: str | os.PathLike[str],
           config: RuntimeConfig | None = None, *, stdin: Stdio = None, stdout: Stdio = None,
-          stderr: Stdio = None, log: bool = False, clean_stale: bool = True) -> RunningContainer:
+          stderr: Stdio = None, log: bool = False, clean_stale: bool = True,
+          passthrough: bool = False) -> RunningContainer:
     """Start ``spec`` and return once its main process has exec'd.
 
-    stdio: ``None`` inherits the caller's, an int or file object is used as is;
-    ``log=True`` (detached mode) sends stdout and stderr to ``container.log`` in
-    the container's state directory and stdin from /dev/null. Raises
+    stdio: an int or file object is where the container's stdin comes from and its
+    output goes, through pipes that a thread of this process relays
+    (:mod:`layerfs.runtime.stdio`; ``passthrough=True`` hands the descriptors
+    themselves to the container). ``None`` is this process's 0, 1, 2; with
+    ``log=True`` stdout and stderr are also written to ``container.log`` in the
+    container's state directory, and ``None`` means stdin from /dev/null and output
+    only to the log (detached mode). Raises
     :class:`NotFound` (rootfs, executable, volume source), :class:`AlreadyExists`
     (id taken), :class:`InUse` (host port taken), :class:`InvalidArgument` or
     :class:`LayerfsError`; nothing is left behind on failure.
     """
     try:
         return _start(spec, Path(state_dir), config or RuntimeConfig(), (stdin, stdout, stderr),
-                      log, clean_stale)
+                      log, clean_stale, passthrough)
     except LayerfsError:
         raise
     except FileNotFoundError as err:
@@ -352,7 +361,8 @@ def start(spec: ContainerSpec, state_dir: str | os.PathLike[str],
 
 
 def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
-           stdio: tuple[Stdio, Stdio, Stdio], log: bool, clean_stale: bool) -> RunningContainer:
+           stdio: tuple[Stdio, Stdio, Stdio], log: bool, clean_stale: bool,
+           passthrough: bool) -> RunningContainer:
     if not spec.rootfs.is_dir():
         raise NotFound(f"container {spec.short_id}: rootfs {spec.rootfs} is not a directory")
     containers = containers_dir(state)
@@ -402,7 +412,7 @@ def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
             container._attachment = attachment
             record["network"] = attachment.to_record()
             write_record(cdir, record)
-        _launch(container, config, netcfg, *stdio, log)
+        _launch(container, config, netcfg, *stdio, log, passthrough)
     except BaseException:
         if container is None:
             with contextlib.suppress(LayerfsError):
@@ -417,6 +427,8 @@ def _start(spec: ContainerSpec, state: Path, config: RuntimeConfig,
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(container._waiter, 0)
                 container._status = ExitStatus(255)
+            if container._relay is not None:
+                container._relay.stop(grace=0)
             with contextlib.suppress(LayerfsError):
                 container.release()
             rmtree(cdir, ignore_errors=True)
@@ -459,13 +471,18 @@ def _etc_files(spec: ContainerSpec, cdir: Path, address: str | None, netcfg: Any
 
 
 def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdio,
-            stdout: Stdio, stderr: Stdio, log: bool) -> None:
+            stdout: Stdio, stderr: Stdio, log: bool, passthrough: bool) -> None:
     spec = c.spec
     uns = spec.userns
     bridge = spec.network == "bridge"
-    caps = security.DEFAULT_CAPS
-    if not c.cgroup.restricts_devices:
-        caps = caps - {security.CAP_MKNOD}   # no device allow-list on v2: no mknod at all
+    caps = _container_caps(spec, c.cgroup.restricts_devices)
+    seccomp_filter = _seccomp_filter(spec, caps, c.state_dir)
+    if seccomp_filter is not None:
+        # `exec` from any process applies the same filter: it reads it from here.
+        (c._cdir / SECCOMP_FILE).write_bytes(seccomp_filter.to_bytes())
+    c._record.update(caps=sorted(security.cap_name(n) for n in caps),
+                     seccomp=seccomp_filter is not None,
+                     no_new_privileges=spec.no_new_privileges)
     address = c._attachment.address if c._attachment else None
     mounts = MountPlan(rootfs=str(spec.rootfs), volumes=spec.volumes,
                        etc_files=_etc_files(spec, c._cdir, address, netcfg),
@@ -478,14 +495,16 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
     try:
         open_sources(mounts)
         if log:
-            out_fd = os.open(c.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                             0o640)
-            child_fds.append(out_fd)
-            in_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            child_fds.append(in_fd)
-            stdio = (in_fd, out_fd, out_fd)
+            relay: Relay | None = Relay(
+                None if stdin is None else _fileno(stdin, 0),
+                None if stdout is None else _fileno(stdout, 1),
+                None if stderr is None else _fileno(stderr, 2), c.log_path)
         else:
-            stdio = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+            relay = make_relay(_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2), None,
+                               passthrough)
+        c._relay = relay
+        stdio = relay.child_stdio if relay is not None else \
+            (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
         err_r, err_w = _pipe()
         our_fds.append(err_r)
         child_fds.append(err_w)
@@ -506,7 +525,8 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
             err_w=err_w, status_w=status_w, go_r=go_r, ready_w=ready_w,
             go_waits=0 if uns and not bridge else 1, loopback=spec.network != "host",
             alive_r=_runner_alive_fd() if config.die_with_runner else -1,
-            userns_unshare=fork_ns)
+            userns_unshare=fork_ns, seccomp=seccomp_filter,
+            no_new_privs=spec.no_new_privileges, helper_fd=helper.helper_fd())
         netns_fd = -1
         if uns:
             pid = os.fork()
@@ -525,6 +545,8 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
         for fd in child_fds:
             os.close(fd)
         child_fds.clear()
+        if relay is not None:
+            relay.start()
         close_sources(mounts)
         # While the child builds its mounts, move it into the cgroup (before it forks
         # anything of the container's; see init.container_main).
@@ -558,6 +580,32 @@ def _launch(c: RunningContainer, config: RuntimeConfig, netcfg: Any, stdin: Stdi
         close_sources(mounts)
 
 
+SECCOMP_FILE = "seccomp.bpf"
+
+
+def _container_caps(spec: ContainerSpec, restricts_devices: bool) -> frozenset[int]:
+    caps = security.container_caps(spec.cap_add, spec.cap_drop)
+    if not restricts_devices and security.CAP_MKNOD in caps:
+        # cgroup v2 has no device allow-list here (it takes an eBPF program): with
+        # CAP_MKNOD a container could make and open a node of any host device.
+        if any(a.upper().removeprefix("CAP_") in ("MKNOD", "ALL") for a in spec.cap_add):
+            raise InvalidArgument(f"container {spec.short_id}: --cap-add MKNOD needs the "
+                                  f"cgroup v1 devices controller (layerfs has no v2 device "
+                                  f"filter)")
+        caps = caps - {security.CAP_MKNOD}
+    return caps
+
+
+def _seccomp_filter(spec: ContainerSpec, caps: frozenset[int],
+                    state: Path) -> seccomp.CompiledFilter | None:
+    if spec.seccomp == "unconfined":
+        return None
+    profile = (seccomp.default_profile_bytes() if spec.seccomp == "default"
+               else spec.seccomp)
+    assert isinstance(profile, bytes)
+    return seccomp.filter_for(profile, caps, state / "seccomp")
+
+
 def _in_child(fn: Any, plan: InitPlan) -> None:
     try:
         fn(plan)
@@ -589,9 +637,10 @@ def _userns_handshake(c: RunningContainer, ready_r: int, go_w: int, err_r: int) 
 class ExecProcess:
     """A process started in a running container by :func:`exec_in` (a child of ours)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, relay: Relay | None = None) -> None:
         self.pid = pid
         self.status: ExitStatus | None = None
+        self._relay = relay
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
         if self.status is None:
@@ -606,6 +655,8 @@ class ExecProcess:
                     os.close(pidfd)
             _, status = os.waitpid(self.pid, 0)
             self.status = ExitStatus.from_wait(status)
+            if self._relay is not None:
+                self._relay.stop()
         return self.status
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
@@ -617,14 +668,15 @@ class ExecProcess:
 def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
             env: dict[str, str] | None = None, cwd: str | None = None,
             user: tuple[int, int] | None = None, stdin: Stdio = None, stdout: Stdio = None,
-            stderr: Stdio = None) -> ExecProcess:
+            stderr: Stdio = None, passthrough: bool = False) -> ExecProcess:
     """Start ``argv`` in the namespaces and cgroup of a running container.
 
     The process joins the container's cgroup (while its paths are still the
     host's), then its user, ipc, uts, net, cgroup and mount namespaces (setns),
     and is forked straight into its pid namespace; it gets the same capabilities,
     ``no_new_privs`` and fd hygiene as the main process. ``env`` defaults to the
-    container's environment and ``cwd``/``user`` to the spec's.
+    container's environment and ``cwd``/``user`` to the spec's. stdio is relayed
+    through pipes unless ``passthrough`` (see :func:`start`).
     """
     if isinstance(container, RunningContainer):
         record = container._record
@@ -632,7 +684,7 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                                          container.spec.user)
         groups = tuple(container.spec.groups)
         procs = container.cgroup.procs_files()
-        restricts = container.cgroup.restricts_devices
+        cdir = container._cdir
     else:
         record = container.record
         spec_env = record.get("env") or {"PATH": DEFAULT_PATH}
@@ -641,18 +693,38 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
         groups = tuple(int(g) for g in record.get("groups", ()))
         cg = Cgroup.from_record(record["cgroup"])
         procs = cg.procs_files()
-        restricts = cg.restricts_devices
+        cdir = container.directory or Path("/nonexistent")
     pid, start_ = record.get("pid"), record.get("pid_start")
     if not same_process(pid, start_) or not isinstance(pid, int):
         raise NotFound(f"container {record.get('id', '?')[:12]}: not running")
     if isinstance(argv, str) or not argv:
         raise InvalidArgument(f"exec argv {argv!r}: must be a non-empty list")
     uid, gid = user or spec_user
-    caps = security.DEFAULT_CAPS if restricts else security.DEFAULT_CAPS - {security.CAP_MKNOD}
+    if "caps" in record:
+        caps = frozenset(security.cap_number(n) for n in record["caps"])
+    else:   # recorded by a layerfs before --cap-add: Docker's defaults
+        restricts = Cgroup.from_record(record["cgroup"]).restricts_devices
+        caps = security.DEFAULT_CAPS - (set() if restricts else {security.CAP_MKNOD})
+    filt = None
+    if record.get("seccomp"):
+        try:
+            filt = seccomp.CompiledFilter.from_bytes((cdir / SECCOMP_FILE).read_bytes())
+        except (OSError, ValueError) as err:
+            raise LayerfsError(f"exec in {record.get('id', '?')[:12]}: its seccomp filter "
+                               f"{cdir / SECCOMP_FILE} is unreadable: {err}") from None
+    nnp = bool(record.get("no_new_privileges", True))
     kinds = ["user", "ipc", "uts", "net", "cgroup", "mnt", "pid"]
     fds = open_namespaces(pid, kinds)
+    shim = helper.helper_fd()
     err_r, err_w = _pipe()
-    stdio = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+    given = (_fileno(stdin, 0), _fileno(stdout, 1), _fileno(stderr, 2))
+    try:
+        relay = make_relay(*given, None, passthrough)
+    except BaseException:
+        for fd in (err_r, err_w, *fds.values()):
+            os.close(fd)
+        raise
+    stdio = relay.child_stdio if relay is not None else given
     try:
         pid_fd = {"pid": fds.pop("pid")} if "pid" in fds else {}
         try:
@@ -660,12 +732,14 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
                 child = os.fork()
                 if child == 0:
                     _exec_child(fds, procs, stdio, err_w, list(argv), env or spec_env,
-                                cwd or spec_cwd, uid, gid, groups, caps)
+                                cwd or spec_cwd, uid, gid, groups, caps, filt, nnp, shim)
         finally:
             for fd in pid_fd.values():
                 os.close(fd)
         os.close(err_w)
         err_w = -1
+        if relay is not None:
+            relay.start()
         failure = _read_all(err_r)
         if failure:
             os.waitpid(child, 0)
@@ -673,8 +747,11 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
             if msg.get("errno") == errno.ENOENT and msg["stage"] == "exec":
                 raise NotFound(f"exec in {record['id'][:12]}: {argv[0]!r} not found")
             raise LayerfsError(f"exec in {record['id'][:12]}: {msg['stage']}: {msg['message']}")
-        return ExecProcess(child)
+        proc, relay = ExecProcess(child, relay), None
+        return proc
     finally:
+        if relay is not None:            # not handed to an ExecProcess: it failed
+            relay.stop(grace=0)
         os.close(err_r)
         if err_w >= 0:
             os.close(err_w)
@@ -684,7 +761,8 @@ def exec_in(container: RunningContainer | ContainerInfo, argv: Sequence[str], *,
 
 def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, int], err_w: int,
                 argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int,
-                groups: tuple[int, ...], caps: frozenset[int]) -> None:
+                groups: tuple[int, ...], caps: frozenset[int],
+                filt: seccomp.CompiledFilter | None, nnp: bool, shim: int) -> None:
     from .init import report
 
     stage = "setup"
@@ -694,15 +772,16 @@ def _exec_child(fds: dict[str, int], procs: list[str], stdio: tuple[int, int, in
         tmp = [os.dup(fd) for fd in stdio]
         for i, fd in enumerate(tmp):
             os.dup2(fd, i, inheritable=True)
-        _sys.close_all_except({err_w, *fds.values()})
+        _sys.close_all_except({err_w, shim, *fds.values()})
         for path in procs:
             with open(path, "w") as f:
                 f.write("0")
         stage = "namespaces"
         join_namespaces(fds)
         stage = "exec"
-        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w}))
-        os.execvpe(argv[0], argv, env)
+        security.become(uid, gid, groups, caps, cwd, keep_fds=frozenset({err_w, shim}),
+                        seccomp=filt, no_new_privs=nnp)
+        helper.exec_through(shim, err_w, argv, env)
     except BaseException as err:
         report(err_w, stage, err)
     os._exit(127)

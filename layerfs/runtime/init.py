@@ -1,18 +1,22 @@
-"""The container's first process: it builds the container, then stays as PID 1.
+"""The container's first process: it builds the container, then becomes its PID 1.
 
-There is no separate init binary. The engine ``os.fork()``\\s the runner into a
-new PID (and network) namespace; the child, already PID 1 and already holding
-the runner's imported modules (a fork costs ~1 ms, ``execve`` of a fresh Python
-~20 ms), runs :func:`container_main`:
+The engine ``os.fork()``\\s the runner into a new PID (and network) namespace; the
+child, already PID 1 and already holding the runner's imported modules (a fork costs
+~1 ms, ``execve`` of a fresh Python ~20 ms), runs :func:`container_main`. Once the
+main process is started, PID 1 execs ``layerfs-init`` (pid1.c, from the sealed memfd
+of :mod:`.helper`), and the main process execs its command through the same helper:
+no process of the container ever execs with the host's python as ``/proc/self/exe``
+(docs/security.md)::
 
-```
-runner ──fork──> PID 1 (this module)
-                  setsid, stdio, close fds, join cgroup, unshare mnt/uts/ipc/cgroup,
-                  hostname, lo up, mounts + pivot_root, [wait for the network]
-                  ──fork──> main process: drop privileges (security.become) ── execve(argv)
-                  reap every child, forward signals to the main process,
-                  when it exits: report its wait status, exit (the kernel kills the rest)
-```
+    runner ──fork──> PID 1 (this module)
+                      setsid, stdio, close fds, join cgroup, unshare mnt/uts/ipc/cgroup,
+                      hostname, lo up, mounts + pivot_root, [wait for the network],
+                      load the seccomp filter
+                      ──fork──> main process: drop privileges (security.become)
+                                 ── execve(helper: layerfs-exec) ── execve(argv)
+                      block signals, keep CAP_KILL ── execve(helper: layerfs-init):
+                      reap every child, forward signals to the main process,
+                      when it exits: report its wait status, exit (the kernel kills the rest)
 
 With a user namespace there is one more hop: the forked child first unshares the
 user namespace, waits for the runner to write its id maps, then creates the PID
@@ -22,7 +26,7 @@ with PID 1's status (:func:`userns_main`).
 Pipes to the runner (all numbers are the runner's fds, inherited by fork):
 
 * ``err_w``   setup or exec failure as one JSON line; EOF without data = exec succeeded
-  (the main process holds it ``O_CLOEXEC`` until ``execve``);
+  (the main process holds it until the helper's last ``execve``, which closes it);
 * ``status_w`` the main process's raw wait status, written by PID 1 before it exits;
 * ``go_r``    one byte per wait point: cgroup joined and id maps written (userns relay),
   cgroup joined and network ready (PID 1);
@@ -38,12 +42,19 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from . import _sys, security
+from . import _sys, helper, security
 from .namespaces import MountPlan, setup_mounts
 
+if TYPE_CHECKING:
+    from .seccomp import CompiledFilter
+
 INIT_NAME = "layerfs-init"
+
+# Synchronous faults: never blocked (a fault while blocked kills the process anyway).
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+           signal.SIGTRAP, signal.SIGSYS, signal.SIGKILL, signal.SIGSTOP}
 
 # Forwarded to the main process; the rest are synchronous faults, job control, or
 # cannot be caught.
@@ -77,6 +88,9 @@ class InitPlan:
     loopback: bool = True
     alive_r: int = -1                         # read end of the runner's liveness pipe
     userns_unshare: int = 0                   # userns relay: namespaces created before PID 1
+    seccomp: CompiledFilter | None = None     # loaded by PID 1; the main process inherits it
+    helper_fd: int = -1                       # helper.helper_fd(): the sealed layerfs-init
+    no_new_privs: bool = True
 
 
 def report(fd: int, stage: str, err: BaseException) -> None:
@@ -113,7 +127,7 @@ def _prepare_process(plan: InitPlan) -> None:
     for i, fd in enumerate(tmp):
         os.dup2(fd, i, inheritable=True)
     _sys.close_all_except({plan.err_w, plan.status_w, plan.go_r, plan.ready_w, plan.alive_r,
-                           *plan.mounts.fds()})
+                           plan.helper_fd, *plan.mounts.fds()})
 
 
 def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
@@ -138,6 +152,12 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
         _wait_go(plan.go_r, plan.go_waits)
         os.close(plan.go_r)
         _sys.unshare(_sys.CLONE_NEWCGROUP)  # after joining: the container's cgroup is its root
+        # Last: nothing below needs a call the filter refuses. The main process inherits
+        # it through fork (PID 1 still has CAP_SYS_ADMIN here, so this works with
+        # no_new_privs off too, and setuid programs then work as with Docker).
+        stage = "seccomp"
+        if plan.seccomp is not None:
+            security.load_seccomp(plan.seccomp)
     except BaseException as err:
         report(plan.err_w, stage, err)
         os._exit(1)
@@ -150,15 +170,6 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
                 os.kill(main_pid[0], sig)
             except ProcessLookupError:
                 pass
-
-    def runner_gone(_sig: int, _frame: object) -> None:
-        # SIGIO: the runner's liveness pipe became readable. EOF means every write end
-        # is closed, i.e. the runner process died: take the container down with it.
-        try:
-            if os.read(plan.alive_r, 1) == b"" and main_pid[0] > 0:
-                os.kill(main_pid[0], signal.SIGKILL)
-        except (BlockingIOError, ProcessLookupError):
-            pass
 
     for sig in FORWARDED_SIGNALS:
         try:
@@ -175,57 +186,47 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
         _exec_main(plan)
     main_pid[0] = pid
     os.close(plan.err_w)
-    if plan.alive_r >= 0:
-        _watch_runner(plan.alive_r, runner_gone)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")  # the OOM killer should pick the culprit, not the reaper
     except OSError:
         pass  # needs CAP_SYS_RESOURCE in the initial user namespace
+    _become_init(plan, pid)
+
+
+def _become_init(plan: InitPlan, main_pid: int) -> NoReturn:
+    """Replace this copy of the runner's python with the helper as PID 1 (pid1.c): it
+    reaps, forwards signals, follows the runner's liveness pipe and reports the status.
+    Signals are blocked first and stay pending across the exec, so none is lost."""
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - _FAULTS)
         security.harden_init()
-    except OSError:
+        inherited = [fd for fd in (plan.status_w, plan.alive_r) if fd >= 0]
+        _sys.close_all_except({*inherited, plan.helper_fd})
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        os.execve(plan.helper_fd, [INIT_NAME],
+                  {"LAYERFS_INIT": f"{main_pid} {plan.status_w} {plan.alive_r}"})
+    except BaseException:
         pass
-    status = _reap(pid)
+    # Without its init the container cannot be run as designed: end it, say so.
     try:
-        os.write(plan.status_w, f"{status}\n".encode())
-    except OSError:
-        pass
-    os._exit(_exit_code(status))
-
-
-def _watch_runner(fd: int, handler: object) -> None:
-    """Get SIGIO when the runner's liveness pipe hangs up (the kernel signals the readers
-    of a pipe when its last writer goes away). Unlike PR_SET_PDEATHSIG, which fires when
-    the *thread* that forked exits, this follows the runner process."""
-    import fcntl
-
-    signal.signal(signal.SIGIO, handler)  # type: ignore[arg-type]
-    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
-    handler(signal.SIGIO, None)  # type: ignore[operator]  # it may be gone already
+        os.kill(main_pid, signal.SIGKILL)
+        os.write(plan.status_w, f"{255 << 8}\n".encode())
+    finally:
+        os._exit(255)
 
 
 def _exec_main(plan: InitPlan) -> NoReturn:
     try:
         security.become(plan.uid, plan.gid, plan.groups, plan.caps, plan.cwd,
-                        keep_fds=frozenset({plan.err_w}))
-        os.execvpe(plan.argv[0], list(plan.argv), plan.env)
+                        keep_fds=frozenset({plan.err_w, plan.helper_fd}),
+                        no_new_privs=plan.no_new_privs)
+        helper.exec_through(plan.helper_fd, plan.err_w, list(plan.argv), plan.env)
     except BaseException as err:
         report(plan.err_w, "exec", err)
     finally:
         os._exit(127)
-
-
-def _reap(main_pid: int) -> int:
-    """Reap every child until the main process exits; return its wait status."""
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return 255 << 8
-        if pid == main_pid:
-            return status
 
 
 def _exit_code(status: int) -> int:

@@ -25,6 +25,7 @@ NetworkMode = Literal["bridge", "none", "host"]
 NETWORK_MODES = ("bridge", "none", "host")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_MEMORY = 6 * 1024 * 1024  # Docker's floor: below this the runtime itself cannot start
+_MAX_PROFILE = 1 << 20         # seccomp_profile.MAX_PROFILE_BYTES (not imported: spec stays light)
 
 _ID_RE = re.compile(r"^[a-f0-9]{12,64}$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
@@ -99,6 +100,12 @@ class ContainerSpec:
     host. ``memory`` is in bytes, ``cpus`` a fraction of CPUs (``0.5`` = half a
     core), ``pids_limit`` the most tasks at once. ``id`` is generated when not
     given; ``name`` is a free label for ``ps``.
+
+    Privileges (docs/security.md): ``cap_add``/``cap_drop`` change Docker's default
+    capability set (names, ``ALL``); ``seccomp`` is ``"default"`` (our copy of
+    Docker's profile), ``"unconfined"`` or the bytes of a profile in Docker's JSON
+    format; ``no_new_privileges`` (on by default, unlike Docker) makes setuid bits
+    and file capabilities grant nothing.
     """
 
     rootfs: Path
@@ -118,6 +125,10 @@ class ContainerSpec:
     uid_map: Sequence[IdMap] = (IdMap(0, 100000, 65536),)
     gid_map: Sequence[IdMap] = (IdMap(0, 100000, 65536),)
     read_only: bool = False
+    cap_add: Sequence[str] = ()
+    cap_drop: Sequence[str] = ()
+    seccomp: str | bytes = "default"
+    no_new_privileges: bool = True
     id: str = ""
     name: str | None = None
 
@@ -184,6 +195,16 @@ class ContainerSpec:
         if len(seen) != len(self.ports):
             raise InvalidArgument(f"published ports {[str(p) for p in self.ports]}: a host port "
                                   f"is given twice")
+        from .security import container_caps
+        put("cap_add", tuple(self.cap_add))
+        put("cap_drop", tuple(self.cap_drop))
+        container_caps(self.cap_add, self.cap_drop)          # InvalidArgument on a bad name
+        if isinstance(self.seccomp, bytes):
+            from .seccomp_profile import Profile
+            Profile.parse(self.seccomp, "given to the container")
+        elif self.seccomp not in ("default", "unconfined"):
+            raise InvalidArgument(f"seccomp {self.seccomp!r}: use 'default', 'unconfined' or "
+                                  f"the bytes of a JSON profile")
         put("uid_map", tuple(m if isinstance(m, IdMap) else IdMap(*m) for m in self.uid_map))
         put("gid_map", tuple(m if isinstance(m, IdMap) else IdMap(*m) for m in self.gid_map))
         if self.userns and (not self.uid_map or not self.gid_map):
@@ -249,6 +270,57 @@ def parse_user(text: str) -> tuple[int, int]:
     if not uid.isdigit() or (gid and not gid.isdigit()):
         raise InvalidArgument(f"user {text!r}: use numeric uid[:gid]")
     return int(uid), int(gid or uid)
+
+
+@dataclass(frozen=True)
+class SecurityOptions:
+    """What ``--security-opt`` values ask for (:func:`parse_security_opts`)."""
+
+    seccomp: str | bytes = "default"
+    no_new_privileges: bool = True
+
+
+def parse_security_opts(items: Iterable[str]) -> SecurityOptions:
+    """Docker's ``--security-opt`` values: ``seccomp=unconfined|default|PROFILE.json`` and
+    ``no-new-privileges[=true|false]`` (``:`` works as well as ``=``). ``apparmor=unconfined``
+    and ``label=disable`` are accepted (layerfs has neither); other AppArmor or SELinux
+    options are refused: layerfs cannot honour them (docs/security.md)."""
+    seccomp: str | bytes = "default"
+    nnp = True
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, sep, value = item.partition(":")
+        key = key.strip()
+        if key == "seccomp" and sep:
+            if value in ("unconfined", "default", "builtin"):
+                seccomp = "default" if value == "builtin" else value
+                continue
+            try:
+                with open(value, "rb") as f:
+                    data = f.read(_MAX_PROFILE + 1)
+            except OSError as err:
+                raise InvalidArgument(f"--security-opt {item}: cannot read the profile: "
+                                      f"{err.strerror}") from None
+            from .seccomp_profile import Profile
+            Profile.parse(data, value)
+            seccomp = data
+        elif key == "no-new-privileges":
+            if not sep or value.lower() in ("true", "1"):
+                nnp = True
+            elif value.lower() in ("false", "0"):
+                nnp = False
+            else:
+                raise InvalidArgument(f"--security-opt {item}: use no-new-privileges[=true|false]")
+        elif (key, value) in (("apparmor", "unconfined"), ("label", "disable")):
+            continue
+        elif key in ("apparmor", "label", "systempaths", "mask", "unmask"):
+            raise InvalidArgument(f"--security-opt {item}: not supported (layerfs has no AppArmor "
+                                  f"or SELinux; see docs/security.md)")
+        else:
+            raise InvalidArgument(f"--security-opt {item!r}: use seccomp=unconfined|PROFILE.json "
+                                  f"or no-new-privileges[=true|false]")
+    return SecurityOptions(seccomp, nnp)
 
 
 def parse_env(items: Iterable[str]) -> dict[str, str]:

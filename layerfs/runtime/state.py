@@ -55,6 +55,7 @@ class ContainerInfo:
     exit: dict[str, Any] | None
     log_path: Path | None
     record: dict[str, Any] = field(repr=False, default_factory=dict)
+    directory: Path | None = None     # containers/<id>/ in the state directory
 
 
 def containers_dir(state_dir: Path) -> Path:
@@ -141,7 +142,8 @@ def record_info(cdir: Path, record: dict[str, Any], locked: bool | None = None) 
         id=record.get("id", cdir.name), name=record.get("name"), status=status,
         pid=record.get("pid"), argv=record.get("argv", []), created=record.get("created", 0.0),
         address=net.get("address") or None, ports=record.get("ports", []),
-        exit=record.get("exit"), log_path=log if log.exists() else None, record=record)
+        exit=record.get("exit"), log_path=log if log.exists() else None, record=record,
+        directory=cdir)
 
 
 def _find(state_dir: Path, ref: str) -> Path:
@@ -190,6 +192,12 @@ def remove(state_dir: str | os.PathLike[str], ref: str) -> None:
     state = Path(state_dir)
     cdir = _find(state, ref)
     fd = try_lock(cdir / "lock")
+    # The runner writes "exited" just before it lets go of the lock: give it a moment.
+    deadline = time.monotonic() + 5
+    while fd is None and read_record(cdir).get("status") == "exited" and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+        fd = try_lock(cdir / "lock")
     if fd is None:
         raise InUse(f"container {cdir.name[:12]}: still running; kill it first")
     try:

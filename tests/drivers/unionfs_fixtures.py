@@ -24,6 +24,8 @@ from typing import Any
 
 from layerfs import mount as mountlib
 
+from ..host_resources import pids_whose_argv
+
 MODULE = "layerfs_drivers.aufs.unionfs"
 PR_SET_CHILD_SUBREAPER = 36
 MNT_DETACH = 2
@@ -47,18 +49,7 @@ def is_mounted(target: Path) -> bool:
 def server_pids(target: Path) -> list[int]:
     """Processes whose command line names ``target`` and the module (our servers)."""
     want = os.fsencode(os.path.realpath(target))
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if MODULE.encode() in argv and want in argv:
-            pids.append(int(entry))
-    return pids
+    return pids_whose_argv(lambda argv: MODULE.encode() in argv and want in argv)
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> int | None:

@@ -7,8 +7,6 @@ failure with debootstrap's own last lines, not a skip.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,6 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 
 from .conftest import run_image
-
-
-@pytest.fixture
-def debian_tree(scratch: Path) -> Iterator[Path]:
-    if shutil.which("debootstrap") is None:
-        pytest.skip("debootstrap is not installed (scripts/setup installs it)")
-    tree = scratch / "debian-rootfs"
-    shutil.rmtree(tree, ignore_errors=True)
-    try:
-        yield timg.debian_rootfs(tree)
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.mark.slow

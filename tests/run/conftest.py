@@ -213,6 +213,19 @@ def cli(make_cli: Callable[[str], Cli]) -> Cli:
     return make_cli("overlay2")
 
 
+def busybox_layer(cli: Cli) -> bytes:
+    """The layer tar of the session's busybox image (to build hostile images on)."""
+    import json
+    import tarfile
+
+    with tarfile.open(cli.session.busybox) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        layer = tar.extractfile(json.load(member)[0]["Layers"][0])
+        assert layer is not None
+        return layer.read()
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():

@@ -122,6 +122,26 @@ def state(lfs: Session, request: pytest.FixtureRequest) -> Iterator[Path]:
     assert_no_leftovers(lfs, path)
 
 
+def build_probe(dest: Path) -> Path:
+    """tests/runtime/syscall_probe.c, built static (the test rootfs has no libc)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("no C compiler: scripts/setup installs gcc and libc6-dev")
+    src = Path(__file__).with_name("syscall_probe.c")
+    proc = subprocess.run([cc, "-static", "-O2", "-o", str(dest), str(src), "-lpthread"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"building {src.name} failed:\n{proc.stderr}")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def probe(lfs: Session) -> str:
+    """``lfs-probe`` in the test rootfs (see syscall_probe.c): the command to run inside."""
+    build_probe(lfs.rootfs / "bin" / "lfs-probe")
+    return "/bin/lfs-probe"
+
+
 @pytest.fixture
 def config(lfs: Session) -> RuntimeConfig:
     return lfs.config()
