@@ -11,7 +11,10 @@ explorer has wasted space to find) is loaded into the target's store. Then:
                      the stack replayed, wasted space and efficiency computed (in-process);
 ``explore_cli``      ``layerfs image explore IMG --json`` as a process (Python start-up,
                      opening the root, the analysis, JSON out);
-``explain_cli``      ``layerfs explain --image IMG PATH`` as a process, for a deep path.
+``explain_cli``      ``layerfs explain --image IMG PATH`` as a process, for a deep path;
+``explore_tui``      ``layerfs image explore IMG`` on a pseudo-terminal (160x50), from the
+                     start of the process until the file tree of the top layer is on the
+                     screen: what a user waits for (quitting it is not timed).
 
 On the ``docker`` peer the row is ``docker save IMG | tar -t``: dive reads the whole
 image archive on every start (it asks the engine for ``docker save``), and listing that
@@ -24,6 +27,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
+import select
 import subprocess
 import sys
 import tarfile
@@ -118,6 +123,85 @@ def build_archive(scratch: Path, *, layers: int, files: int, size: int,
     return archive
 
 
+#: Escape sequences a terminal UI writes (CSI with parameters, OSC, two-byte ESC x),
+#: removed before looking for text on the screen.
+_ESCAPES = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+class TerminalSession:
+    """A command on a pseudo-terminal of ``columns`` x ``rows``, for timing how long a
+    terminal UI takes until some text is on its screen."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], *, columns: int = 160,
+                 rows: int = 50) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        self.argv, self.env = argv, dict(env, TERM="xterm-256color", COLUMNS=str(columns),
+                                         LINES=str(rows))
+        self.master, self._slave = os.openpty()
+        fcntl.ioctl(self._slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._screen = bytearray()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdin=self._slave, stdout=self._slave,
+                                     stderr=self._slave, env=self.env, start_new_session=True)
+        os.close(self._slave)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Read the terminal until ``text`` shows (escape sequences removed); a process
+        that exits or stays silent for ``timeout`` s first makes the scenario skip, with
+        the end of what it wrote."""
+        wanted = text.encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.master], [], [], max(0.0, left))
+            chunk = b""
+            if ready:
+                try:
+                    chunk = os.read(self.master, 1 << 16)
+                except OSError:  # EIO: the last holder of the terminal's other side is gone
+                    pass
+            if not chunk:
+                tail = _ESCAPES.sub(b"", bytes(self._screen[-2000:])).decode(errors="replace")
+                why = "exited" if ready else f"showed nothing new for {timeout:.0f} s"
+                raise ScenarioSkip(f"{' '.join(self.argv[-3:])} {why} before {text!r} was "
+                                   f"on screen: ...{tail[-300:].strip()}")
+            self._screen += chunk
+            # a screen's text is split by escape sequences, never by a chunk boundary
+            # that the joined buffer would not mend: search all of it, cleaned
+            if wanted in _ESCAPES.sub(b"", bytes(self._screen)):
+                return
+
+    def close(self, keys: bytes = b"q", timeout: float = 30.0) -> None:
+        """Type ``keys`` (quit), drain the terminal, reap the process (killed if it stays).
+        Once; later calls do nothing."""
+        if self.master < 0:
+            return
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                os.write(self.master, keys)
+                deadline = time.monotonic() + timeout
+                while self.proc.poll() is None and time.monotonic() < deadline:
+                    ready, _, _ = select.select([self.master], [], [], 0.1)
+                    if ready:
+                        try:
+                            os.read(self.master, 1 << 16)
+                        except OSError:
+                            break
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                self.proc.wait()
+        finally:
+            os.close(self.master)
+            self.master = -1
+            if self.proc is None:
+                os.close(self._slave)
+
+
 def deep_path(names: list[str]) -> str:
     return "/" + max(names, key=lambda p: (p.count("/"), p))
 
@@ -163,7 +247,21 @@ def _layerfs(ctx: Ctx, archive: Path, params: dict[str, Any], reps: int) -> None
         subprocess.run([sys.executable, "-m", "layerfs", *args], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
+    def terminal(_: int) -> TerminalSession:
+        return TerminalSession([sys.executable, "-m", "layerfs", "image", "explore", IMAGE], env)
+
+    def tui_open(session: TerminalSession) -> None:
+        try:
+            session.start()
+            session.wait_for(f"Files as of layer {len(target.layers)} (", timeout=300)
+        except BaseException:
+            session.close()  # `after` runs only for a timing that succeeded
+            raise
+
     ctx.run_probes([
+        Probe("explore_tui", tui_open, params, setup=terminal, after=TerminalSession.close,
+              unit="s", note="layerfs image explore IMG on a 160x50 pseudo-terminal, until "
+                             "the top layer's file tree is drawn"),
         Probe("explore_cli", lambda _: cli("image", "explore", IMAGE, "--json"), params,
               primary=True, unit="s",
               note="layerfs image explore IMG --json, a process, indexes kept"),
