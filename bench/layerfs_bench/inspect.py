@@ -289,10 +289,14 @@ def _docker_floor(ctx: Ctx, archive: Path, params: dict[str, Any], reps: int) ->
             raise ScenarioSkip("docker save | tar -t failed")
 
     try:
-        ctx.run_probes([
+        samples = ctx.run_probes([
             Probe("explore_cli", save_list, params, primary=True, unit="s",
                   note="docker save IMG | tar -t: reading the image as dive does on every "
                        "start (the floor under it)"),
         ], reps, label="docker save")
+        # dive draws its UI only once it has read the archive: the same floor is the peer
+        # of the explorer's terminal UI
+        ctx.record("explore_tui", next(iter(samples.values())), unit="s", params=params,
+                   note="the explore_cli samples: dive's UI shows after reading the image")
     finally:
         daemon.docker("rmi", "-f", IMAGE, check=False)
