@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import InvalidArgument, LayerfsError
 
@@ -231,22 +232,62 @@ def mount_overlay(options: Sequence[str], target: str, *, method: str = "auto") 
         raise InvalidArgument(f"unknown overlay mount method {method!r}")
 
 
+# --- FUSE mounts from a warm process ----------------------------------------------------------
+
+class FuseForker(Protocol):
+    """Something that performs FUSE helper mounts from an already-running process.
+
+    ``mount(helper, target)`` does what running ``[*helper, target]`` would do
+    and returns True once the mount is live; False when it cannot serve that
+    helper (the mount module then runs the command); it raises OSError, its
+    ``strerror`` the reason, when mounting failed. One that also works in
+    processes forked after it was made (the daemon's workers) says so with a
+    true ``fork_safe`` attribute.
+    """
+
+    def mount(self, helper: Sequence[str], target: str) -> bool: ...
+
+
+_fuse_forker: FuseForker | None = None
+
+
+def set_fuse_forker(forker: FuseForker | None) -> FuseForker | None:
+    """Route FUSE helper mounts through ``forker`` (None: run the helper commands again).
+
+    A long-lived process (the ``layerfs daemon``, the bench) calls this once at
+    its start with :class:`layerfs_drivers.aufs.forkserver.ForkServer` (made by
+    ``AufsDriver.make_fuse_forker()``), so an aufs mount forks its server from a
+    warm process instead of starting an interpreter; a command-line run never
+    does and mounts exactly as before. Returns the previous forker.
+    """
+    global _fuse_forker
+    previous, _fuse_forker = _fuse_forker, forker
+    return previous
+
+
+def _mount_fuse(m: Mount, tgt: str) -> None:
+    if not m.helper:
+        raise InvalidArgument(f"FUSE mount {m.source} has no helper command")
+    forker = _fuse_forker
+    if forker is not None and forker.mount(m.helper, tgt):
+        return
+    try:
+        proc = subprocess.run([*m.helper, tgt], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=FUSE_HELPER_TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        raise LayerfsError(f"mount {m.type} on {tgt}: helper did not report a live "
+                           f"mount within {FUSE_HELPER_TIMEOUT} s") from err
+    if proc.returncode != 0:
+        detail = proc.stderr.strip() or f"exit {proc.returncode}"
+        raise LayerfsError(f"mount {m.type} on {tgt}: {detail}")
+
+
 def mount(m: Mount, target: str | os.PathLike[str]) -> None:
     """Perform one mount onto ``target`` (which must exist)."""
     tgt = os.fspath(target)
     try:
         if m.type.startswith("fuse.") or m.helper:
-            if not m.helper:
-                raise InvalidArgument(f"FUSE mount {m.source} has no helper command")
-            try:
-                proc = subprocess.run([*m.helper, tgt], capture_output=True, text=True,
-                                      stdin=subprocess.DEVNULL, timeout=FUSE_HELPER_TIMEOUT)
-            except subprocess.TimeoutExpired as err:
-                raise LayerfsError(f"mount {m.type} on {tgt}: helper did not report a live "
-                                   f"mount within {FUSE_HELPER_TIMEOUT} s") from err
-            if proc.returncode != 0:
-                detail = proc.stderr.strip() or f"exit {proc.returncode}"
-                raise LayerfsError(f"mount {m.type} on {tgt}: {detail}")
+            _mount_fuse(m, tgt)
         elif m.type == "overlay":
             mount_overlay(m.options, tgt)
         elif m.type == "bind" or "bind" in m.options or "rbind" in m.options:

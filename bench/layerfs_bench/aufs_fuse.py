@@ -24,9 +24,20 @@ Scenarios (plain functions, each returns rows of a table):
 ``seq_read``
     Sequential read of a 200 MB lower file: ours (first read, then again
     from the kept page cache) vs kernel overlay.
+``io``
+    Sequential reads (page cache cold and warm) and writes of 200 MB, random
+    4 KiB reads and writes: ours in FUSE passthrough, ours served by the
+    process (``--no-passthrough``), fuse-overlayfs and kernel overlay.
 ``copy_up``
     The first 1-byte append to a 100 MB lower file (a full copy-up): ours,
     ours with ``--copyup-fsync``, fuse-overlayfs and kernel overlay.
+``copy_up_btrfs``
+    The same on a loop-mounted btrfs, for 16 MiB, 256 MiB and 1 GiB files:
+    a reflink copy-up costs the same whatever the size.
+``mount``
+    Mount + first stat of a union of 6 branches: ours forked from a warm fork
+    server (as under ``layerfs daemon``), ours through the helper command
+    (cold), fuse-overlayfs and kernel overlay.
 """
 
 from __future__ import annotations
@@ -414,6 +425,18 @@ def seq_read(rounds: int = 5, size: int = 200 * MB) -> list[Row]:
     return rows
 
 
+def _first_append(kind: str, base: Path, lower: Path, size: int, *options: str) -> float:
+    """Time of the first 1-byte append to ``lower/big`` (a full copy-up) on a fresh upper."""
+    upper = _fresh(base / "upper")
+    with mounted(kind, [upper, lower], base / f"m_{kind}", *options) as mnt:
+        def go() -> None:
+            with open(mnt / "big", "ab") as f:
+                f.write(b"!")
+        t = _time(go)
+        assert os.stat(upper / "big").st_size == size + 1
+    return t
+
+
 def copy_up(rounds: int = 7, size: int = 100 * MB) -> list[Row]:
     base = _fresh(SCRATCH / "copyup")
     lower = base / "lower"
@@ -424,14 +447,7 @@ def copy_up(rounds: int = 7, size: int = 100 * MB) -> list[Row]:
     _read_all(lower / "big")
 
     def append(kind: str, *options: str) -> float:
-        upper = _fresh(base / "upper")
-        with mounted(kind, [upper, lower], base / f"m_{kind}", *options) as mnt:
-            def go() -> None:
-                with open(mnt / "big", "ab") as f:
-                    f.write(b"!")
-            t = _time(go)
-            assert os.stat(upper / "big").st_size == size + 1
-        return t
+        return _first_append(kind, base, lower, size, *options)
 
     res = _interleave({"union": lambda: append("union"),
                        "union --copyup-fsync": lambda: append("union", "--copyup-fsync"),
@@ -444,10 +460,224 @@ def copy_up(rounds: int = 7, size: int = 100 * MB) -> list[Row]:
     return rows
 
 
+def _write_file(path: Path, size: int) -> None:
+    chunk = os.urandom(MB)
+    with open(path, "wb") as f:
+        for _ in range(size // MB):
+            f.write(chunk)
+
+
+def _drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _read_all_cold(mnt: Path, _round: int) -> float:
+    _drop_caches()
+    return _read_all(mnt / "big")
+
+
+def _write_all(path: Path, size: int) -> float:
+    chunk = os.urandom(MB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(size // MB):
+            os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def _random_io(path: Path, size: int, ops: int, *, write: bool, seed: int = 1) -> float:
+    import random
+
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(ops)]
+    block = os.urandom(4096)
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        if write:
+            for off in offsets:
+                os.pwrite(fd, block, off)
+        else:
+            for off in offsets:
+                os.pread(fd, 4096, off)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+IO_KINDS = {"union": ("union", ()), "union --no-passthrough": ("union", ("--no-passthrough",)),
+            "fuse-overlayfs": ("fuse-overlayfs", ()), "kernel overlay": ("overlay", ())}
+
+
+def io(rounds: int = 5, size: int = 200 * MB, ops: int = 20_000) -> list[Row]:
+    """Reads and writes through each contender; every contender gets its own upper with a
+    copied-up file, mounted once, and the measurements interleave round by round."""
+    base = _fresh(SCRATCH / "io")
+    lower = base / "lower"
+    lower.mkdir()
+    _write_file(lower / "big", size)
+    _write_file(lower / "copied", size)
+    results: dict[str, dict[str, list[float]]] = {}
+    with contextlib.ExitStack() as stack:
+        mnts: dict[str, Path] = {}
+        for i, (name, (kind, opts)) in enumerate(IO_KINDS.items()):
+            upper = _fresh(base / f"upper{i}")
+            mnt = stack.enter_context(mounted(kind, [upper, lower], base / f"m{i}", *opts))
+            with open(mnt / "copied", "ab") as f:  # copied up once, before timing
+                f.write(b"!")
+            mnts[name] = mnt
+        tests: dict[str, Callable[[Path, int], float]] = {
+            "seq read, cold": _read_all_cold,
+            "seq read, warm": lambda m, r: (_read_all(m / "big"), _read_all(m / "big"))[1],
+            "seq write, new file": lambda m, r: _write_all(m / f"new{r}", size),
+            "rand 4K read, lower": lambda m, r: _random_io(m / "big", size, ops, write=False,
+                                                           seed=r),
+            "rand 4K read, copied-up": lambda m, r: _random_io(m / "copied", size, ops,
+                                                               write=False, seed=r),
+            "rand 4K write, copied-up": lambda m, r: _random_io(m / "copied", size, ops,
+                                                                write=True, seed=r),
+        }
+        for test in tests:
+            results[test] = {name: [] for name in mnts}
+        for r in range(rounds):
+            for test, fn in tests.items():
+                for name, mnt in mnts.items():
+                    results[test][name].append(fn(mnt, r))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(mnt / f"new{r}")
+    rows: list[Row] = []
+    for test, per in results.items():
+        ref = statistics.median(per["kernel overlay"])
+        unit = ops if "rand" in test else None
+        for name, samples in per.items():
+            t = statistics.median(samples)
+            value = f"{t / unit * 1e6:.2f} us/op" if unit else f"{size / MB / t:.0f} MB/s"
+            rows.append((test, name, _ms(t), value, _ratio(t, ref)))
+    _print_table(f"I/O on a {size // MB} MB file, {ops} random ops (median of {rounds}, "
+                 "interleaved)", ("test", "fs", "time", "rate", "vs kernel overlay"), rows)
+    return rows
+
+
+class _BtrfsPool:
+    """A loop-mounted btrfs under SCRATCH (layerfs.pool makes and destroys it)."""
+
+    def __init__(self) -> None:
+        self.mnt = SCRATCH / "btrfs"
+
+    def is_mounted(self) -> bool:
+        return mountlib.is_mounted(self.mnt)
+
+    def create(self, size: int = 8 << 30) -> Path:
+        from layerfs import pool
+
+        pool.create_btrfs(SCRATCH / "btrfs.img", self.mnt, size=size)
+        return self.mnt
+
+    def destroy(self) -> None:
+        from layerfs import pool
+
+        pool.destroy_btrfs(self.mnt)
+
+
+BTRFS = _BtrfsPool()
+
+
+def copy_up_btrfs(rounds: int = 5, sizes: tuple[int, ...] = (16 * MB, 256 * MB, 1024 * MB)
+                  ) -> list[Row]:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    root = BTRFS.create()
+    rows: list[Row] = []
+    try:
+        for size in sizes:
+            base = _fresh(root / f"cu{size}")
+            lower = base / "lower"
+            lower.mkdir()
+            _write_file(lower / "big", size)
+            os.sync()
+
+            res = _interleave({k: (lambda k=k, b=base, lw=lower, sz=size:  # type: ignore[misc]
+                                   _first_append(k, b, lw, sz))
+                               for k in ("union", "fuse-overlayfs", "overlay")}, rounds)
+            for name, t in res.items():
+                rows.append((f"{size // MB} MiB", name, _ms(t),
+                             _ratio(t, res["fuse-overlayfs"])))
+            shutil.rmtree(base, ignore_errors=True)
+    finally:
+        BTRFS.destroy()
+    _print_table(f"first 1-byte append to a lower file on btrfs (reflink copy-up; median of "
+                 f"{rounds})", ("size", "fs", "time", "vs fuse-overlayfs"), rows)
+    return rows
+
+
+def mount(rounds: int = 30, lowers: int = 5) -> list[Row]:
+    """Mount + stat of the root + unmount, per contender, interleaved; the mount alone is
+    the time until the mount command (or fork server) returns."""
+    from layerfs_drivers.aufs.forkserver import ForkServer, reap_children
+
+    base = _fresh(SCRATCH / "mount")
+    branches = [base / "upper", *[base / f"l{i}" for i in range(lowers)]]
+    for i, b in enumerate(branches):
+        (b / "etc").mkdir(parents=True)
+        (b / "etc" / f"f{i}").write_bytes(b"x")
+    work = base / "work"
+    helper = [sys.executable, "-m", MODULE, f"{branches[0]}:rw",
+              *[f"{b}:ro" for b in branches[1:]]]
+    forker = ForkServer()
+    mnt = base / "mnt"
+    mnt.mkdir()
+
+    def one(kind: str) -> float:
+        if kind == "union, warm fork":
+            t0 = time.perf_counter()
+            assert forker.mount(helper, str(mnt))
+        elif kind == "union, cold helper":
+            t0 = time.perf_counter()
+            subprocess.run([*helper, str(mnt)], check=True, stdin=subprocess.DEVNULL)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            opts = (f"lowerdir={':'.join(map(str, branches[1:]))},upperdir={branches[0]},"
+                    f"workdir={work}")
+            argv = (["fuse-overlayfs", "-o", opts, str(mnt)] if kind == "fuse-overlayfs"
+                    else ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, stdin=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        t = time.perf_counter() - t0
+        os.stat(mnt / "etc/f3")
+        mountlib.unmount(mnt)
+        return t
+
+    # Daemonized servers (ours from the helper, fuse-overlayfs) become our children, reaped
+    # at the end; the fork server reaps its own.
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        kinds = ("union, warm fork", "union, cold helper", "fuse-overlayfs", "kernel overlay")
+        for k in kinds:
+            one(k)  # warm-up (the fork server's first mount imports nothing more)
+        res = _interleave({k: (lambda k=k: one(k)) for k in kinds},  # type: ignore[misc]
+                          rounds)
+    finally:
+        forker.close()
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        reap_children()
+    rows: list[Row] = [(name, _ms(t), _ratio(t, res["fuse-overlayfs"]))
+                       for name, t in res.items()]
+    _print_table(f"mount of {lowers} lowers + upper until the mount is live (median of "
+                 f"{rounds}, interleaved)", ("how", "time", "vs fuse-overlayfs"), rows)
+    return rows
+
+
 SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "warm_stat": warm_stat, "timeouts": timeouts, "workload": workload,
     "cold_lookup": cold_lookup,
-    "seq_read": seq_read, "copy_up": copy_up,
+    "seq_read": seq_read, "io": io, "copy_up": copy_up, "copy_up_btrfs": copy_up_btrfs,
+    "mount": mount,
 }
 
 
@@ -467,10 +697,11 @@ def main(argv: list[str] | None = None) -> int:
             fn(rounds=3) if args.quick else fn()
     finally:
         for m in mountlib.mounts_under(SCRATCH):
-            subprocess.run(["umount", "-l", m.target], check=False)
+            mountlib.unmount(m.target, lazy=True)
+        if BTRFS.is_mounted():
+            BTRFS.destroy()
         shutil.rmtree(SCRATCH, ignore_errors=True)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ The machine is noisy (MACHINE.md), so columns compare best within one run,
 as ratios.
 
 Scenarios (:mod:`layerfs_bench.scenarios`) are plain functions
-``fn(ctx, **params)``. They time work through :meth:`Ctx.run_probes` (or record
-numbers they computed with :meth:`Ctx.record`). A :class:`Probe` is one timed
+``fn(ctx, **params)``; a *joint* one (``io-throughput``, ``mount``) gets every
+target's ``Ctx`` at once and times them together, repetition by repetition
+(:func:`run_joint_probes`), for comparisons across targets that must not
+drift. They time work through :meth:`Ctx.run_probes` (or record numbers they
+computed with :meth:`Ctx.record`). A :class:`Probe` is one timed
 operation with an untimed ``setup`` that hands it its argument (a fresh lower
 file, a path), so each repetition can have its own input. Probes in one group
 run repetition by repetition (A B C, A B C, ...), never all of A first.
@@ -531,6 +534,31 @@ class Ctx:
         return [v * 1e9 / _UNIT_NS[p.unit] for v in data]
 
 
+def run_joint_probes(groups: Sequence[tuple[Ctx, Sequence[Probe]]], reps: int, *,
+                     label: str = "") -> None:
+    """Time several targets' probes together and record each target's results: per
+    repetition, each probe on every target in turn (A B C, then the next probe), so the
+    machine's drift falls on every target alike. One target: :meth:`Ctx.run_probes`."""
+    if len(groups) == 1:
+        ctx, probes = groups[0]
+        ctx.run_probes(probes, reps, label=label)
+        return
+    if not groups:
+        return
+    samples: list[list[list[float]]] = [[[] for _ in probes] for _, probes in groups]
+    longest = max(len(probes) for _, probes in groups)
+    for rep in range(reps):
+        if label:
+            groups[0][0].step(f"{label} {rep + 1}/{reps}")
+        for i in range(longest):
+            for g, (ctx, probes) in enumerate(groups):
+                if i < len(probes):
+                    samples[g][i].append(ctx._time_once(probes[i], rep))
+    for g, (ctx, probes) in enumerate(groups):
+        for i, p in enumerate(probes):
+            ctx.record(p.metric, samples[g][i], unit=p.unit, params=p.params, note=p.note)
+
+
 # --- preparing a target -------------------------------------------------------------------------
 
 class TargetSession:
@@ -543,6 +571,10 @@ class TargetSession:
         self.reporter = reporter
         self.pool_mount: Path | None = None
         self.docker: Any = None
+        # A FUSE fork server (the aufs driver's), installed while this target's scenarios
+        # run: the bench is a long-lived process, like the layerfs daemon, and mounts the
+        # way it would (the mount scenario times the cold helper command too).
+        self.forker: Any = None
         self.reason: str | None = None
         self.info: dict[str, Any] = {"label": target.label, "driver": target.driver,
                                      "options": list(target.options), "peer": target.peer,
@@ -594,6 +626,9 @@ class TargetSession:
             if name == "devicemapper" and not host_has_device_mapper():
                 reason += " (this kernel has no device-mapper: add --vm to run it in a qemu guest)"
             raise DriverNotSupported(name, reason)
+        make_forker = getattr(plugins.load(name), "make_fuse_forker", None)
+        if make_forker is not None:
+            self.forker = make_forker()
         store = self.open_store()
         try:
             self.info["backing_fs"] = backing_filesystem(store.driver.home)
@@ -660,6 +695,8 @@ class TargetSession:
                 self.docker.remove_data()
             for m in mountlib.mounts_under(self.roots_dir):
                 mountlib.unmount(m.target, lazy=True)
+            if self.forker is not None:
+                self.forker.close()
             if self.pool_mount is not None:
                 pool.destroy_btrfs(self.pool_mount)
                 with contextlib.suppress(OSError):

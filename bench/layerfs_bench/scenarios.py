@@ -44,26 +44,39 @@ container-start
     Start-to-exit latency of ``/bin/true`` in a busybox container with the
     layerfs runner (``layerfs.runtime``), on each driver; ``docker run`` as a
     peer row.
+io-throughput
+    Sequential and random (4 KiB) reads and writes of a lower file, a copied-up
+    file and a new file in a container layer, and the copy-up itself: the cost
+    of the data path (kernel overlay and btrfs: none; the aufs FUSE union: none
+    where the kernel offers FUSE passthrough; fuse-overlayfs: every byte
+    crosses into its process).
+mount
+    Mounting and unmounting a container layer over a 5-layer image; the aufs
+    FUSE union both ways it can start its server: forked from the bench's warm
+    fork server (as under ``layerfs daemon``) and through its cold helper
+    command (a one-off CLI run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerfs import mount as mountlib
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
 from . import inspect
-from .harness import Ctx, Probe, ScenarioSkip, drop_caches
+from .harness import Ctx, Probe, ScenarioSkip, drop_caches, run_joint_probes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FIXED_MTIME = 1_700_000_000
@@ -723,15 +736,201 @@ def _docker_start(ctx: Ctx, reps: int) -> None:
     ], reps, label="docker run")
 
 
+# --- io-throughput ------------------------------------------------------------------------------
+
+def _read_all(path: Path) -> int:
+    """Read a file to its end in 1 MiB reads; returns the bytes read."""
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(MiB)
+    total = 0
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def _write_new(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, _CHUNK[:min(left, len(_CHUNK))])
+    finally:
+        os.close(fd)
+
+
+class _RandomIO:
+    """An open file and a fixed sequence of 4 KiB-aligned offsets, one per call."""
+
+    def __init__(self, path: Path, size: int, ops: int, seed: int, *, write: bool) -> None:
+        import random
+
+        rng = random.Random(seed)
+        self.offsets = iter([rng.randrange(0, size // 4096) * 4096 for _ in range(ops)])
+        self.fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+        self.block = _CHUNK[:4096]
+
+    def read(self) -> None:
+        os.pread(self.fd, 4096, next(self.offsets))
+
+    def write(self) -> None:
+        os.pwrite(self.fd, self.block, next(self.offsets))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def _io_target(ctx: Ctx, size: int, reps: int, rand_ops: int) -> Iterator[list[Probe]]:
+    """One target's files (a base layer, a container layer on it, mounted) and its probes."""
+    store = ctx.store
+    ctx.step(f"writing {reps + 2} lower files of {human(size)}")
+    base = store.create().id
+    with store.mounted(base) as mnt:
+        write_file(mnt / "lower.bin", size)
+        write_file(mnt / "copied.bin", size)
+        (mnt / "cu").mkdir()
+        for rep in range(reps):
+            write_file(mnt / "cu" / str(rep), size)
+    os.sync()
+    box = store.create(base).id
+    try:
+        with store.mounted(box) as mnt:
+            _append(mnt / "copied.bin")  # copied up once, untimed: its I/O is measured
+            write_file(mnt / "new.bin", size)
+            os.sync()
+            files = {"lower": mnt / "lower.bin", "copied-up": mnt / "copied.bin",
+                     "new": mnt / "new.bin"}
+            yield _io_probes(mnt, files, size, rand_ops)
+    finally:
+        store.remove(box)
+        store.remove(base)
+
+
+def _io_probes(mnt: Path, files: dict[str, Path], size: int, rand_ops: int) -> list[Probe]:
+    def cold(path: Path) -> Callable[[int], Path]:
+        def setup(rep: int) -> Path:
+            drop_caches()
+            return path
+        return setup
+
+    def warm(path: Path) -> Callable[[int], Path]:
+        def setup(rep: int) -> Path:
+            _read_all(path)
+            return path
+        return setup
+
+    def rand(path: Path, write: bool) -> Callable[[int], _RandomIO]:
+        return lambda rep: _RandomIO(path, size, rand_ops, rep, write=write)
+
+    probes = [Probe("seq_read", _read_all, {"file": "lower", "cache": "cold", "size": size},
+                    cold(files["lower"]), unit="ms",
+                    note="read a whole file in 1 MiB reads, page cache dropped first")]
+    for name, path in files.items():
+        probes.append(Probe("seq_read", _read_all, {"file": name, "cache": "warm", "size": size},
+                            warm(path), unit="ms", primary=name == "lower"))
+    probes.append(Probe("seq_write", lambda p: _write_new(p, size), {"file": "new", "size": size},
+                        lambda rep: mnt / f"w{rep}", lambda p: os.unlink(p), unit="ms",
+                        note="write a new file in 1 MiB writes (page cache, no fsync)"))
+    for name in ("lower", "copied-up"):
+        probes.append(Probe("rand_read_4k", lambda r: r.read(), {"file": name},
+                            rand(files[name], False), lambda r: r.close(), unit="us",
+                            batch=rand_ops, note="per 4 KiB pread at a random offset"))
+    for name in ("copied-up", "new"):
+        probes.append(Probe("rand_write_4k", lambda r: r.write(), {"file": name},
+                            rand(files[name], True), lambda r: r.close(), unit="us",
+                            batch=rand_ops, note="per 4 KiB pwrite at a random offset"))
+    probes.append(Probe("copy_up", _append, {"size": size},
+                        lambda rep: mnt / "cu" / str(rep), unit="ms",
+                        note="first 1-byte append to a lower file: copies it up"))
+    return probes
+
+
+def _joint(ctxs: Sequence[Ctx], reps: int, label: str,
+           target: Callable[[Ctx], contextlib.AbstractContextManager[list[Probe]]]) -> None:
+    """Set every target up (a target that cannot run the scenario records why), then time
+    them together, repetition by repetition."""
+    with contextlib.ExitStack() as stack:
+        groups: list[tuple[Ctx, list[Probe]]] = []
+        for ctx in ctxs:
+            try:
+                groups.append((ctx, stack.enter_context(target(ctx))))
+            except ScenarioSkip as err:
+                ctx.skip(str(err))
+        run_joint_probes(groups, reps, label=label)
+
+
+def io_throughput(ctxs: Sequence[Ctx], *, size: int, reps: int, rand_ops: int) -> None:
+    """Reads and writes of lower, copied-up and new files; the copy-up itself. Every target
+    is measured in the same repetitions (a joint scenario)."""
+    _joint(ctxs, reps, "io", lambda ctx: _io_target(ctx, size, reps, rand_ops))
+
+
+# --- mount ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _no_fuse_forker() -> Iterator[None]:
+    previous = mountlib.set_fuse_forker(None)
+    try:
+        yield
+    finally:
+        mountlib.set_fuse_forker(previous)
+
+
+@contextlib.contextmanager
+def _mount_target(ctx: Ctx, image_layers: int) -> Iterator[list[Probe]]:
+    store = ctx.store
+    chain: list[str] = []
+    for i in range(image_layers):
+        chain.append(apply_bytes(store, tar_bytes(["etc", f"d{i}"], {f"d{i}/f": b"x\n"}),
+                                 chain[-1] if chain else None))
+    box = store.create(chain[-1]).id
+    params = {"image_layers": image_layers}
+    warm_fork = ctx.session.forker is not None
+
+    def cold_mount(layer: str) -> None:
+        with _no_fuse_forker():
+            store.mount(layer)
+
+    def mounted_box(_: int) -> str:
+        store.mount(box)
+        return box
+
+    path = "warm-fork" if warm_fork else "driver"
+    probes = [Probe("mount", store.mount, {**params, "path": path}, lambda _: box,
+                    store.unmount, primary=True),
+              Probe("unmount", store.unmount, {**params, "path": path}, mounted_box)]
+    if warm_fork:
+        probes.append(Probe("mount", cold_mount, {**params, "path": "cold-helper"},
+                            lambda _: box, store.unmount,
+                            note="the FUSE server started by its helper command"))
+    try:
+        yield probes
+    finally:
+        store.remove(box)
+
+
+def mount(ctxs: Sequence[Ctx], *, image_layers: int, reps: int) -> None:
+    """Mount and unmount of a container layer over an image, every target in the same
+    repetitions; aufs both from its fork server and through its cold helper command."""
+    _joint(ctxs, reps, "mount", lambda ctx: _mount_target(ctx, image_layers))
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Scenario:
+    """``joint``: ``fn`` takes every target's context at once and times them together,
+    repetition by repetition (for comparisons that must not drift); else one at a time."""
+
     name: str
     fn: Callable[..., None]
     title: str
     shows: str
     profiles: dict[str, dict[str, Any]]
+    joint: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -783,6 +982,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "what the storage driver adds to starting a container (layer create + mount), "
              "next to the runner's own cost; docker run as a peer",
              {"tiny": dict(reps=3), "quick": dict(reps=5), "full": dict(reps=20)}),
+    Scenario("io-throughput", io_throughput, "reads and writes: lower, copied-up, new files",
+             "the data path: kernel overlay and block-level drivers add nothing; a FUSE union "
+             "adds a round trip per request unless the kernel passes I/O through",
+             {"tiny": dict(size=8 * MiB, reps=3, rand_ops=500),
+              "quick": dict(size=64 * MiB, reps=5, rand_ops=2000),
+              "full": dict(size=256 * MiB, reps=7, rand_ops=10000)}, joint=True),
+    Scenario("mount", mount, "mount/unmount of a container layer over 5 image layers",
+             "a kernel mount is a syscall; a FUSE mount starts a server: from a warm fork "
+             "server (aufs under the daemon) or a cold command",
+             {"tiny": dict(image_layers=5, reps=5), "quick": dict(image_layers=5, reps=15),
+              "full": dict(image_layers=5, reps=40)}, joint=True),
 )}
 
 

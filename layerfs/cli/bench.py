@@ -43,6 +43,13 @@ scenarios (--scenario NAME, default all):
                    btrfs).
   container-start  start-to-exit of /bin/true in busybox with the layerfs
                    runner, and the whole create/mount/run/remove cycle.
+  io-throughput    sequential and random 4 KiB reads and writes of a lower, a
+                   copied-up and a new file, and the copy-up itself: what the
+                   data path costs (a FUSE union: nothing where the kernel
+                   passes I/O through, a round trip per request elsewhere).
+  mount            mount/unmount of a container layer over 5 image layers; aufs
+                   both from the bench's warm fork server (as under the daemon)
+                   and through its cold helper command.
 
 profiles: quick (default; every scenario on one driver in well under a minute),
 --full (files up to 1 GiB, stacks up to 500 layers: many minutes per driver),
@@ -74,8 +81,8 @@ def register(sub: SubParsers) -> None:
                         "vfs, overlay, devicemapper, overlay2:metacopy=true; 'all' for every "
                         "registered driver; peers: fuse-overlayfs, docker")
     p.add_argument("--scenario", action="append", metavar="NAME[,NAME]",
-                   help="copy-up, whiteout, stat-lookup, layers, container-start "
-                        "(repeatable; default: all)")
+                   help="copy-up, whiteout, stat-lookup, layers, container-start, "
+                        "io-throughput, mount (repeatable; default: all)")
     p.add_argument("--full", dest="profile", action="store_const", const="full",
                    help="the full sweeps (slow), instead of the quick profile")
     p.add_argument("--profile", dest="profile", choices=("tiny", "quick", "full"),

@@ -211,6 +211,28 @@ def test_mount_time_recorded_per_depth(report: harness.Report) -> None:
                 sorted(scenarios.SCENARIOS["layers"].profiles["tiny"]["depths"])
 
 
+def test_io_throughput_rows(report: harness.Report) -> None:
+    for driver in DRIVERS:
+        if not report.find("io-throughput", target=driver):
+            continue
+        files = {(r.metric, r.params.get("file"), r.params.get("cache"))
+                 for r in report.find("io-throughput", target=driver)}
+        assert {("seq_read", "lower", "cold"), ("seq_read", "lower", "warm"),
+                ("seq_read", "copied-up", "warm"), ("seq_read", "new", "warm"),
+                ("seq_write", "new", None), ("rand_read_4k", "lower", None),
+                ("rand_read_4k", "copied-up", None), ("rand_write_4k", "copied-up", None),
+                ("rand_write_4k", "new", None), ("copy_up", None, None)} == files, driver
+
+
+def test_aufs_mounts_warm_from_the_fork_server(report: harness.Report) -> None:
+    measured(report, "aufs")
+    paths = {r.params["path"]: r for r in report.find("mount", "mount", "aufs")}
+    assert set(paths) == {"warm-fork", "cold-helper"}
+    # A fork of a warm process against a new interpreter: an order of magnitude.
+    assert paths["warm-fork"].min * 3 < paths["cold-helper"].min, paths
+    assert {r.params["path"] for r in report.find("mount", "mount", "overlay2")} == {"driver"}
+
+
 # --- the interfaces ----------------------------------------------------------------------------------
 
 def test_plots(report: harness.Report, tmp_path: Path) -> None:

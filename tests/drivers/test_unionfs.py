@@ -247,7 +247,9 @@ def test_shared_mmap_writes_reach_the_copy(union: Union) -> None:
         assert (union.mnt / "mapped").read_bytes()[4090:4101] == b"000000hello"
 
 
-def test_open_handles_follow_copy_up_and_sparse_files(union: Union) -> None:
+@pytest.mark.parametrize("passthrough", [False, True], ids=["served", "passthrough"])
+def test_open_handles_across_copy_up_and_sparse_files(tmp_path: Path, passthrough: bool) -> None:
+    union = Union(tmp_path, lowers=2, options=() if passthrough else ("--no-passthrough",))
     l1 = union.lowers[0]
     union.put(l1, "shared", b"old contents")
     with open(l1 / "sparse", "wb") as f:
@@ -258,12 +260,29 @@ def test_open_handles_follow_copy_up_and_sparse_files(union: Union) -> None:
         m = union.mnt
         reader = os.open(m / "shared", os.O_RDONLY)
         try:
+            ino = os.fstat(reader).st_ino
             assert os.pread(reader, 3, 0) == b"old"
             with open(m / "shared", "r+b") as w:
                 w.write(b"NEW")
-            assert os.pread(reader, 12, 0) == b"NEW contents"
+            assert (m / "shared").read_bytes() == b"NEW contents"
+            if passthrough:
+                # The kernel reads the lower file for handles opened before the copy-up
+                # (one backing file per inode): the name moved to a new inode instead.
+                assert os.pread(reader, 12, 0) == b"old contents"
+                assert os.stat(m / "shared").st_ino != ino
+            else:
+                # Served here: the handle was switched to the copy.
+                assert os.pread(reader, 12, 0) == b"NEW contents"
+                assert os.stat(m / "shared").st_ino == ino
         finally:
             os.close(reader)
+        st = union.stats()
+        assert st["passthrough"] == int(passthrough)
+        assert (st["passthrough_opens"] > 0) == passthrough
+        dev = os.stat(m).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+            # Raised when the first file served here (not in passthrough) was opened.
+            assert (f.read().strip() == "1024") == (not passthrough)
         union.reset_stats()
         with open(m / "sparse", "r+b") as f:
             f.seek(0)
@@ -357,7 +376,8 @@ def test_rename_files_and_directories(union: Union) -> None:
         os.rename(m / "b", m / "over")  # over an existing lower file
         assert (m / "over").read_bytes() == b"A" and "b" not in listing(m)
         assert renameat2(m / "over", m / "ld", RENAME_NOREPLACE) == errno.EEXIST
-        assert renameat2(m / "over", m / "ld", RENAME_EXCHANGE) == errno.EINVAL
+        # Exchanging with a lower directory would move it: EXDEV without dirren.
+        assert renameat2(m / "over", m / "ld", RENAME_EXCHANGE) == errno.EXDEV
         # A directory with lower contents: EXDEV, like aufs without dirren ...
         assert errno_of(os.rename, m / "ld", m / "ld2") == errno.EXDEV
         # ... which mv (and shutil.move) handle by copying.
@@ -487,9 +507,6 @@ def test_statfs_and_fsync(union: Union) -> None:
         a, b = os.statvfs(m), os.statvfs(union.top)
         assert (a.f_bsize, a.f_blocks, a.f_files) == (b.f_bsize, b.f_blocks, b.f_files)
         assert a.f_namemax == 255
-        dev = os.stat(m).st_dev
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
-            assert f.read().strip() == "1024"  # raised once FUSE_INIT was answered
         fd = os.open(m / "f", os.O_CREAT | os.O_WRONLY, 0o644)
         try:
             os.write(fd, b"durable")

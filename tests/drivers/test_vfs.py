@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from layerfs.layers import LayerStore
+from layerfs.testing.conformance import close_and_check
 
-from ..conftest import close_and_check
 from ..host_resources import pids_whose_argv
 
 

@@ -11,6 +11,7 @@ after unmount. PID 1 on these machines does not reap orphans.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 def _subreaper(on: bool) -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Orphans of this process (a helper's daemonized server) become its children."""
+    _subreaper(True)
+    try:
+        yield
+    finally:
+        _subreaper(False)
 
 
 def helper_argv(branches: list[str], *options: str) -> list[str]:
@@ -69,13 +81,18 @@ def wait_gone(pid: int, timeout: float = 10.0) -> int | None:
 
 
 class Union:
-    """A top branch over ``lowers`` lower ones, mounted at ``mnt`` while in ``with``."""
+    """A top branch over ``lowers`` lower ones, mounted at ``mnt`` while in ``with``.
+
+    The branches live under ``branch_base`` (default ``base``), the mount point is
+    ``base/mnt``.
+    """
 
     def __init__(self, base: Path, lowers: int = 2, options: tuple[str, ...] = (),
-                 top_mode: str = "rw") -> None:
+                 top_mode: str = "rw", branch_base: Path | None = None) -> None:
         self.base = base
-        self.top = base / "top"
-        self.lowers = [base / f"l{i + 1}" for i in range(lowers)]
+        bb = branch_base or base
+        self.top = bb / "top"
+        self.lowers = [bb / f"l{i + 1}" for i in range(lowers)]
         self.mnt = base / "mnt"
         self.options = options
         self.top_mode = top_mode
@@ -86,6 +103,15 @@ class Union:
     @property
     def branches(self) -> list[Path]:
         return [self.top, *self.lowers]
+
+    def rotate(self) -> None:
+        """Unmounted: the top branch becomes the uppermost lower one under a new, empty top
+        (a committed container layer stacked under the next container's)."""
+        assert not is_mounted(self.mnt)
+        old = self.top
+        self.top = old.with_name(f"{old.name}.{len(self.lowers)}")
+        self.top.mkdir()
+        self.lowers = [old, *self.lowers]
 
     def argv(self) -> list[str]:
         specs = [f"{self.top}:{self.top_mode}"] + [f"{b}:ro" for b in self.lowers]

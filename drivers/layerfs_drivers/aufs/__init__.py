@@ -1,253 +1,26 @@
-"""aufs: a union of branches, one per layer, with AUFS's own whiteout files.
+"""aufs: Docker's first storage driver, on kernel aufs or on our own FUSE union filesystem.
 
-AUFS was Docker's first storage driver. No Debian kernel ships it any more, so
-where ``/proc/filesystems`` has no ``aufs`` this driver mounts our own FUSE
-union filesystem (:mod:`layerfs_drivers.aufs.unionfs`) that implements the
-same semantics: top-down branch lookup, ``.wh.`` whiteouts, opaque dirs,
-file-level copy-up — and counts every backing lookup it makes.
+The driver is :class:`layerfs_drivers.aufs.driver.AufsDriver` (its module opens
+with the on-disk layout); the FUSE filesystem is
+:mod:`layerfs_drivers.aufs.unionfs`, speaking the kernel protocol through
+:mod:`layerfs_drivers.aufs.fuseproto`; :mod:`layerfs_drivers.aufs.forkserver`
+starts union servers from a warm process.
 
-On-disk layout under the driver home (``ROOT/aufs``), as Docker's driver::
-
-    aufs/
-      diff/
-        <id>/          the layer's branch: its own files; a deleted lower entry
-                       NAME is the empty file .wh.NAME, an opaque directory holds
-                       .wh..wh..opq (AUFS internals .wh..wh.plnk etc. are hidden)
-      layers/
-        <id>           the parent chain, nearest parent first, one id per line
-
-A mount stacks ``diff/<id>`` (read-write for a container layer) over the
-parents' branches (read-only). Mount points come from the store
-(``ROOT/mnt/<id>``), where Docker used ``aufs/mnt/<id>``. Because a branch *is*
-the layer's change set, diff, apply and changes read and write it directly.
-
-Kernel aufs: ``br:`` branches (top ``rw``, the rest ``ro+wh``) with ``xino``
-and ``dirperm1``; a chain longer than one page of options is mounted with the
-first branches and extended by ``remount,append:`` — returned as several
-:class:`Mount` values for the shared mount module.
+This package imports nothing itself: ``python -m layerfs_drivers.aufs.unionfs``
+(the mount helper) then starts without loading layerfs's driver machinery.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO
+from typing import Any
 
-from layerfs.changes import Change, changes_from_diff_dir
-from layerfs.driver import Capabilities, Driver, Usage
-from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
-from layerfs.fsinfo import layer_dir_usage
-from layerfs.metastore import DriverState
-from layerfs.mount import PAGE_SIZE, Mount
-from layerfs.options import DriverOptions
-from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
-
-WH_PREFIX = ".wh."
-OPAQUE = ".wh..wh..opq"
+__all__ = ["AufsDriver"]
 
 
-def kernel_has_aufs() -> bool:
-    with open("/proc/filesystems", encoding="ascii") as f:
-        return any(line.split()[-1] == "aufs" for line in f if line.strip())
+def __getattr__(name: str) -> Any:
+    # The entry point names layerfs_drivers.aufs:AufsDriver; load it on first use.
+    if name == "AufsDriver":
+        from .driver import AufsDriver
 
-
-class AufsDriver(Driver):
-    name = "aufs"
-    CAPABILITIES = Capabilities(native_diff=True, native_changes=True,
-                                whiteout_format=WhiteoutFormat.AUFS)
-    known_options = {"mode", "entry_timeout", "attr_timeout", "keep_cache"}
-
-    def __init__(self, home: Path, options: DriverOptions | None = None,
-                 state: DriverState | None = None) -> None:
-        super().__init__(home, options, state)
-        for sub in ("diff", "layers"):
-            (self.home / sub).mkdir(exist_ok=True)
-        mode = self.options.get_str("mode", "auto")
-        if mode not in ("auto", "kernel", "fuse"):
-            raise InvalidArgument(f"aufs: mode={mode!r}: use auto, kernel or fuse")
-        if mode == "auto":
-            mode = "kernel" if kernel_has_aufs() else "fuse"
-        if mode == "kernel" and not kernel_has_aufs():
-            raise DriverNotSupported(self.name, "mode=kernel but this kernel has no aufs")
-        self.mode = mode
-
-    @classmethod
-    def check(cls, home: Path, options: DriverOptions) -> None:
-        if kernel_has_aufs() and options.get_str("mode", "auto") != "fuse":
-            return
-        if not os.path.exists("/dev/fuse"):
-            raise DriverNotSupported(cls.name, "no kernel aufs and no /dev/fuse for the FUSE "
-                                               "union filesystem")
-        if shutil.which("fusermount3") is None:
-            raise DriverNotSupported(cls.name, "fusermount3 missing (apt-get install fuse3)")
-        try:
-            import pyfuse3  # noqa: F401
-        except ImportError as err:
-            raise DriverNotSupported(cls.name, f"pyfuse3 not importable: {err}") from err
-
-    # --- paths -----------------------------------------------------------------------------
-    def _diff(self, layer_id: str) -> Path:
-        return self.home / "diff" / layer_id
-
-    def _parents(self, layer_id: str) -> list[str]:
-        path = self.home / "layers" / layer_id
-        if not path.exists():
-            return []
-        return [line for line in path.read_text().splitlines() if line]
-
-    def _branches(self, layer_id: str) -> list[Path]:
-        return [self._diff(layer_id)] + [self._diff(p) for p in self._parents(layer_id)]
-
-    # --- lifecycle -------------------------------------------------------------------------
-    @translate_errors("aufs create")
-    def create(self, layer_id: str, parent: str | None, *, readonly: bool,
-               size: int | None = None) -> None:
-        chain: list[str] = []
-        if parent is not None:
-            if not self._diff(parent).is_dir():
-                raise NotFound(f"aufs: parent layer {parent} has no branch")
-            chain = [parent, *self._parents(parent)]
-        self._diff(layer_id).mkdir(mode=0o755)
-        if parent is not None:
-            pst = os.stat(self._diff(parent))
-            os.chmod(self._diff(layer_id), pst.st_mode & 0o7777)
-            os.chown(self._diff(layer_id), pst.st_uid, pst.st_gid)
-        (self.home / "layers" / layer_id).write_text("".join(f"{p}\n" for p in chain))
-
-    @translate_errors("aufs remove")
-    def remove(self, layer_id: str) -> None:
-        if self._diff(layer_id).exists():
-            shutil.rmtree(self._diff(layer_id))
-        (self.home / "layers" / layer_id).unlink(missing_ok=True)
-
-    def exists(self, layer_id: str) -> bool:
-        return self._diff(layer_id).is_dir()
-
-    # --- mounts ------------------------------------------------------------------------------
-    def mounts(self, layer_id: str, *, readonly: bool = False) -> list[Mount]:
-        branches = self._branches(layer_id)
-        if self.mode == "kernel":
-            return self._kernel_mounts(branches, readonly)
-        argv = [sys.executable, "-m", "layerfs_drivers.aufs.unionfs"]
-        for key, flag in (("entry_timeout", "--entry-timeout"),
-                          ("attr_timeout", "--attr-timeout")):
-            value = self.options.get_str(key)
-            if value is not None:
-                argv += [flag, value]
-        keep = self.options.get_str("keep_cache")
-        if keep is not None:
-            argv.append("--keep-cache" if self.options.get_bool("keep_cache", True)
-                        else "--no-keep-cache")
-        top_mode = "ro" if readonly else "rw"
-        argv.append(f"{branches[0]}:{top_mode}")
-        argv += [f"{b}:ro" for b in branches[1:]]
-        opts = ("ro",) if readonly else ()
-        return [Mount("fuse.layerfs-union", "layerfs-union", opts, helper=tuple(argv))]
-
-    def _kernel_mounts(self, branches: list[Path], readonly: bool) -> list[Mount]:
-        top = f"{branches[0]}={'ro+wh' if readonly else 'rw'}"
-        rest = [f"{b}=ro+wh" for b in branches[1:]]
-        common = ("dirperm1", f"xino=/dev/shm/aufs.xino.{branches[0].name[:12]}")
-        first: list[str] = [top]
-        budget = PAGE_SIZE - 512  # leave room for the other options
-        while rest and len(":".join([*first, rest[0]])) < budget:
-            first.append(rest.pop(0))
-        mounts = [Mount("aufs", "none", (f"br:{':'.join(first)}", *common))]
-        # The rest goes in one remount,append per branch, bottom-most last.
-        position = len(first)
-        for branch in rest:
-            mounts.append(Mount("aufs", "none", ("remount", f"append:{branch}")))
-            position += 1
-        return mounts
-
-    # --- native diffs -------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
-        lowers = self._branches(layer_id)[1:]
-
-        def exists_below(path: str) -> bool:
-            parts = path.strip("/").split("/")
-            for branch in lowers:
-                parent = branch.joinpath(*parts[:-1])
-                if (parent / (WH_PREFIX + parts[-1])).exists():
-                    return False
-                if os.path.lexists(parent / parts[-1]):
-                    return True
-                # An opaque ancestor in this branch hides the branches below.
-                for depth in range(len(parts) - 1, 0, -1):
-                    if (branch.joinpath(*parts[:depth]) / OPAQUE).exists():
-                        return False
-            return False
-
-        return exists_below
-
-    def changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        return changes_from_diff_dir(self._diff(layer_id), WhiteoutFormat.AUFS,
-                                     self._exists_below(layer_id))
-
-    @translate_errors("aufs diff")
-    def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
-        return export_native(self._diff(layer_id), WhiteoutFormat.AUFS, out)
-
-    @translate_errors("aufs apply")
-    def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
-        return apply_layer(self._diff(layer_id), stream, WhiteoutFormat.AUFS)
-
-    def diff_size(self, layer_id: str, parent: str | None) -> int:
-        seen: set[int] = set()
-        total = 0
-        for dirpath, _dirs, files in os.walk(self._diff(layer_id)):
-            for name in files:
-                if name.startswith(WH_PREFIX):
-                    continue
-                st = os.lstat(os.path.join(dirpath, name))
-                if st.st_ino not in seen and (st.st_mode & 0o170000) == 0o100000:
-                    seen.add(st.st_ino)
-                    total += st.st_size
-        return total
-
-    # --- reporting ------------------------------------------------------------------------------
-    def usage(self, layer_id: str) -> Usage:
-        return layer_dir_usage(self._diff(layer_id))
-
-    def counters(self, target: Path, *, reset: bool = False) -> dict[str, int] | None:
-        """The FUSE union's counters: a JSON object in the virtual xattr of its mount root
-        (see :mod:`layerfs_drivers.aufs.unionfs`); kernel aufs counts nothing."""
-        if self.mode != "fuse":
-            return None
-        import json
-
-        from .unionfs import RESET_XATTR, STATS_XATTR
-
-        try:
-            raw = os.getxattr(target, STATS_XATTR, follow_symlinks=False)
-        except OSError as err:
-            raise InvalidArgument(f"aufs: {target} does not answer the union's counters "
-                                  f"({err.strerror}): is it a layerfs-union mount?") from err
-        if reset:
-            try:
-                os.setxattr(target, RESET_XATTR, b"1", follow_symlinks=False)
-            except OSError as err:
-                if err.errno == errno.EROFS:
-                    raise InvalidArgument(
-                        f"aufs: cannot reset the counters of {target}: it is mounted "
-                        f"read-only and the kernel refuses to set the reset attribute "
-                        f"there (compare two readings instead)") from err
-                raise
-        data = json.loads(raw)
-        return {k: int(v) for k, v in data.items() if isinstance(v, int)}
-
-    def metadata(self, layer_id: str) -> dict[str, str]:
-        return {"Branch": str(self._diff(layer_id)),
-                "Branches": ":".join(str(b) for b in self._branches(layer_id)),
-                "Mode": self.mode}
-
-    def status(self) -> dict[str, str]:
-        info = super().status()
-        info["Mode"] = ("kernel aufs" if self.mode == "kernel"
-                        else "FUSE union filesystem (layerfs_drivers.aufs.unionfs)")
-        info["Dirs"] = str(len(list((self.home / "diff").iterdir())))
-        return info
+        return AufsDriver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
