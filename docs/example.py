@@ -4,7 +4,8 @@
 
 It builds an image layer from a tar made on the fly, stacks a container layer
 on it, changes files through a mount, lists the changes, exports them as an
-OCI layer tar, applies that tar as a new layer, and cleans everything up.
+OCI layer tar, applies that tar as a new layer, and removes every layer it made
+-- in a ``finally``, so an error or Ctrl-C half-way leaves nothing either.
 The test suite runs this file (tests/test_docs_example.py).
 """
 
@@ -35,24 +36,32 @@ def rootfs_tar() -> io.BytesIO:
 def main(root: str, driver: str | None) -> None:
     with layerfs.open_root(root, driver=driver) as store:
         print(f"driver: {store.driver.name}")
-        image = store.apply(rootfs_tar())                  # read-only image layer
-        box = store.create(parent=image.id)                # read-write container layer
-        with store.mounted(box.id) as path:                # always unmounted afterwards
-            (path / "etc" / "motd").write_text("changed\n")
-            (path / "etc" / "hostname").unlink()
-            (path / "hello.txt").write_text("hi\n")
-        for change in store.changes(box.id):
-            print(f"{change.kind.value} {change.path}")
-        tar = io.BytesIO()
-        size = store.diff(box.id, tar)                     # OCI layer tar, whiteouts included
-        print(f"diff: {size} bytes of file data")
-        tar.seek(0)
-        copy = store.apply(tar, parent=image.id)          # same changes, new layer
-        with store.mounted(copy.id, readonly=True) as path:
-            print("copy sees:", sorted(p.name for p in (path / "etc").iterdir()),
-                  (path / "hello.txt").read_text().strip())
-        for layer_id in (copy.id, box.id, image.id):       # children before parents
-            store.remove(layer_id)
+        made: list[str] = []                               # removed at the end, come what may
+        try:
+            image = store.apply(rootfs_tar())              # read-only image layer
+            made.append(image.id)
+            box = store.create(parent=image.id)            # read-write container layer
+            made.append(box.id)
+            with store.mounted(box.id) as path:            # always unmounted afterwards
+                (path / "etc" / "motd").write_text("changed\n")
+                (path / "etc" / "hostname").unlink()
+                (path / "hello.txt").write_text("hi\n")
+            for change in store.changes(box.id):
+                print(f"{change.kind.value} {change.path}")
+            tar = io.BytesIO()
+            size = store.diff(box.id, tar)                 # OCI layer tar, whiteouts included
+            print(f"diff: {size} bytes of file data")
+            tar.seek(0)
+            copy = store.apply(tar, parent=image.id)       # same changes, new layer
+            made.append(copy.id)
+            with store.mounted(copy.id, readonly=True) as path:
+                print("copy sees:", sorted(p.name for p in (path / "etc").iterdir()),
+                      (path / "hello.txt").read_text().strip())
+        finally:
+            # Children before parents. On Ctrl-C or an error too: an example run
+            # leaves no layers behind.
+            for layer_id in reversed(made):
+                store.remove(layer_id)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 Container commands are latency-sensitive (``layerfs run --rm IMG true`` is
 timed against runc), so they go straight to :mod:`layerfs.cli.run` without
 importing rich and every other command group; everything else goes to
-:mod:`layerfs.cli`.
+:mod:`layerfs.cli`. Both end in :func:`layerfs.cli.boundary.dispatch`, which
+turns every failure into one line on stderr.
+
+Ctrl-C or SIGTERM may come before a command even starts (the imports take a good
+part of a second on a busy machine): the handlers are installed first, and an
+interrupt during the imports is one word too, never a traceback of them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def run_here(args: list[str]) -> int:
+    """Run the command in this process."""
     if _command(args) in _FAST and not {"-h", "--help"} & set(args):
         from .cli.run import main as run_main
 
@@ -36,6 +41,26 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 
     return cli_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        from .cli.boundary import install_signal_handlers
+
+        install_signal_handlers()
+        return run_here(args)
+    except KeyboardInterrupt:   # before the command ran: while importing or parsing
+        sys.stderr.write("layerfs: error: interrupted\n")
+        return 130
+    except Exception:
+        raise
+    except BaseException as exc:   # SIGTERM or SIGHUP before the command ran
+        boundary = sys.modules.get("layerfs.cli.boundary")
+        if boundary is None or not isinstance(exc, boundary.Terminated):
+            raise
+        boundary.error_line(exc.word)
+        return int(exc.exit_code)
 
 
 if __name__ == "__main__":

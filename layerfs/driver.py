@@ -191,6 +191,20 @@ class Driver(ABC):
     def cleanup(self) -> None:
         """Release driver-wide resources (a pool, a daemon); layers stay on disk."""
 
+    def destroy(self) -> list[str]:
+        """Remove everything the driver keeps for its root once no layer is left: its
+        home, and what it made elsewhere (a pool, devices). Used by ``layerfs system
+        reset`` and when a root without layers switches driver. Returns what was done,
+        one line each. The default unmounts what is left under the home and deletes it.
+        """
+        self.cleanup()
+        for info in mountlib.mounts_under(self.home):   # deepest first
+            mountlib.unmount(info.target, lazy=True)
+        if not self.home.exists():
+            return []
+        shutil.rmtree(self.home)
+        return [f"removed {self.home}"]
+
     # --- reading a layer's merged view ----------------------------------------------------
     @contextlib.contextmanager
     def view(self, layer_id: str | None) -> Iterator[Path | None]:
@@ -226,7 +240,8 @@ class Driver(ABC):
         return self.naive.changes(layer_id, parent)
 
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
-        """Write the layer's changes as an uncompressed OCI layer tar; return its size."""
+        """Write the layer's changes as an uncompressed OCI layer tar; return its size (the
+        bytes of regular-file data in it, each hardlinked file once -- not the tar's length)."""
         return self.naive.diff(layer_id, parent, out)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:

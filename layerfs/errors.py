@@ -51,6 +51,10 @@ class DriverNotSupported(LayerfsError):
         self.reason = reason
 
 
+class DiskFull(LayerfsError):
+    """The filesystem holding the root (or a file being written) has no space left."""
+
+
 class CorruptState(LayerfsError):
     """On-disk state that contradicts the metadata store."""
 

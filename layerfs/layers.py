@@ -54,17 +54,91 @@ class LayerStore:
         self.store = store
         self.mnt_dir = root / "mnt"
         self.mnt_dir.mkdir(exist_ok=True)
+        #: This open made the root directory (see :meth:`discard`).
+        self.created_root = False
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | os.PathLike[str], driver: str | type[Driver] | None = None,
              options: dict[str, str] | list[str] | None = None, *,
              recover: bool = True) -> LayerStore:
-        """Open (creating if needed) a root. ``driver`` is a registered driver's name, a
-        driver class (used as is, whether registered or not), or None: the root's own
-        driver, else the first supported one (:func:`layerfs.plugins.select`)."""
+        """Open a root, creating it (one directory: its parent must exist) on first use.
+
+        ``driver`` is a registered driver's name, a driver class (used as is, whether
+        registered or not), or None: the root's own driver, else the first supported one
+        (:func:`layerfs.plugins.select`). A root belongs to one driver;
+        while it holds no layer it may switch to another (the old driver's state is
+        torn down first). Nothing is left behind when opening fails: a root this call
+        would have created is not there afterwards.
+        """
+        if not os.fspath(root).strip():
+            raise InvalidArgument("the root path is empty: give a directory, e.g. "
+                                  "/var/lib/layerfs")
         root_path = Path(root).absolute()
-        root_path.mkdir(parents=True, exist_ok=True)
+        if isinstance(driver, str) and driver:
+            plugins.load(driver)   # an unknown name fails here, before anything is made
+        if (root_path / "layerfs.db").is_file():
+            return cls._open_existing(root_path, driver, options, recover)
+        return cls._create(root_path, driver, options)
+
+    @staticmethod
+    def check_new_root(root_path: Path) -> bool:
+        """Raise unless a root can be made at ``root_path`` (a directory there, or one
+        that can be made in its existing parent); True if the directory must be made."""
+        made_root = not root_path.exists()
+        if made_root:
+            parent = root_path.parent
+            if not parent.exists():
+                raise NotFound(f"cannot make root {root_path}: {parent} does not exist (the "
+                               "root's parent directory must)")
+            if not parent.is_dir():
+                raise InvalidArgument(f"cannot make root {root_path}: {parent} is not a "
+                                      "directory")
+        elif not root_path.is_dir():
+            raise InvalidArgument(f"root {root_path} is not a directory")
+        where = root_path if not made_root else root_path.parent
+        if not os.access(where, os.W_OK):
+            why = "is on a read-only file system" if \
+                os.statvfs(where).f_flag & os.ST_RDONLY else "cannot be written"
+            raise LayerfsError(f"cannot make root {root_path}: {where} {why}")
+        return made_root
+
+    @classmethod
+    def _create(cls, root_path: Path, driver: str | type[Driver] | None,
+                options: dict[str, str] | list[str] | None) -> LayerStore:
+        opts = DriverOptions.parse(options)
+        made_root = cls.check_new_root(root_path)
+        # Choose (and check) the driver before anything is written, so that a driver
+        # that cannot work here leaves no root, database or directory behind.
+        name, driver_cls = _driver_class(root_path, driver, opts)
+        before = set() if made_root else set(os.listdir(root_path))
+        store: MetaStore | None = None
+        drv: Driver | None = None
+        try:
+            if made_root:
+                root_path.mkdir()
+            store = MetaStore(root_path / "layerfs.db")
+            drv = driver_cls(plugins.home_of(root_path, name), opts, DriverState(store, name))
+            with store.transaction():
+                store.set_setting("driver", name)
+                if options:
+                    store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
+            self = cls(root_path, drv, store)
+            self.created_root = made_root
+            return self
+        except BaseException:
+            if drv is not None:   # a pool the driver made must not outlive its files
+                with contextlib.suppress(Exception):
+                    drv.destroy()
+            if store is not None:
+                store.close()
+            _remove_new_entries(root_path, None if made_root else before)
+            raise
+
+    @classmethod
+    def _open_existing(cls, root_path: Path, driver: str | type[Driver] | None,
+                       options: dict[str, str] | list[str] | None,
+                       recover: bool) -> LayerStore:
         store = MetaStore(root_path / "layerfs.db")
         try:
             # Driver options are part of the root: given once (first open, or
@@ -76,16 +150,12 @@ class LayerStore:
                 opts = DriverOptions(json.loads(saved) if saved else {})
             owner = store.get_setting("driver")
             wanted = driver.name if isinstance(driver, type) else driver
-            if wanted and owner and wanted != owner:
-                raise InvalidArgument(
-                    f"root {root_path} holds layers of driver {owner!r}, not {wanted!r}; "
-                    f"use --driver {owner} or another --root")
-            if isinstance(driver, type):
-                name, cls_ = driver.name, driver
-                cls_.check(plugins.home_of(root_path, name), opts)
-            else:
-                name, _ = plugins.select(root_path, driver or owner, opts)
-                cls_ = plugins.load(name)
+            if driver and owner and wanted != owner:
+                cls._switch_driver(root_path, store, owner, driver)
+                owner = None
+                if not options:
+                    opts = DriverOptions({})   # the old driver's options are not the new one's
+            name, cls_ = _driver_class(root_path, driver or owner, opts)
             drv = cls_(plugins.home_of(root_path, name), opts, DriverState(store, name))
             if owner is None:
                 store.set_setting("driver", name)
@@ -95,13 +165,57 @@ class LayerStore:
             store.close()
             raise
         self = cls(root_path, drv, store)
-        if recover:
+        if recover and store.full is None:   # a full disk: read-only, nothing to redo
             self.recover()
         return self
+
+    @staticmethod
+    def _switch_driver(root_path: Path, store: MetaStore, owner: str,
+                       driver: str | type[Driver]) -> None:
+        """Give a root without layers to another driver: tear the old driver's state down."""
+        wanted = driver.name if isinstance(driver, type) else driver
+        refusal = (f"root {root_path} holds layers of driver {owner!r}, not {wanted!r}; "
+                   f"use --driver {owner}, another --root, or empty it first "
+                   f"(`layerfs --root {root_path} system reset`)")
+        if store.list_layers(state=None):
+            raise InvalidArgument(refusal)
+        # The new driver must work here before the old one's state goes.
+        _driver_class(root_path, driver, DriverOptions({}))
+        saved = store.get_setting("driver_options")
+        try:
+            old = plugins.load(owner)(plugins.home_of(root_path, owner),
+                                      DriverOptions(json.loads(saved) if saved else {}),
+                                      DriverState(store, owner))
+            old.destroy()
+        except LayerfsError as err:
+            raise InvalidArgument(f"{refusal} ({owner} cannot be torn down here: {err})") \
+                from err
+        with store.transaction() as db:
+            if db.execute("SELECT COUNT(*) FROM layers").fetchone()[0]:
+                raise InvalidArgument(refusal)   # another process made one meanwhile
+            db.execute("DELETE FROM driver_state WHERE driver = ?", (owner,))
+            db.execute("DELETE FROM settings WHERE key IN ('driver', 'driver_options')")
 
     def close(self) -> None:
         self.driver.cleanup()
         self.store.close()
+
+    def discard(self) -> bool:
+        """Close; and if this open made the root and it still holds nothing -- no layer,
+        and no scratch file kept for a later command (a pull's partial download) --
+        remove it again, the driver's state too. For a first command that failed: it
+        leaves nothing behind. True if the root was removed."""
+        scratch = self.driver.scratch
+        kept = scratch.is_dir() and any(scratch.iterdir())
+        if not self.created_root or kept or self.store.list_layers(state=None):
+            self.close()
+            return False
+        try:
+            self.driver.destroy()
+        finally:
+            self.store.close()
+        _remove_new_entries(self.root, None)
+        return True
 
     def __enter__(self) -> LayerStore:
         return self
@@ -171,6 +285,25 @@ class LayerStore:
         if rec is None or rec.state != "ready":
             raise NotFound(f"layer {layer_id} not found in {self.root}")
         return rec
+
+    def resolve(self, ref: str) -> str:
+        """The id of the layer ``ref`` names: its whole id or a unique prefix of it (the
+        12 characters ``layerfs layer ls`` prints, say)."""
+        text = ref.strip()
+        if not text:
+            raise InvalidArgument("empty layer id")
+        if self.exists(text):
+            return text
+        with self.store._lock:
+            rows = self.store.db.execute(
+                "SELECT id FROM layers WHERE state = 'ready' AND substr(id, 1, length(?)) = ?",
+                (text, text)).fetchall()
+        if len(rows) == 1:
+            return str(rows[0][0])
+        if rows:
+            raise InvalidArgument(f"layer id prefix {text!r} is ambiguous ({len(rows)} layers); "
+                                  "give more characters")
+        raise NotFound(f"layer {ref} not found in {self.root}")
 
     def exists(self, layer_id: str) -> bool:
         rec = self.store.get_layer(layer_id)
@@ -379,7 +512,12 @@ class LayerStore:
 
     # --- diffs ----------------------------------------------------------------------------------------
     def diff(self, layer_id: str, out: IO[bytes]) -> int:
-        """Write the layer's changes against its parent as an OCI layer tar; return its size."""
+        """Write the layer's changes against its parent as an OCI layer tar to ``out``.
+
+        Returns the layer's size as Docker counts it: the bytes of regular-file data
+        the tar carries (each hardlinked file once), the number :meth:`apply` returns
+        for the same tar -- not the tar's length, which adds headers and padding.
+        """
         rec = self.get(layer_id)
         return self.driver.diff(layer_id, rec.parent, out)
 
@@ -393,7 +531,9 @@ class LayerStore:
 
     # --- maintenance ----------------------------------------------------------------------------------
     def wipe(self) -> None:
-        """Remove every layer and the root's contents (tests and ``layerfs reset``)."""
+        """Remove every layer, unmounting what the root mounted; the driver's state and
+        the root itself stay (tests; ``layerfs system reset`` goes on from here, see
+        :func:`layerfs.system.reset`)."""
         self.unmount_all()
         for rec in sorted(self.store.list_layers(state=None), key=lambda r: -r.depth):
             with contextlib.suppress(LayerfsError):
@@ -402,6 +542,34 @@ class LayerStore:
                 db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
         self.driver.cleanup()
         shutil.rmtree(self.mnt_dir, ignore_errors=True)
+
+
+def _driver_class(root_path: Path, driver: str | type[Driver] | None,
+                  opts: DriverOptions) -> tuple[str, type[Driver]]:
+    """The driver to open ``root_path`` with, checked to work there: a class as given, a
+    name, or (None) the first supported one."""
+    if isinstance(driver, type):
+        driver.check(plugins.home_of(root_path, driver.name), opts)
+        return driver.name, driver
+    name, _ = plugins.select(root_path, driver, opts)
+    return name, plugins.load(name)
+
+
+def _remove_new_entries(root: Path, before: set[str] | None) -> None:
+    """Undo a root's creation: the whole root (``before`` is None: it did not exist), or
+    the entries that were not in it before. Mounts below go first (a driver may have
+    mounted a probe); nothing that was there before is touched."""
+    targets = [root] if before is None else \
+        [root / n for n in os.listdir(root) if n not in before] if root.is_dir() else []
+    for target in targets:
+        for info in mountlib.mounts_under(target):   # deepest first
+            with contextlib.suppress(LayerfsError):
+                mountlib.unmount(info.target, lazy=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
 
 
 def open_root(root: str | os.PathLike[str], driver: str | type[Driver] | None = None,

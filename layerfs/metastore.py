@@ -23,12 +23,13 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptState
+from .errors import CorruptState, DiskFull
 
 SCHEMA_VERSION = 2
 
@@ -113,15 +114,71 @@ def process_token(pid: int | None = None) -> str:
         return f"{pid}:0"
 
 
+#: How long :func:`process_alive` waits for a process that is already dying to be gone.
+DYING_WAIT = 10.0
+_PF_EXITING = 0x4                       # task flags (linux/sched.h): in do_exit()
+_SIGKILL_BIT = 1 << (9 - 1)             # SIGKILL in /proc/PID/status's pending masks
+
+
 def process_alive(token: str | None) -> bool:
+    """Whether the process ``token`` names can still do work on the root.
+
+    A pid whose start time differs is another process, and a zombie's work is over
+    (where nobody reaps, like this VM's PID 1, it would otherwise look alive for
+    ever). A process that was sent SIGKILL, or is already exiting, is still listed
+    for a moment -- ``kill -9 PID; layerfs ...`` used to find it "alive" and leave its
+    half-made layer to a later command. It will never return to user space, but a
+    write it has in flight may still land: wait (at most :data:`DYING_WAIT` s) until it
+    is gone, then say dead. So the answer after ``kill -9`` returns is always "dead".
+    """
     if not token:
         return False
-    pid_text, _, _ = token.partition(":")
+    pid_text, _, start = token.partition(":")
     try:
         pid = int(pid_text)
-    except ValueError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if int(fields[19]) != int(start) or fields[0] in (b"Z", b"X", b"x"):
+            return False
+        dying = int(fields[6]) & _PF_EXITING or _sigkill_pending(pid)
+    except (OSError, ValueError, IndexError):
         return False
-    return process_token(pid) == token
+    if dying:
+        _wait_gone(pid)
+        return process_token(pid) == token and not _is_zombie(pid)
+    return True
+
+
+def _sigkill_pending(pid: int) -> bool:
+    # A fatal signal stays in the shared pending set until the process is reaped.
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith((b"ShdPnd:", b"SigPnd:")) and \
+                    int(line.split()[1], 16) & _SIGKILL_BIT:
+                return True
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X", b"x")
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (a pidfd turns readable once it is a zombie or gone)."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return   # already reaped
+    try:
+        select.select([fd], [], [], DYING_WAIT)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -155,24 +212,64 @@ class MountRecord:
     readonly: bool
 
 
+#: Below this much free space a filesystem counts as full (sqlite needs a few pages).
+_FULL_BELOW = 1 << 20
+
+
+def disk_full(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` has (almost) no space left for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < _FULL_BELOW
+
+
 class MetaStore:
-    """Thin typed layer over the sqlite database. Thread-safe within a process."""
+    """Thin typed layer over the sqlite database. Thread-safe within a process.
+
+    On a full filesystem the database cannot even be opened for writing (WAL mode
+    creates its shared-memory file): it is then opened read-only, from the main file
+    alone, so listings still work, and :attr:`full` says why every write fails with
+    :class:`~layerfs.errors.DiskFull`."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 60000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
         self._depth = 0
-        with self.transaction():
-            self._run_ddl(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', '1')")
-            self._migrate()
+        self.full: str | None = None
+        try:
+            self._db = self._connect()
+        except sqlite3.OperationalError:
+            if not (self.path.exists() and disk_full(self.path.parent)):
+                raise
+            # immutable: no lock, no -shm; what the last writer left unchecked-pointed
+            # in the -wal is not seen (every layerfs process checkpoints on close).
+            uri = f"file:{urllib.parse.quote(str(self.path))}?immutable=1"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self.full = f"{self.path.parent}: no space left on its filesystem"
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._db = db
+            with self.transaction():
+                self._run_ddl(_SCHEMA)
+                db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', '1')")
+                self._migrate()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _run_ddl(self, ddl: str) -> None:
         for statement in ddl.split(";"):
@@ -213,19 +310,34 @@ class MetaStore:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            if self.full is not None:
+                raise DiskFull(f"{self.full}: nothing can be recorded until space is freed")
             try:
-                yield self._db
-            except BaseException:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield self._db
+                except BaseException:
+                    self._depth = 0
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        self._db.execute("ROLLBACK")
+                    raise
                 self._depth = 0
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as err:
+                self._depth = 0
+                if disk_full(self.path.parent) or "disk is full" in str(err):
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        self._db.execute("ROLLBACK")
+                    raise DiskFull(f"{self.path.parent}: no space left on its filesystem: "
+                                   f"nothing was recorded ({err})") from err
                 raise
-            self._depth = 0
-            self._db.execute("COMMIT")
 
     def extend_schema(self, ddl: str) -> None:
-        """Let a higher level (images, containers) add its own tables to this database."""
+        """Let a higher level (images, containers) add its own tables to this database
+        (not on a full disk, read-only: the tables are there or the root is empty)."""
+        if self.full is not None:
+            return
         with self.transaction() as db:
             for statement in ddl.split(";"):
                 if statement.strip():

@@ -79,6 +79,23 @@ class Mount:
         return "ro" in self.options
 
 
+CAP_SYS_ADMIN = 21
+
+
+def can_mount() -> bool:
+    """Whether this process may call mount(2): CAP_SYS_ADMIN in its effective set (root,
+    or root of a user namespace). Drivers whose mounts need it say so in ``check()``, so
+    that auto-selection never picks one that would fail later with EPERM."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 # --- the new mount API (fsopen/fsconfig/fsmount/move_mount), Linux >= 5.2 ---------------------
 # Needed for overlay stacks whose lowerdir list does not fit mount(2)'s one-page
 # data argument: since Linux 6.8 overlay accepts one ``lowerdir+`` per layer.

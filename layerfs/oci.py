@@ -95,6 +95,9 @@ ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 
 #: Limits for the JSON documents read whole into memory (layers are streamed).
 MAX_JSON = 32 << 20
+#: Most image names one archive may give (every tag of every image): each becomes a row,
+#: written in one transaction. ``docker save`` of a whole host rarely has a thousand.
+MAX_NAMES = 10_000
 
 # --- platform -------------------------------------------------------------------------------
 
@@ -149,6 +152,9 @@ def parse_json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidArgument(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        # json's decoder recurses once per level: 100,000 '[' end the interpreter's stack.
+        raise InvalidArgument(f"{what}: JSON nested too deep") from None
 
 
 def canonical_json(value: Any) -> bytes:
@@ -490,13 +496,32 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
                           f"{src.description}: manifest.json")
     if not isinstance(manifest, list):
         raise InvalidArgument(f"{src.description}: manifest.json must be a JSON list")
-    images = []
+    # One image listed N times (one entry per tag) is read once, its names merged:
+    # reading and loading it N times cost N² (N=4000: 64 s, 1.2 GB).
+    images: dict[str, ImageToLoad] = {}
+    names_seen: dict[str, set[str]] = {}
+    total_names = 0
     for i, entry in enumerate(manifest):
         where = f"manifest.json entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
                 not isinstance(entry.get("Layers"), list):
             raise InvalidArgument(f"{src.description}: {where} needs \"Config\" and \"Layers\"")
+        tags = entry.get("RepoTags") or []
+        if not isinstance(tags, list):
+            raise InvalidArgument(f"{src.description}: {where}: RepoTags must be a list")
+        total_names += len(tags)
+        if total_names > MAX_NAMES:
+            raise InvalidArgument(f"{src.description}: manifest.json gives more than "
+                                  f"{MAX_NAMES} image names")
         config_path = clean_name(entry["Config"], where)
+        known = images.get(config_path)
+        if known is not None:
+            if [clean_name(p, where) if isinstance(p, str) else p for p in entry["Layers"]] \
+                    != [la.path for la in known.layers]:
+                raise InvalidArgument(f"{src.description}: {where} lists other layers for "
+                                      f"{config_path} than an earlier entry")
+            _add_names(known, names_seen[config_path], tags, src.description, where)
+            continue
         config_bytes = read_member(src, config_path, f"{where}: config")
         named = _digest_in_name(config_path)
         if named is not None:
@@ -513,14 +538,22 @@ def read_docker_archive(src: Source) -> list[ImageToLoad]:
                 raise InvalidArgument(f"{src.description}: {where}: bad layer path {path!r}")
             clean = clean_name(path, where)
             layers.append(LayerToLoad(clean, diff_id, _digest_in_name(clean), None))
-        names = []
-        for tag in entry.get("RepoTags") or []:
-            if not isinstance(tag, str):
-                raise InvalidArgument(f"{src.description}: {where}: bad RepoTags entry {tag!r}")
-            names.append(parse_reference(tag))
-        images.append(ImageToLoad(config_bytes, config, layers, names,
-                                  f"{where} ({config_path})"))
-    return images
+        image = ImageToLoad(config_bytes, config, layers, [], f"{where} ({config_path})")
+        names_seen[config_path] = set()
+        _add_names(image, names_seen[config_path], tags, src.description, where)
+        images[config_path] = image
+    return list(images.values())
+
+
+def _add_names(image: ImageToLoad, seen: set[str], tags: list[Any], description: str,
+               where: str) -> None:
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise InvalidArgument(f"{description}: {where}: bad RepoTags entry {tag!r}")
+        name = parse_reference(tag)
+        if name not in seen:
+            seen.add(name)
+            image.names.append(name)
 
 
 def _blob_path(digest: str) -> str:
@@ -574,6 +607,11 @@ def read_oci_layout(src: Source, *, repo: str | None = None) -> list[ImageToLoad
     index = parse_json(read_member(src, "index.json", "index"), f"{src.description}: index.json")
     images: dict[str, ImageToLoad] = {}
     _walk_index(src, index, "index.json", None, images, repo, depth=0)
+    for image in images.values():
+        image.names = list(dict.fromkeys(image.names))
+    if sum(len(image.names) for image in images.values()) > MAX_NAMES:
+        raise InvalidArgument(f"{src.description}: the index gives more than {MAX_NAMES} "
+                              f"image names")
     return list(images.values())
 
 
@@ -629,7 +667,10 @@ def _walk_index(src: Source, index: object, where: str, annotations: object,
             image.names = names
             images[image.id] = image
         else:
-            known.names += [n for n in names if n not in known.names]
+            known.names.extend(names)   # duplicates go in read_oci_layout, once
+        if len(images[image.id].names) > MAX_NAMES:
+            raise InvalidArgument(f"{src.description}: the index gives more than {MAX_NAMES} "
+                                  f"image names")
 
 
 def manifest_config(doc: object, where: str) -> Descriptor:

@@ -104,6 +104,9 @@ def probe(name: str, root: Path, options: DriverOptions | None = None) -> Probe:
         cls.check(home_of(root, name), options or DriverOptions())
     except DriverNotSupported as err:
         return Probe(name, False, err.reason, prio)
+    except OSError as err:   # a probe that cannot write next to the root (read-only, ...)
+        where = f" {err.filename}" if err.filename else ""
+        return Probe(name, False, f"cannot check{where}: {err.strerror or err}", prio)
     return Probe(name, True, None, prio)
 
 

@@ -50,6 +50,15 @@ def rmdir_retry(path: Path) -> None:
     path.rmdir()
 
 
+def cgroup_dirs(parent: str) -> list[Path]:
+    """Where the runner makes the cgroups of containers under ``parent`` (v2 or v1)."""
+    from layerfs.runtime.cgroups import DEFAULT_ROOT, detect
+
+    if detect(DEFAULT_ROOT) == "v2":
+        return [DEFAULT_ROOT / parent]
+    return [DEFAULT_ROOT / c / parent for c in ("memory", "cpu", "pids", "devices")]
+
+
 def pids_whose_argv(match: Callable[[list[bytes]], bool]) -> list[int]:
     """Pids of the processes whose command line (``/proc/PID/cmdline`` split on NUL)
     ``match`` accepts: for finding our own helpers by an exact path they were given."""

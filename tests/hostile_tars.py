@@ -13,8 +13,10 @@ Run ``python tests/hostile_tars.py DIR`` to write the corpus as ``DIR/NAME.tar``
 
 from __future__ import annotations
 
+import functools
 import gzip
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +54,18 @@ def pad(data: bytes) -> bytes:
 
 
 def member(name: bytes, typeflag: bytes = b"0", data: bytes = b"", **kw: object) -> bytes:
-    """A header plus its (padded) data; ``size`` defaults to ``len(data)``."""
+    """A header plus its (padded) data; ``size`` defaults to ``len(data)``.
+
+    A name or link name longer than ustar's 100 bytes (an escape aimed at a long temp
+    folder) goes whole into a PAX record before the header, as real tar writers do;
+    cut at 100 bytes it would aim somewhere else and the case would test nothing."""
     kw.setdefault("size", len(data))
-    return header(name, typeflag, **kw) + pad(data)  # type: ignore[arg-type]
+    linkname = kw.get("linkname", b"")
+    assert isinstance(linkname, bytes)
+    long = {key: value for key, value in ((b"path", name), (b"linkpath", linkname))
+            if len(value) > 100}
+    prefix = pax(long) if long else b""
+    return prefix + header(name, typeflag, **kw) + pad(data)  # type: ignore[arg-type]
 
 
 def pax(records: dict[bytes, bytes], name: bytes = b"PaxHeaders.0/x",
@@ -272,7 +283,32 @@ def hostile_cases(outside: Path) -> list[HostileCase]:
     case("zstd_truncated", zstandard.ZstdCompressor().compress(good)[:-20],
          expect=InvalidArgument)
     case("xz_stream", b"\xfd7zXZ\x00" + bytes(100), expect=InvalidArgument, mentions="xz")
+
+    # -- costly archives (issue 20, items 11 and 12) ------------------------------------
+    # PAX headers, each under the 1 MiB limit, with new keys: they used to pile up until
+    # the next member (1.6 GB from 39 MB of gzip).
+    case("pax_headers_pile_up",
+         tar(*(pax({b"SCHILY.xattr.user.k%d" % i: b"v" * (600 << 10)}) for i in range(3)),
+             ok_file),
+         expect=InvalidArgument, mentions="extended headers")
+    case("pax_header_flood", tar(*(pax({b"comment": b"x"}) for _ in range(50)), ok_file),
+         expect=InvalidArgument, mentions="extended headers")
+    # Larger than any filesystem takes (64 KiB on Linux): was a TypeError traceback.
+    case("xattr_too_large",
+         tar(pax({b"SCHILY.xattr.user.big": b"x" * 200_000}), member(b"f", data=b"x")),
+         expect=InvalidArgument, mentions="xattr user.big")
+    case("trailing_zeros", _trailing_zeros(good), expect=InvalidArgument,
+         mentions="end-of-archive")
     return cases
+
+
+@functools.cache
+def _trailing_zeros(archive: bytes) -> bytes:
+    """A valid tar followed by 64 MiB of zeros, gzipped (to 64 KB): a reader that reads
+    to the end spends the CPU of decompressing all of it (4 GiB took 15.6 s)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    return z.compress(archive) + b"".join(z.compress(zeros) for _ in range(64)) + z.flush()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@ def test_corpus_is_big_enough() -> None:
     assert sum(c.expect is UnsafeArchive for c in CASES.values()) >= 24
 
 
+def test_corpus_does_not_depend_on_the_temp_path_length() -> None:
+    """Escapes aim at an absolute path under the machine's temp folder; a long one must
+    reach the archive whole (in a PAX record), not cut at ustar's 100 bytes."""
+    outside = Path("/" + "long-temp-folder/" * 20 + "outside")
+    aimed = [c for c in hostile_cases(outside) if b"/long-temp-folder/" in c.data]
+    assert len(aimed) >= 8
+    for case in aimed:
+        assert bytes(outside) in case.data, case.name
+
+
 def _snapshot(tmp_path: Path) -> tuple[object, dict[str, object]]:
     """Everything outside tmp_path/layer: tmp_path's own metadata plus the manifest."""
     st = os.lstat(tmp_path)

@@ -38,7 +38,7 @@ from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, NotFound, translate_errors
 from layerfs.fsinfo import layer_dir_usage
 from layerfs.metastore import process_alive, process_token
-from layerfs.mount import Mount
+from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
 
 
@@ -64,6 +64,8 @@ class VfsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (a bind mount) needs root")
         if shutil.which("cp") is None:
             raise DriverNotSupported(cls.name, "GNU cp is required to copy layers")
 

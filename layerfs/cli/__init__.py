@@ -2,15 +2,17 @@
 
 One module per command group, each with a ``register(subparsers)``:
 
-=================  ==========================================================
-:mod:`.layers`     ``info``, ``drivers``, ``layer ...``: the storage root
-:mod:`.pool`       ``pool create|destroy``: btrfs and device-mapper storage
-:mod:`.images`     ``import``, ``load``, ``save``, ``images``, ``rmi``, ...
-:mod:`.run`        ``run``, ``ps``, ``stop``, ``exec``, ...: containers
-:mod:`.bench`      ``bench``: the benchmark scenarios
+====================  =========================================================
+:mod:`.layers`        ``info``, ``drivers``, ``layer ...``: the storage root
+:mod:`.pool`          ``pool create|destroy``: btrfs and device-mapper storage
+:mod:`.images`        ``import``, ``load``, ``save``, ``images``, ``rmi``, ...
+:mod:`.run`           ``run``, ``ps``, ``stop``, ``exec``, ...: containers
+:mod:`.system`        ``system df|prune|reset``: the root as a whole
+:mod:`.bench`         ``bench``: the benchmark scenarios
 :mod:`.distribution`  ``pull``, ``push``, ``login``, ``logout``: OCI registries
-:mod:`.inspect`    ``explain``, ``image explore|diff``, ``union stats``: seeing inside
-=================  ==========================================================
+:mod:`.inspect`       ``explain``, ``image explore|diff``, ``union stats``: seeing inside
+:mod:`.boundary`      where every failure becomes one line on stderr
+====================  =========================================================
 
 :mod:`.common` holds what they share; :mod:`.console` the rich consoles. This package
 imports neither rich nor any group until :func:`main` builds the parser, because
@@ -23,7 +25,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import DEFAULT_ROOT, add_global_options, dispatch
+from .common import DEFAULT_ROOT, add_global_options
 
 EPILOG = f"""\
 examples:
@@ -39,7 +41,7 @@ environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STOR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, distribution, images, inspect, layers, pool, run
+    from . import bench, distribution, images, inspect, layers, pool, run, system
 
     parser = argparse.ArgumentParser(
         prog="layerfs", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,23 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     parser.add_argument("--version", action="version", version="layerfs 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (layers, pool, images, inspect, run, bench, distribution):
+    for group in (layers, pool, images, inspect, run, system, bench, distribution):
         group.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def error(message: str) -> None:
-        from .console import err
+    from .boundary import dispatch
 
-        err.print(f"[red]layerfs: error:[/] {message}", highlight=False, soft_wrap=True)
-
-    def interrupted() -> None:
-        from .console import err
-
-        err.print("layerfs: interrupted")
-
-    return dispatch(build_parser(), argv, error, interrupted)
+    return dispatch(build_parser(), argv)
 
 
 __all__ = ["build_parser", "main"]

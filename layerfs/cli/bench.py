@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ..errors import InvalidArgument
 from .common import SubParsers
@@ -64,7 +63,7 @@ examples:
   layerfs bench overlay2 --peers                    + fuse-overlayfs and Docker rows
   layerfs bench overlay2 --json out.json --plot charts/
   layerfs bench devicemapper --vm                   device-mapper inside the qemu guest
-  layerfs bench --from-json out.json --plot charts/ redraw from a saved run
+  layerfs bench --from-json out.json --plot charts/  # redraw from a saved run
 
 docs/bench.md explains every metric and chart, with results from this machine."""
 
@@ -314,12 +313,15 @@ def headline(report: Any, result: Any) -> bool:
 
 
 def render(report: Any, *, all_rows: bool = False) -> None:
-    from .console import out
+    from rich.text import Text
+
+    from .console import out, print_table
 
     labels = report.target_labels()
     measured = [t["label"] for t in report.targets if t.get("supported")]
     out.print(f"[bold]kernel[/] {report.host['kernel']}  [bold]cpu[/] {report.host['cpu']} "
-              f"x{report.host['cpus']}  [bold]profile[/] {report.profile}", highlight=False)
+              f"x{report.host['cpus']}  [bold]profile[/] {report.profile}", highlight=False,
+              soft_wrap=True)
     from layerfs_bench.scenarios import SCENARIOS
 
     for name in report.scenarios:
@@ -334,41 +336,37 @@ def render(report: Any, *, all_rows: bool = False) -> None:
         if not rows:
             continue
         title = SCENARIOS[name].title if name in SCENARIOS else name
-        table = Table(title=f"{name}: {title}", title_justify="left", title_style="bold",
-                      caption=f"median of n repetitions; ×: ratio to {cols[0]}" if len(cols) > 1
-                      else "median of n repetitions", caption_justify="left")
-        table.add_column("metric")
-        table.add_column("parameters")
-        for label in cols:
-            table.add_column(label, justify="right")
+        table_rows = []
         for (metric, params), cells in rows.items():
             ref = cells.get(cols[0])
-            row = [metric, params]
+            row: list[str | Text] = [metric, params]
             for label in cols:
                 r = cells.get(label)
                 if r is None:
-                    row.append("[dim]-[/]")
+                    row.append(Text("-", style="dim"))
                     continue
-                text = fmt_value(r.median, r.unit, r.kind)
+                text = Text(fmt_value(r.median, r.unit, r.kind))
                 if ref is not None and label != cols[0] and r.kind in ("time", "count") \
                         and ref.median > 0 and r.median > 0:
-                    text += f" [dim]×{_ratio(r.median / ref.median)}[/]"
+                    text.append(f" ×{_ratio(r.median / ref.median)}", style="dim")
                 row.append(text)
-            table.add_row(*row)
-        out.print(table)
+            table_rows.append(row)
+        print_table(["metric", "parameters", *cols], table_rows, title=f"{name}: {title}",
+                    caption=f"median of n repetitions; ×: ratio to {cols[0]}" if len(cols) > 1
+                    else "median of n repetitions", titled_when_piped=True, right=cols)
     if report.skipped:
-        table = Table(title="skipped", title_justify="left", title_style="bold yellow")
-        for col in ("target", "scenario", "what", "reason"):
-            table.add_column(col)
+        skipped = []
         for s in report.skipped:
             what = s.get("metric") or ""
             if s.get("params"):
                 what += f" {fmt_params(s['params'])}"
-            table.add_row(s["target"], s.get("scenario") or "(all)", what.strip(), s["reason"])
-        out.print(table)
+            skipped.append([s["target"], s.get("scenario") or "(all)", what.strip(), s["reason"]])
+        print_table(["target", "scenario", "what", "reason"], skipped, title="skipped",
+                    titled_when_piped=True)
     for e in report.errors:
-        out.print(f"[red]error[/] {e['target']} {e['scenario']}: {e['error']}", highlight=False)
+        out.print(Text("error", style="red") + Text(f" {e['target']} {e['scenario']}: "
+                                                     f"{e['error']}"), soft_wrap=True)
     times = ", ".join(f"{t['label']} {t['seconds']:.1f} s" for t in report.targets
                       if t.get("supported"))
     out.print(f"time per target (setup, scenarios, cleanup): {times or '-'}; "
-              f"run {report.seconds:.1f} s", highlight=False)
+              f"run {report.seconds:.1f} s", highlight=False, soft_wrap=True)

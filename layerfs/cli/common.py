@@ -8,12 +8,15 @@ module on their fast path, and a container start is timed against runc.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from ..errors import LayerfsError
 
 if TYPE_CHECKING:
     from ..layers import LayerStore
@@ -36,32 +39,6 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
                         "metacopy=true for overlay2")
 
 
-def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-             error: Callable[[str], None], interrupted: Callable[[], None] | None = None) -> int:
-    """Parse ``argv`` and run the chosen command; every failure a user can cause is one
-    line through ``error`` and an exit code, never a traceback."""
-    from ..errors import LayerfsError
-
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerfsError as e:
-        error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        if interrupted is not None:
-            interrupted()
-        return 130
-    except BrokenPipeError:
-        return 141
-    except PermissionError as e:
-        error(f"{e} (most commands need root)")
-        return 1
-
-
 def command_parser(sub: SubParsers, name: str, help: str, description: str, examples: str,
                    **kw: Any) -> argparse.ArgumentParser:
     """A subcommand whose --help teaches: a wrapped description, then examples."""
@@ -72,11 +49,32 @@ def command_parser(sub: SubParsers, name: str, help: str, description: str, exam
     return parser
 
 
-def open_store(args: argparse.Namespace) -> LayerStore:
-    """The root the global options name."""
+@contextlib.contextmanager
+def open_store(args: argparse.Namespace) -> Iterator[LayerStore]:
+    """``with open_store(args) as store:`` the root the global options name. A command
+    that made the root and then failed before storing anything removes it again:
+    ``layerfs --root NEW layer apply bad.tar`` leaves no NEW behind."""
     from ..layers import LayerStore
 
-    return LayerStore.open(args.root, args.driver, args.storage_opt or None)
+    store = LayerStore.open(args.root, args.driver, args.storage_opt or None)
+    try:
+        yield store
+    except BaseException:
+        store.discard()
+        raise
+    store.close()
+
+
+def with_source(err: LayerfsError, source: str) -> LayerfsError:
+    """``err`` with the file (or stream) it is about named first, as one more error of
+    its type (the library sees a stream; the command knows the path)."""
+    message = str(err)
+    if message.startswith(f"{source}:"):
+        return err
+    try:
+        return type(err)(f"{source}: {message}")
+    except TypeError:   # an error type with other constructor arguments
+        return LayerfsError(f"{source}: {message}")
 
 
 def emit_json(data: Any) -> None:

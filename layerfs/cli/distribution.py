@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 def _options(args: argparse.Namespace) -> RegistryOptions:
     from ..distribution import RegistryOptions
 
-    return RegistryOptions(ca=args.ca, insecure=args.insecure)
+    bounds = {name: getattr(args, name) for name in ("deadline", "speed_limit", "speed_time")
+              if getattr(args, name, None) is not None}
+    return RegistryOptions(ca=args.ca, insecure=args.insecure, **bounds)
 
 
 def _say(args: argparse.Namespace) -> Callable[[str], None] | None:
@@ -129,6 +131,23 @@ def _tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="for the registry host named in "
                    "the reference only: do not check its TLS certificate, and use plain HTTP "
                    "if it does not speak TLS")
+    p.add_argument("--max-time", dest="deadline", type=_seconds, metavar="SECONDS",
+                   help="longest a single request (manifest, config, token, upload step) may "
+                   "take, retries included (default 300)")
+    p.add_argument("--speed-limit", type=int, metavar="BYTES", help="a blob download slower "
+                   "than BYTES per second for --speed-time seconds fails (default 1024)")
+    p.add_argument("--speed-time", type=_seconds, metavar="SECONDS",
+                   help="see --speed-limit (default 30)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 def register(sub: SubParsers) -> None:
@@ -179,7 +198,8 @@ def register(sub: SubParsers) -> None:
                        "  cat pw.txt | layerfs login -u alice --password-stdin --ca ca.pem "
                        "127.0.0.1:5443\n")
     p.add_argument("server", metavar="REGISTRY")
-    p.add_argument("-u", "--username", metavar="USER")
+    p.add_argument("-u", "--username", metavar="USER", help="user name (default: asked on the "
+                   "terminal)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     _tls(p)
     p.set_defaults(func=cmd_login, quiet=True)

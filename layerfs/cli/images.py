@@ -23,12 +23,12 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from ..errors import InvalidArgument, LayerfsError
 from ..images import ImageStore
-from .common import SubParsers, command_parser, emit_json, human_size, open_store
-from .console import err, out
+from .boundary import error_line
+from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
+from .console import err, print_table
 
 
 @contextmanager
@@ -101,13 +101,16 @@ def _age(created: Any) -> str:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with image_store(args) as images, progress_for(args) as progress:
-        if args.source == "-":
-            image = images.import_rootfs(None, args.name, stream=sys.stdin.buffer,
-                                         changes=args.change or (), message=args.message,
-                                         progress=progress)
-        else:
-            image = images.import_rootfs(args.source, args.name, changes=args.change or (),
-                                         message=args.message, progress=progress)
+        try:
+            if args.source == "-":
+                image = images.import_rootfs(None, args.name, stream=sys.stdin.buffer,
+                                             changes=args.change or (), message=args.message,
+                                             progress=progress)
+            else:
+                image = images.import_rootfs(args.source, args.name, changes=args.change or (),
+                                             message=args.message, progress=progress)
+        except InvalidArgument as e:
+            raise with_source(e, "stdin" if args.source == "-" else args.source) from e
     print(image.id)
     return 0
 
@@ -120,9 +123,9 @@ def cmd_load(args: argparse.Namespace) -> int:
             loaded = images.load(stream=sys.stdin.buffer, repo=args.name, progress=progress)
         else:
             loaded = images.load(args.input, repo=args.name, progress=progress)
-    for image in loaded:
-        if image.names:
-            for name in image.names:
+    for image in loaded:   # the names in the archive, not every name the image has here
+        if image.loaded_as:
+            for name in image.loaded_as:
                 print(f"Loaded image: {name}")
         else:
             print(f"Loaded image ID: {image.id}")
@@ -161,16 +164,18 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image in listed:
             print(image.id if args.no_trunc else image.short_id)
         return 0
-    table = Table(title=f"images ({len(listed)})", title_justify="left")
-    for col in ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"):
-        table.add_column(col, no_wrap=col != "REPOSITORY")
+    rows = []
     for image in listed:
         ident = image.id if args.no_trunc else image.short_id
         created = _age(image.config.get("created"))
         for name in image.names or ["<none>:<none>"]:
             repo, _, tag = name.rpartition(":")
-            table.add_row(repo, tag, ident, created, human_size(image.size))
-    out.print(table)
+            rows.append([repo, tag, ident, created, human_size(image.size)])
+    count = f"{len(listed)} image{'s' if len(listed) != 1 else ''}"
+    if len(rows) != len(listed):
+        count += f", {len(rows)} names"
+    print_table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows,
+                title=f"images ({count})", no_trunc=args.no_trunc)
     return 0
 
 
@@ -184,7 +189,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             except LayerfsError as e:
                 if len(args.images) == 1:
                     raise
-                err.print(f"[red]layerfs: error:[/] {e}", highlight=False)
+                error_line(str(e))
                 failures += 1
     return 1 if failures else 0
 
@@ -202,18 +207,19 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([e.__dict__ for e in entries])
         return 0
-    table = Table(title=f"history of {image.names[0] if image.names else image.short_id}",
-                  title_justify="left")
-    for col in ("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"):
-        table.add_column(col, overflow="fold" if args.no_trunc else "ellipsis",
-                         no_wrap=not args.no_trunc and col != "COMMENT")
+    columns = ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
+    rows = []
     for i, e in enumerate(entries):
         ident = (image.id if args.no_trunc else image.short_id) if i == 0 else "<missing>"
         created_by = e.created_by if args.no_trunc or len(e.created_by) <= 45 else \
             e.created_by[:44] + "…"
-        table.add_row(ident, _age(e.created), created_by,
-                      "0 B" if e.empty_layer else human_size(e.size), e.comment)
-    out.print(table)
+        rows.append([ident, _age(e.created), created_by,
+                     "0 B" if e.empty_layer else human_size(e.size), e.comment])
+    if not any(row[-1] for row in rows):   # no comment anywhere: no empty last column
+        columns.pop()
+        rows = [row[:-1] for row in rows]
+    print_table(columns, rows, no_trunc=args.no_trunc,
+                title=f"history of {image.names[0] if image.names else image.short_id}")
     return 0
 
 
@@ -277,7 +283,9 @@ def _add_save(sub: SubParsers, name: str = "save") -> None:
                        "  layerfs save busybox | docker load\n")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE|DIR", help="default: stdout (not a terminal)")
-    p.add_argument("--format", choices=["docker", "oci", "oci-dir"], default="docker")
+    p.add_argument("--format", choices=["docker", "oci", "oci-dir"], default="docker",
+                   help="docker (`docker load` reads it), oci (an OCI layout in a tar) or "
+                   "oci-dir (an OCI layout directory); default: %(default)s")
     p.add_argument("--compression", choices=["none", "gzip", "zstd"], default="none",
                    help="layer blobs in oci formats (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -289,7 +297,7 @@ def _add_images(sub: SubParsers, name: str = "images") -> None:
                        "List images: one row per name; untagged images show as <none>.",
                        "  layerfs images\n  layerfs images busybox\n  layerfs images --json\n")
     p.add_argument("filter", nargs="?", metavar="REPOSITORY[:TAG]")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="every field and the config, as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only image ids")
     p.add_argument("--no-trunc", action="store_true", help="full image ids")
     p.set_defaults(func=cmd_images)
@@ -312,8 +320,8 @@ def _add_history(sub: SubParsers, name: str = "history") -> None:
                        "The image config's history, newest first, with the size of each layer.",
                        "  layerfs history busybox\n  layerfs history --no-trunc --json lab/app\n")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--json", action="store_true", help="the history entries, as JSON")
+    p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.set_defaults(func=cmd_history)
 
 
@@ -331,10 +339,12 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(func=cmd_tag)
     _add_history(sub)
 
-    image = sub.add_parser("image", help="image commands: inspect, ls, rm, prune, ...",
-                           description="Images are named stacks of read-only layers plus a "
-                           "config (command, environment, ...). See also the top-level "
-                           "import, load, save, images, rmi, tag and history.")
+    image = command_parser(sub, "image", "image commands: inspect, ls, rm, prune, ...",
+                           "Images are named stacks of read-only layers plus a config "
+                           "(command, environment, ...). See also the top-level import, load, "
+                           "save, images, rmi, tag and history.",
+                           "  layerfs image ls\n  layerfs image inspect busybox\n"
+                           "  layerfs image prune\n")
     isub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     p = command_parser(isub, "inspect", "everything about images, as JSON",
                        "Like `docker image inspect`, plus where layerfs keeps the layers.",

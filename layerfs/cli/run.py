@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument, LayerfsError, NotFound
-from .common import SubParsers, add_global_options, command_parser, dispatch, emit_json
+from .common import SubParsers, add_global_options, command_parser, emit_json
 
 if TYPE_CHECKING:
     from ..runtime.containers import Container, ContainerManager, ContainerState, RunOptions
@@ -134,7 +134,9 @@ def _exit_code_for(err: LayerfsError) -> int | None:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"layerfs: error: {message}\n")
+    from .boundary import error_line
+
+    error_line(message)
 
 
 def _duration(seconds: float) -> str:
@@ -233,22 +235,20 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([_state_dict(st) for st in listed])
         return 0
-    from rich.table import Table
+    import shlex
 
-    from .console import out
+    from .console import print_table
 
-    table = Table(title=f"containers ({len(listed)})", title_justify="left")
-    for col in ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"):
-        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    rows = []
     for st in listed:
-        import shlex
         command = shlex.join(st.argv)
         if not args.no_trunc and len(command) > 30:
             command = command[:29] + "…"
-        table.add_row(st.id if args.no_trunc else st.short_id, st.image_ref, command,
-                      f"{_duration(time.time() - st.created)} ago", _status_text(st),
-                      ", ".join(st.ports), st.name or "")
-    out.print(table)
+        rows.append([st.id if args.no_trunc else st.short_id, st.image_ref, command,
+                     f"{_duration(time.time() - st.created)} ago", _status_text(st),
+                     ", ".join(st.ports), st.name or ""])
+    print_table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"],
+                rows, title=f"containers ({len(listed)})", no_trunc=args.no_trunc)
     return 0
 
 
@@ -491,7 +491,7 @@ def register(sub: SubParsers) -> None:
                        "  layerfs ps --json\n")
     p.add_argument("-a", "--all", action="store_true", help="not only running containers")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="every field, as JSON")
     p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.set_defaults(func=cmd_ps)
 
@@ -534,9 +534,12 @@ def register(sub: SubParsers) -> None:
     p.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stdio-passthrough", action="store_true", help="this process's own "
                    "stdio instead of relayed pipes (see run --help)")
-    p.add_argument("-e", "--env", action="append", metavar="K=V")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("-u", "--user", metavar="UID[:GID]")
+    p.add_argument("-e", "--env", action="append", metavar="K=V",
+                   help="environment variable (repeatable; default: the container's)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory (default: the "
+                   "container's)")
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="user and group, numbers or names "
+                   "(default: the container's)")
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD ...")
     p.set_defaults(func=cmd_exec)
@@ -586,11 +589,13 @@ def register(sub: SubParsers) -> None:
 # --- python -m layerfs.cli.run: these commands alone ----------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    from .boundary import dispatch
+
     parser = argparse.ArgumentParser(prog="layerfs", description="layerfs container commands")
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
     register(sub)
-    return dispatch(parser, argv, _error)
+    return dispatch(parser, argv)
 
 
 __all__ = ["main", "register"]

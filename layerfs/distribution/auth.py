@@ -29,6 +29,7 @@ import binascii
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -43,7 +44,10 @@ import httpx
 
 from ..errors import InvalidArgument, LayerfsError
 from ..reference import registry_host
-from .errors import RegistryError, Unauthorized, error_detail, transport_message
+from . import limits
+from .errors import RegistryError, Unauthorized, error_detail, transfer_error, transport_message
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "LAYERFS_CONFIG"
 #: The key Docker uses for Docker Hub in ``auths``.
@@ -97,6 +101,8 @@ class CredentialStore:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InvalidArgument(f"{self.path} is not valid JSON: {err}") from None
+        except RecursionError:
+            raise InvalidArgument(f"{self.path}: JSON nested too deep") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("auths", {}), dict):
             raise InvalidArgument(f"{self.path}: expected a JSON object with an \"auths\" "
                                   f"object (Docker's config.json format)")
@@ -238,19 +244,32 @@ def _basic(credentials: Credentials) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
+#: Docker Hub's registry and token service are on different hosts, over HTTPS.
+_KNOWN_REALMS = {"registry-1.docker.io": "auth.docker.io"}
+
+
 class RegistryAuth(httpx.Auth):
     """Answers the registry's challenges: Basic, or Bearer tokens for the needed scopes.
 
     After the first challenge the scheme is known and later requests carry the
     credentials or a cached token up front (no 401 round trip per request, and
     upload bodies are sent once). Thread-safe: parallel downloads share it.
+
+    Credentials go only where they cannot be read on the way: over HTTPS, or over
+    plain HTTP to the registry host itself when the user marked it ``insecure``. A
+    token realm on another host gets them only over HTTPS (with a warning, once); a
+    plain-HTTP realm elsewhere is asked for an anonymous token instead.
     """
 
     def __init__(self, host: str, credentials: Credentials | None,
-                 token_client: Callable[[], httpx.Client]) -> None:
+                 token_client: Callable[[], httpx.Client], *, insecure: bool = False,
+                 deadline: float = 300.0) -> None:
         self.host = host
         self.credentials = credentials
         self._token_client = token_client
+        self.insecure = insecure
+        self.deadline = deadline
+        self._warned: set[str] = set()
         self._lock = threading.Lock()
         self.scheme: str | None = None
         self.params: dict[str, str] = {}
@@ -268,9 +287,35 @@ class RegistryAuth(httpx.Auth):
         url = httpx.URL(f"{request.url.scheme}://{self.host}/")
         return (request.url.host, request.url.port) == (url.host, url.port)
 
+    def _same_host(self, url: httpx.URL) -> bool:
+        ours = httpx.URL(f"{url.scheme}://{self.host}/")
+        return (url.host, url.port) == (ours.host, ours.port)
+
+    def credentials_for(self, url: httpx.URL) -> Credentials | None:
+        """The credentials if they may be sent to ``url`` (see the class doc), else None."""
+        if self.credentials is None:
+            return None
+        if url.scheme == "https":
+            where = url.netloc.decode()
+            if not self._same_host(url) and _KNOWN_REALMS.get(self.host) != url.host and \
+                    where not in self._warned:
+                self._warned.add(where)
+                log.warning("%s: sending the credentials to the token service on another "
+                            "host, %s (HTTPS)", self.host, where)
+            return self.credentials
+        if url.scheme == "http" and self.insecure and self._same_host(url):
+            return self.credentials
+        if str(url) not in self._warned:
+            self._warned.add(str(url))
+            log.warning("%s: not sending the credentials to %s: plain HTTP%s", self.host,
+                        url.copy_with(query=None), "" if self._same_host(url) else
+                        " on another host")
+        return None
+
     def _apply(self, request: httpx.Request) -> None:
-        if self.scheme == "basic" and self.credentials is not None:
-            request.headers["Authorization"] = _basic(self.credentials)
+        creds = self.credentials_for(request.url) if self.scheme == "basic" else None
+        if creds is not None:
+            request.headers["Authorization"] = _basic(creds)
         elif self.scheme == "bearer":
             token = self._current_token(set())
             if token:
@@ -296,32 +341,54 @@ class RegistryAuth(httpx.Auth):
         params += [("scope", s) for s in sorted(scopes)]
         client = self._token_client()
         self.token_requests += 1
-        creds = self.credentials
         try:
-            if creds is not None and creds.identity_token:
-                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                        "client_id": "layerfs", "scope": " ".join(sorted(scopes))}
-                if self.params.get("service"):
-                    form["service"] = self.params["service"]
-                r = client.post(realm, data=form)
-            else:
-                headers = {"Authorization": _basic(creds)} if creds is not None else {}
-                r = client.get(realm, params=params, headers=headers)
-        except httpx.TransportError as err:
-            raise RegistryError(f"{self.host}: cannot reach the token service {realm}: "
-                                f"{transport_message(err)}") from err
-        if r.status_code in (401, 403):
-            raise Unauthorized(f"{self.host}: the token service {realm} refused the "
-                               f"{'credentials' if creds else 'anonymous request'} "
-                               f"(HTTP {r.status_code}){error_detail(r)}")
-        if r.status_code != 200:
-            raise RegistryError(f"{self.host}: token service {realm} answered HTTP "
-                                f"{r.status_code}{error_detail(r)}")
+            realm_url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            raise Unauthorized(f"{self.host}: the token realm {realm!r} is not a URL") \
+                from None
+        creds = self.credentials_for(realm_url)
+        withheld = creds is None and self.credentials is not None
+        what = f"{self.host}: token service {realm}"
+        with limits.deadline(self.deadline, f"no token within {self.deadline:g} s") \
+                as current:
+            try:
+                if creds is not None and creds.identity_token:
+                    form = {"grant_type": "refresh_token",
+                            "refresh_token": creds.identity_token,
+                            "client_id": "layerfs", "scope": " ".join(sorted(scopes))}
+                    if self.params.get("service"):
+                        form["service"] = self.params["service"]
+                    request = client.build_request("POST", realm_url, data=form)
+                else:
+                    headers = {"Authorization": _basic(creds)} if creds is not None else {}
+                    request = client.build_request("GET", realm_url, params=params,
+                                                   headers=headers)
+                r = client.send(request, stream=True)
+                try:
+                    if r.status_code in (401, 403):
+                        sent = "credentials" if creds else "anonymous request" + (
+                            " (the credentials were withheld: plain HTTP)" if withheld
+                            else "")
+                        raise Unauthorized(f"{self.host}: the token service {realm} "
+                                           f"refused the {sent} (HTTP {r.status_code})"
+                                           f"{error_detail(r)}")
+                    if r.status_code != 200:
+                        raise RegistryError(f"{what} answered HTTP {r.status_code}"
+                                            f"{error_detail(r)}")
+                    body = limits.read_body(r, limits.TOKEN_BODY_MAX, what)
+                finally:
+                    r.close()
+            except httpx.HTTPError as err:
+                final = transfer_error(err, what, current)
+                if final is not None:
+                    raise final from err
+                raise RegistryError(f"{self.host}: cannot reach the token service {realm}: "
+                                    f"{transport_message(err)}") from err
         try:
-            doc = r.json()
+            doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
             expires = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             token, expires = None, 0.0
         if not isinstance(token, str) or not token:
             raise RegistryError(f"{self.host}: the token service {realm} sent no token")
@@ -355,9 +422,10 @@ class RegistryAuth(httpx.Auth):
             sent_basic = request.headers.get("Authorization", "").startswith("Basic ")
             with self._lock:
                 self.scheme, self.params = "basic", challenges["basic"]
-            if self.credentials is None or sent_basic:
+            creds = self.credentials_for(request.url)
+            if creds is None or sent_basic:
                 return
-            request.headers["Authorization"] = _basic(self.credentials)
+            request.headers["Authorization"] = _basic(creds)
             yield request
 
 

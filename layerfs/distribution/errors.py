@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 
 from ..errors import LayerfsError, NotFound
+from .limits import ERROR_BODY_MAX, Deadline, read_body
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -59,12 +60,27 @@ def transport_message(err: BaseException) -> str:
     return text
 
 
+def transfer_error(err: httpx.HTTPError, what: str, current: Deadline | None
+                   ) -> RegistryError | None:
+    """A one-line error for failures not worth retrying: the request's deadline passed,
+    a redirect loop, or anything else that is not a transport error (a bad encoding, a
+    bad URL). None for transport errors, which the caller may retry."""
+    if current is not None and current.passed():
+        return RegistryError(f"{what}: {current.reason}")
+    if isinstance(err, httpx.TooManyRedirects):
+        return RegistryError(f"{what}: too many redirects (the registry sends the request "
+                             f"round in a loop)")
+    if not isinstance(err, httpx.TransportError):
+        return RegistryError(f"{what}: {transport_message(err)}")
+    return None
+
+
 def error_detail(r: httpx.Response) -> str:
     """The registry's JSON error (``{"errors": [{"code", "message"}]}``) as ``: CODE: msg``."""
     try:
-        body = r.read()[:65536]
+        body = read_body(r, ERROR_BODY_MAX, "", truncate=True)
         doc = json.loads(body) if body else None
-    except (ValueError, httpx.HTTPError):
+    except (ValueError, RecursionError, httpx.HTTPError):
         return ""
     if isinstance(doc, dict) and isinstance(doc.get("errors"), list) and doc["errors"]:
         parts = []

@@ -18,6 +18,7 @@ already applied).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -34,11 +35,12 @@ import httpx
 
 from .. import oci
 from ..digests import chain_ids, hasher_for, short_id
-from ..errors import CorruptState, InvalidArgument, LayerfsError, NotFound
+from ..errors import CorruptState, DiskFull, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
+from . import limits as bounds
 from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
-from .errors import Cancelled, RegistryError, ssl_error, transport_message
+from .errors import Cancelled, RegistryError, ssl_error, transfer_error, transport_message
 from .transport import CHUNK, Manifest, Registry, RegistryOptions
 
 if TYPE_CHECKING:
@@ -165,6 +167,15 @@ class _Download:
                     progress.advance(key, offset)
             try:
                 offset = self._fetch(fd, offset, hasher, key)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Kept, the partial file would hold the disk at 100% for nothing: the
+                # next pull cannot resume into space that is not there.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.partial)
+                raise DiskFull(f"no space left in {src.stage} after {offset} of {self.size} "
+                               f"bytes; the partial download was removed") from None
             finally:
                 if progress is not None:
                     progress.end(key)
@@ -191,80 +202,106 @@ class _Download:
         failures = 0
         progress_at = -1    # offset of the last failure: attempts count only without progress
         delay = 0.2
-        while offset < self.size:
-            headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            try:
-                reg.requests += 1
-                with reg.client.stream("GET", url, headers=headers) as r:
-                    stream = r.extensions.get("network_stream")
-                    self._socket = stream.get_extra_info("socket") if stream else None
-                    if self.cancelled.is_set():
-                        raise Cancelled()
-                    if r.status_code == 416 and offset:
-                        # The server does not agree our partial file is a prefix.
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.partial)
-                        raise RegistryError(f"the registry refused to resume at byte "
-                                            f"{offset}; the partial download was removed, "
-                                            f"run the pull again")
-                    if r.status_code in (429, 500, 502, 503, 504):
-                        raise _Retry(f"HTTP {r.status_code}")
-                    if r.status_code not in (200, 206):
-                        raise reg.status_error(r, what)
-                    skip = offset if (r.status_code == 200 and offset) else 0
-                    if r.status_code == 206:
-                        start = _content_range_start(r.headers.get("content-range"))
-                        if start != offset:
-                            raise InvalidArgument(f"asked for bytes from {offset}, got a "
-                                                  f"range starting at {start}")
-                    for chunk in r.iter_raw(CHUNK):
+        opts = reg.options
+        # curl's speed limit: at least speed_limit bytes/s over every speed_time window.
+        # The window's end is the deadline of every network wait, so a stall or a
+        # drip fails at the window's end, not at the next byte.
+        window = max(1, int(opts.speed_limit * opts.speed_time))
+        slow = (f"slower than {opts.speed_limit} bytes/s for {opts.speed_time:g} s "
+                f"(run the pull again to resume)")
+        with bounds.deadline(opts.speed_time, slow) as rate:
+            assert rate is not None
+            while offset < self.size:
+                headers = {"Accept-Encoding": "identity"}
+                if offset:
+                    headers["Range"] = f"bytes={offset}-"
+                try:
+                    rate.at, window_bytes = time.monotonic() + opts.speed_time, 0
+                    reg.requests += 1
+                    with reg.client.stream("GET", url, headers=headers) as r:
+                        stream = r.extensions.get("network_stream")
+                        self._socket = stream.get_extra_info("socket") if stream else None
                         if self.cancelled.is_set():
                             raise Cancelled()
-                        if skip:
-                            drop = min(skip, len(chunk))
-                            chunk, skip = chunk[drop:], skip - drop
-                            if not chunk:
-                                continue
-                        if offset + len(chunk) > self.size:
-                            raise InvalidArgument(f"longer than the {self.size} bytes the "
-                                                  f"manifest says")
-                        os.pwrite(fd, chunk, offset)
-                        hasher.update(chunk)
-                        offset += len(chunk)
-                        self.network_bytes += len(chunk)
-                        src.count_bytes(len(chunk))
-                        self._grow(len(chunk))
-                        if src.progress is not None:
-                            src.progress.advance(key, len(chunk))
-                self._socket = None
-                if offset < self.size:
-                    raise _Retry("connection closed early")
-            except (httpx.TransportError, _Retry) as err:
-                self._socket = None
-                if self.cancelled.is_set():
-                    raise Cancelled() from err
-                if isinstance(err, httpx.TransportError) and ssl_error(err) is not None \
-                        and offset == 0:
-                    raise reg._connect_error(err, url) from err
-                if offset > progress_at:
-                    failures, progress_at = 0, offset
-                failures += 1
-                if failures > reg.options.retries:
-                    raise RegistryError(f"download failed at byte {offset} of {self.size}: "
-                                        f"{transport_message(err)} ({failures} attempts "
-                                        f"without progress; run the pull again to resume)"
-                                        ) from err
-                log.info("%s: %s at byte %d; resuming", what, transport_message(err), offset)
-                src.resumes += 1
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                        if r.status_code == 416 and offset:
+                            # The server does not agree our partial file is a prefix.
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(self.partial)
+                            raise RegistryError(f"the registry refused to resume at byte "
+                                                f"{offset}; the partial download was removed, "
+                                                f"run the pull again")
+                        if r.status_code in (429, 500, 502, 503, 504):
+                            raise _Retry(f"HTTP {r.status_code}")
+                        if r.status_code not in (200, 206):
+                            raise reg.status_error(r, what)
+                        skip = offset if (r.status_code == 200 and offset) else 0
+                        if r.status_code == 206:
+                            start = _content_range_start(r.headers.get("content-range"))
+                            if start != offset:
+                                raise InvalidArgument(f"asked for bytes from {offset}, got a "
+                                                      f"range starting at {start}")
+                        for chunk in r.iter_raw(CHUNK):
+                            if self.cancelled.is_set():
+                                raise Cancelled()
+                            if skip:
+                                drop = min(skip, len(chunk))
+                                chunk, skip = chunk[drop:], skip - drop
+                                if not chunk:
+                                    continue
+                            if offset + len(chunk) > self.size:
+                                raise InvalidArgument(f"longer than the {self.size} bytes the "
+                                                      f"manifest says")
+                            os.pwrite(fd, chunk, offset)
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            self.network_bytes += len(chunk)
+                            src.count_bytes(len(chunk))
+                            self._grow(len(chunk))
+                            if src.progress is not None:
+                                src.progress.advance(key, len(chunk))
+                            window_bytes += len(chunk)
+                            if window_bytes >= window:
+                                window_bytes, rate.at = 0, time.monotonic() + opts.speed_time
+                    self._socket = None
+                    if offset < self.size:
+                        raise _Retry("connection closed early")
+                except (httpx.HTTPError, _Retry) as err:
+                    self._socket = None
+                    if self.cancelled.is_set():
+                        raise Cancelled() from err
+                    if isinstance(err, httpx.HTTPError):
+                        final = transfer_error(err, what, rate)
+                        if final is not None:
+                            raise final from err
+                    if isinstance(err, httpx.TransportError) and ssl_error(err) is not None \
+                            and offset == 0:
+                        raise reg._connect_error(err, url) from err
+                    if offset > progress_at:
+                        failures, progress_at = 0, offset
+                    failures += 1
+                    if failures > reg.options.retries:
+                        raise RegistryError(f"download failed at byte {offset} of {self.size}: "
+                                            f"{transport_message(err)} ({failures} attempts "
+                                            f"without progress; run the pull again to resume)"
+                                            ) from err
+                    log.info("%s: %s at byte %d; resuming", what, transport_message(err), offset)
+                    src.resumes += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         return offset
 
 
 class _Retry(Exception):
     pass
+
+
+def _resumable(job: _Download) -> bool:
+    """Whether a failed download left bytes a later pull can continue from."""
+    for f in (job.final, job.partial):
+        with contextlib.suppress(FileNotFoundError):
+            if f.stat().st_size > 0:
+                return True
+    return False
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -492,8 +529,9 @@ class RemoteSource:
 
     def close(self, success: bool) -> None:
         """Stop downloads, close files; remove staged blobs that are no longer needed
-        (all, after a success; after a failure, the ones whose layer got stored anyway —
-        the rest stay for the next pull to resume)."""
+        (all, after a success; after a failure, the ones whose layer got stored anyway,
+        and those with nothing to resume from: no bytes kept, a digest mismatch, a full
+        disk — the rest stay for the next pull to resume)."""
         for job in self._all_jobs:
             job.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -505,7 +543,7 @@ class RemoteSource:
                 job.read_fd = -1
         for digest in {job.digest for job in self._all_jobs}:
             job = self._jobs[digest]
-            if not success and self._needed(digest)():
+            if not success and self._needed(digest)() and _resumable(job):
                 continue
             with blob_lock(job.lock_path, wait=False) as held:
                 if not held:

@@ -21,8 +21,17 @@ from .. import __version__, oci
 from ..digests import sha256_digest, verify_bytes
 from ..errors import InvalidArgument, NotFound
 from ..reference import DOCKER_HUB
+from . import limits as bounds
 from .auth import Credentials, CredentialStore, RegistryAuth, registry_host
-from .errors import RegistryError, RegistryNotFound, Unauthorized, error_detail, ssl_error, transport_message
+from .errors import (
+    RegistryError,
+    RegistryNotFound,
+    Unauthorized,
+    error_detail,
+    ssl_error,
+    transfer_error,
+    transport_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ CONFIG_TYPES = {oci.MT_OCI_CONFIG, oci.MT_DOCKER_CONFIG}
 #: Manifests are read whole into memory: refuse absurd ones.
 MAX_MANIFEST = 4 << 20
 CHUNK = 1 << 20
+#: Compressed answers would be inflated before their size is known: ask for none.
+HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -50,7 +61,14 @@ class RegistryOptions:
     credential_store: CredentialStore | None = None  # default: auth.config_path()
     retries: int = 5
     max_concurrent: int = 3
-    timeout: float = 60.0
+    timeout: float = 60.0     # per connect, read or write
+    #: Whole request, retries and body included (manifests, configs, tokens, uploads'
+    #: steps; not the bytes of a blob, which have the rate below instead).
+    deadline: float = 300.0
+    #: A blob download slower than ``speed_limit`` bytes/s for ``speed_time`` seconds
+    #: fails (curl's --speed-limit / --speed-time).
+    speed_limit: int = 1024
+    speed_time: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -84,13 +102,15 @@ class Registry:
         mounts: dict[str, httpx.BaseTransport | None] = {}
         if opts.insecure:
             # Only this host skips certificate checks; everything else stays verified.
-            mounts[f"https://{self.api_host}"] = httpx.HTTPTransport(verify=False,
-                                                                     limits=limits)
+            mounts[f"https://{self.api_host}"] = bounds.transport(False, limits)
+        self._limits = limits
         self._token_http: httpx.Client | None = None
-        self.auth = RegistryAuth(self.api_host, credentials, self._token_client)
-        self.client = httpx.Client(verify=self._verify, mounts=mounts, auth=self.auth,
-                                   timeout=timeout, limits=limits, follow_redirects=True,
-                                   headers={"User-Agent": USER_AGENT}, trust_env=False)
+        self.auth = RegistryAuth(self.api_host, credentials, self._token_client,
+                                 insecure=opts.insecure, deadline=opts.deadline)
+        self.client = httpx.Client(transport=bounds.transport(self._verify, limits),
+                                   mounts=mounts, auth=self.auth,
+                                   timeout=timeout, follow_redirects=True,
+                                   headers=HEADERS, trust_env=False)
         self.base: str | None = None
         self.requests = 0
 
@@ -113,9 +133,10 @@ class Registry:
 
     def _token_client(self) -> httpx.Client:
         if self._token_http is None:
-            self._token_http = httpx.Client(verify=self._verify, timeout=self.client.timeout,
-                                            headers={"User-Agent": USER_AGENT},
-                                            follow_redirects=True, trust_env=False)
+            self._token_http = httpx.Client(
+                transport=bounds.transport(self._verify, self._limits),
+                timeout=self.client.timeout, headers=HEADERS, follow_redirects=True,
+                trust_env=False)
         return self._token_http
 
     def close(self) -> None:
@@ -130,7 +151,7 @@ class Registry:
         self.close()
 
     # -- low level --------------------------------------------------------------------------
-    def _connect_error(self, err: httpx.TransportError, url: str) -> RegistryError:
+    def _connect_error(self, err: httpx.HTTPError, url: str) -> RegistryError:
         tls = ssl_error(err)
         if tls is not None and isinstance(tls, ssl.SSLCertVerificationError):
             return RegistryError(
@@ -153,33 +174,48 @@ class Registry:
     def request(self, method: str, path: str, *, what: str, expect: Sequence[int] = (200,),
                 headers: dict[str, str] | None = None, content: Any = None,
                 params: dict[str, str] | None = None, retry: bool = True,
-                url: str | None = None) -> httpx.Response:
-        """One request with retries (transport errors, 5xx, 429) for idempotent methods.
+                url: str | None = None,
+                max_body: int = bounds.SMALL_BODY_MAX) -> httpx.Response:
+        """One request with retries (transport errors, 5xx, 429) for idempotent methods,
+        over within ``options.deadline`` (an upload's body aside), its body read whole
+        but refused beyond ``max_body`` bytes.
 
         A status not in ``expect`` raises a one-line error naming ``what``."""
         target = url or self.url(path)
         attempts = 1 + (self.options.retries if retry else 0)
         delay = 0.2
-        for attempt in range(attempts):
-            try:
-                self.requests += 1
-                r = self.client.request(method, target, headers=headers, content=content,
-                                        params=params)
-            except httpx.TransportError as err:
-                if attempt + 1 < attempts and ssl_error(err) is None:
-                    log.debug("%s %s: %s; retrying", method, target, err)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                raise self._connect_error(err, target) from err
-            if r.status_code in expect:
-                return r
-            if r.status_code in (429, 500, 502, 503, 504) and attempt + 1 < attempts:
-                r.close()
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            raise self.status_error(r, what)
+        # A streamed upload takes as long as its size needs; its other steps do not.
+        seconds = None if content is not None and not isinstance(content, bytes) \
+            else self.options.deadline
+        reason = f"no complete answer within {seconds:g} s" if seconds else ""
+        with bounds.deadline(seconds, reason) as current:
+            for attempt in range(attempts):
+                try:
+                    self.requests += 1
+                    r = self.client.send(self.client.build_request(
+                        method, target, headers=headers, content=content, params=params),
+                        stream=True)
+                    try:
+                        if r.status_code in expect:
+                            return bounds.whole(r, max_body, what)
+                        if r.status_code in (429, 500, 502, 503, 504) and \
+                                attempt + 1 < attempts:
+                            time.sleep(delay)
+                            delay = min(delay * 2, 5.0)
+                            continue
+                        raise self.status_error(r, what)
+                    finally:
+                        r.close()
+                except httpx.HTTPError as err:
+                    final = transfer_error(err, what, current)
+                    if final is not None:
+                        raise final from err
+                    if attempt + 1 < attempts and ssl_error(err) is None:
+                        log.debug("%s %s: %s; retrying", method, target, err)
+                        time.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    raise self._connect_error(err, target) from err
         raise AssertionError("unreachable")  # pragma: no cover
 
     def status_error(self, r: httpx.Response, what: str) -> RegistryError:
@@ -203,31 +239,38 @@ class Registry:
         last: RegistryError | None = None
         for scheme in schemes:
             target = f"{scheme}://{self.api_host}/v2/"
-            try:
-                self.requests += 1
-                r = self.client.get(target)
-            except httpx.TransportError as err:
-                last = self._connect_error(err, target)
-                last.__cause__ = err
-                if scheme == "https" and len(schemes) > 1:
-                    continue
-                raise last from err
-            self.base = f"{scheme}://{self.api_host}"
-            if r.status_code == 200 or (r.status_code == 401 and not require_auth):
-                return
-            raise self.status_error(r, f"{self.host}")
+            seconds = self.options.deadline
+            with bounds.deadline(seconds, f"no complete answer within {seconds:g} s") \
+                    as current:
+                try:
+                    self.requests += 1
+                    with self.client.stream("GET", target) as r:
+                        self.base = f"{scheme}://{self.api_host}"
+                        if r.status_code == 200 or (r.status_code == 401 and
+                                                    not require_auth):
+                            bounds.read_body(r, bounds.SMALL_BODY_MAX, self.host,
+                                             truncate=True)
+                            return
+                        raise self.status_error(r, f"{self.host}")
+                except httpx.HTTPError as err:
+                    final = transfer_error(err, self.host, current)
+                    if final is not None:
+                        raise final from err
+                    last = self._connect_error(err, target)
+                    last.__cause__ = err
+                    if scheme == "https" and len(schemes) > 1:
+                        continue
+                    raise last from err
         assert last is not None
         raise last
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
         what = f"{self.host}/{repository}:{reference}" if not reference.startswith("sha") \
             else f"{self.host}/{repository}@{reference}"
-        r = self.request("GET", f"/v2/{repository}/manifests/{reference}", what=what,
-                         headers={"Accept": MANIFEST_ACCEPT})
+        r = self.request("GET", f"/v2/{repository}/manifests/{reference}",
+                         what=what, headers={"Accept": MANIFEST_ACCEPT},
+                         max_body=MAX_MANIFEST)
         data = r.content
-        if len(data) > MAX_MANIFEST:
-            raise InvalidArgument(f"{what}: manifest is {len(data)} bytes, more than the "
-                                  f"{MAX_MANIFEST}-byte limit")
         if reference.startswith(("sha256:", "sha512:")):
             digest = reference
             verify_bytes(data, digest, f"{what}: manifest")
@@ -256,7 +299,7 @@ class Registry:
             raise InvalidArgument(f"{what} is {size} bytes, more than the "
                                   f"{oci.MAX_JSON}-byte limit")
         r = self.request("GET", f"/v2/{repository}/blobs/{digest}", what=what,
-                         headers={"Accept-Encoding": "identity"})
+                         max_body=size)
         data = r.content
         if len(data) != size:
             raise InvalidArgument(f"{what} {digest}: {len(data)} bytes, the manifest says "

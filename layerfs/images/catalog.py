@@ -115,6 +115,9 @@ class Image:
     layers: list[ImageLayer]
     created: float
     size: int
+    #: The names the load (or pull) that returned this image gave it -- those in the
+    #: archive -- unlike ``names``, which has every name the image has. Empty otherwise.
+    loaded_as: tuple[str, ...] = ()
 
     @property
     def short_id(self) -> str:
@@ -150,10 +153,11 @@ class Catalog:
         self.layers = layers
         self.store = layers.store
         self.store.extend_schema(_SCHEMA)
-        if self.store.get_setting("images_schema") is None:
+        writable = self.store.full is None   # a full disk: read-only (MetaStore)
+        if writable and self.store.get_setting("images_schema") is None:
             self.store.set_setting("images_schema", IMAGES_SCHEMA_VERSION)
         self._owns_layers = False
-        if recover:
+        if recover and writable:
             self.recover()
 
     @classmethod

@@ -13,6 +13,7 @@ waits for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -122,7 +123,11 @@ class Loading(Catalog):
                 self._publish(todo, tops, op)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return [self.get(image.id) for image in todo]
+        return self._loaded(todo)
+
+    def _loaded(self, todo: Sequence[oci.ImageToLoad]) -> list[Image]:
+        return [dataclasses.replace(self.get(image.id), loaded_as=tuple(image.names))
+                for image in todo]
 
     def load_images(self, src: oci.Source, todo: Sequence[oci.ImageToLoad], *,
                     verify_present: bool = True,
@@ -138,7 +143,7 @@ class Loading(Catalog):
             tops = [self._unpack(src, image, op, progress, verify_present=verify_present)
                     for image in todo]
             self._publish(todo, tops, op)
-        return [self.get(image.id) for image in todo]
+        return self._loaded(todo)
 
     def layer_chain_ready(self, chain_id: str) -> bool:
         """Whether the layer for ``chain_id`` is stored and complete (a pull skips it)."""

@@ -203,6 +203,10 @@ class _Applier:
                     log.warning("layer tar: cannot set xattr %s on %r: %s", key, h.name,
                                 err.strerror)
                     continue
+                if err.errno in (errno.E2BIG, errno.ERANGE, errno.ENOSPC):
+                    raise InvalidArgument(f"layer tar: entry {show_name(h.name)}: xattr {key} "
+                                          f"of {len(value)} bytes does not fit: "
+                                          f"{err.strerror}") from None
                 raise
         if merge:
             assert isinstance(target, str)
@@ -515,6 +519,7 @@ def apply_layer(dest: Path, stream: Readable, fmt: WhiteoutFormat) -> int:
         where = f"entry {show_name(applier.entry_name)}" if applier.entry_name else dest_s
         cls = InvalidArgument if err.errno in _ARCHIVE_ERRNOS else LayerfsError
         raise cls(f"applying layer to {dest_s}: {where}: {err.strerror or err}"
-                  f"{' (' + err.filename + ')' if err.filename else ''}") from err
+                  f"{f' ({err.filename})' if isinstance(err.filename, str) else ''}"
+                  ) from err
     return applier.size
 

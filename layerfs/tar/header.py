@@ -37,6 +37,12 @@ ZERO_BLOCK = bytes(BLOCK)
 #: The most a PAX header or GNU long name may hold. Go's archive/tar uses the same bound;
 #: without one a 10 GB "header" would be read into memory.
 MAX_EXTENDED_SIZE = 1 << 20
+#: The most extended headers one member may have, and their total size. Each alone is
+#: bounded above, but PAX records with new keys pile up until the next member: 39 MB of
+#: gzip held 1.6 GB of them. A real writer puts one PAX header, one long name and one
+#: long link before a member (and maybe a global header before the first).
+MAX_EXTENDED_PER_MEMBER = 8
+MAX_EXTENDED_TOTAL = MAX_EXTENDED_SIZE
 
 # Member kinds, as tar typeflags. AREGTYPE ("\0") and CONTTYPE ("7") read as REG.
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
@@ -200,6 +206,8 @@ class Extended:
     pax: dict[str, bytes] = field(default_factory=dict)
     long_name: bytes | None = None
     long_link: bytes | None = None
+    count: int = 0       # extended headers taken in for the next member
+    total: int = 0       # and their bytes
 
     @property
     def pending(self) -> bool:
@@ -209,7 +217,17 @@ class Extended:
         """Take in the data of an extended header (``x``, ``g``, ``L`` or ``K``).
 
         Global PAX records are checked and ignored, as Go's archive/tar and therefore
-        Docker do (``git archive`` writes one)."""
+        Docker do (``git archive`` writes one). More than
+        :data:`MAX_EXTENDED_PER_MEMBER` headers or :data:`MAX_EXTENDED_TOTAL` bytes of
+        them before one member is a format error."""
+        self.count += 1
+        self.total += len(payload)
+        if self.count > MAX_EXTENDED_PER_MEMBER:
+            raise TarFormatError(f"more than {MAX_EXTENDED_PER_MEMBER} extended headers "
+                                 f"before one entry")
+        if self.total > MAX_EXTENDED_TOTAL:
+            raise TarFormatError(f"extended headers of more than {MAX_EXTENDED_TOTAL} bytes "
+                                 f"before one entry")
         if flag in (PAX, GLOBAL_PAX):
             records = parse_pax(payload)
             if flag == PAX:
@@ -224,6 +242,7 @@ class Extended:
         block = raw.block
         pax, long_name, long_link = self.pax, self.long_name, self.long_link
         self.pax, self.long_name, self.long_link = {}, None, None
+        self.count = self.total = 0
         name = long_name if long_name is not None else raw.name
         link = long_link if long_link is not None else nts(block[157:257])
         h = Header(name=os.fsdecode(name), kind=_KINDS.get(raw.flag, raw.flag),

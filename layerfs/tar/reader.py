@@ -37,6 +37,9 @@ from .stream import COPY_BUFSIZE
 DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (
     EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
 
+#: Most bytes accepted after the end-of-archive marker (see :meth:`TarReader.drain`).
+MAX_TRAILER = 1 << 20
+
 _UNSUPPORTED_KINDS = {b"S": "GNU sparse file", b"M": "multi-volume continuation",
                       b"V": "volume label", b"N": "GNU old long name", b"D": "GNU dump dir"}
 
@@ -136,9 +139,17 @@ class TarReader:
         self._remaining = self._padding = 0
 
     def drain(self) -> None:
-        """Read the stream to its end: lets gzip verify its trailing CRC and length."""
-        while self._readinto(memoryview(self._buf)):
-            pass
+        """Read the stream to its end: lets gzip verify its trailing CRC and length.
+
+        At most :data:`MAX_TRAILER` bytes may follow the end-of-archive marker (writers
+        pad to their record size, 10 KiB for tar's default): 4 GiB of zeros gzip to
+        4 MB, and would cost a quarter of a minute of CPU before being accepted."""
+        left = MAX_TRAILER
+        while got := self._readinto(memoryview(self._buf)[:min(COPY_BUFSIZE, left + 1)]):
+            left -= got
+            if left < 0:
+                raise InvalidArgument(f"layer tar: more than {MAX_TRAILER} bytes follow the "
+                                      f"end-of-archive marker")
 
     # -- headers ----------------------------------------------------------
 
@@ -164,6 +175,9 @@ class TarReader:
                         raise InvalidArgument(f"layer stream is truncated: {self._compression} "
                                               f"data ends before any tar content")
                     raise InvalidArgument("layer stream is empty: not a tar archive")
+                if not self._seen and not self._compression:
+                    raise InvalidArgument(f"layer stream is not a tar archive ({len(block)} "
+                                          f"bytes: less than one {BLOCK}-byte tar header)")
                 if not block and not ext.pending:
                     raise InvalidArgument("layer tar is truncated: the stream ends without "
                                           "an end-of-archive marker")

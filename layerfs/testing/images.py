@@ -26,6 +26,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -120,7 +121,7 @@ def busybox_rootfs_tar(path: str | os.PathLike[str],
                        scratch: str | os.PathLike[str] | None = None) -> Path:
     """A busybox root filesystem as a layer tar at ``path`` (the tree is built in
     ``scratch``, default: next to ``path``, and removed)."""
-    with tempfile.TemporaryDirectory(prefix=".busybox-", dir=scratch or Path(path).parent) as t:
+    with tempfile.TemporaryDirectory(prefix=".busybox-", dir=_scratch(scratch, path)) as t:
         tree = busybox_rootfs(Path(t) / "rootfs")
         tar_tree(tree, path)
     return Path(path)
@@ -260,6 +261,10 @@ def _compress(data: bytes, compression: str) -> bytes:
     return data
 
 
+#: Archive formats of :func:`build_image`, named as ``layerfs save --format`` names them.
+FORMATS = ("docker", "oci", "oci-dir")
+
+
 def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
                 name: str | None = "test:latest", format: str = "docker",
                 compression: str = "none", config: dict[str, Any] | None = None,
@@ -268,7 +273,8 @@ def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
 
     ``format``: ``docker`` (a ``docker save`` tar as Docker 20.10 writes it:
     ``<v1id>/layer.tar``, ``<id>.json``, ``manifest.json``, ``repositories``),
-    ``oci-dir`` (an OCI layout directory) or ``oci`` (a tar of one). ``compression``
+    ``oci-dir`` (an OCI layout directory) or ``oci`` (a tar of one) -- the names
+    ``layerfs save --format`` uses. ``compression``
     (``gzip``/``zstd``) applies to layer blobs. ``config`` replaces the generated
     config; ``config_args`` go to :func:`image_config`.
     """
@@ -330,7 +336,7 @@ def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 (out / rel).write_bytes(data)
     else:
-        raise ValueError(f"unknown format {format!r}")
+        raise ValueError(f"unknown format {format!r} (use one of {', '.join(FORMATS)})")
     return BuiltImage(out, image_id, diff_ids, cfg, name, blobs)
 
 
@@ -354,8 +360,16 @@ def write_tar(out: Path, files: Mapping[str, bytes | memoryview]) -> None:
             tar.addfile(info, io.BytesIO(files[rel]))
 
 
+def _scratch(scratch: str | os.PathLike[str] | None, near: str | os.PathLike[str]) -> Path:
+    """Where to build: ``scratch`` (made if missing), else next to ``near``."""
+    if scratch is None:
+        return Path(near).parent
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    return Path(scratch)
+
+
 def _busybox_layer(scratch: str | os.PathLike[str] | None, near: Path) -> bytes:
-    with tempfile.TemporaryDirectory(prefix=".busybox-", dir=scratch or near) as t:
+    with tempfile.TemporaryDirectory(prefix=".busybox-", dir=_scratch(scratch, near / "x")) as t:
         return busybox_rootfs_tar(Path(t) / "layer.tar", t).read_bytes()
 
 
@@ -460,3 +474,62 @@ def debian_rootfs(dest: str | os.PathLike[str], *, suite: str | None = None,
         raise RuntimeError(f"debootstrap {suite} from {mirror} failed ({proc.returncode}); "
                            f"is the mirror reachable?\n{tail}")
     return root
+
+
+# --- python -m layerfs.testing.images -------------------------------------------------------------
+
+USAGE_EXAMPLES = """\
+examples (as root, with the checkout's venv active: source .venv/bin/activate):
+  python -m layerfs.testing.images rootfs-tar rootfs.tar     a busybox root filesystem tar
+  python -m layerfs.testing.images busybox busybox.tar       busybox:latest, `docker save` format
+  python -m layerfs.testing.images busybox --format oci --name lab/bb:1 bb.oci.tar
+  python -m layerfs.testing.images rootfs ./rootfs           the same tree as a directory
+  python -m layerfs.testing.images sample sample.tar         three layers with deletions
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Make test images from the command line (nothing is downloaded)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m layerfs.testing.images", epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Images for trying layerfs out, built from Debian's busybox-static: no "
+                    "download, same bytes every time.")
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    p = sub.add_parser("rootfs", help="a busybox root filesystem, as a directory")
+    p.add_argument("dest", help="directory to fill (made if missing)")
+    p = sub.add_parser("rootfs-tar", help="a busybox root filesystem, as a layer tar")
+    p.add_argument("dest", help="tar file to write")
+    p.add_argument("--scratch", metavar="DIR", help="where to build it (made if missing; "
+                   "default: next to the tar)")
+    for name, help_ in (("busybox", "a one-layer busybox image archive (Cmd: sh)"),
+                        ("sample", "busybox plus two layers that add, delete and re-create")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("dest", help="archive to write (a directory for --format oci-dir)")
+        p.add_argument("--format", choices=FORMATS, default="docker",
+                       help="docker (`docker save`), oci (an OCI layout in a tar) or oci-dir "
+                            "(an OCI layout directory); default: %(default)s")
+        p.add_argument("--name", default=f"{name}:latest",
+                       help="image name (default: %(default)s)")
+        p.add_argument("--scratch", metavar="DIR", help="where to build it (made if missing)")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "rootfs":
+            print(busybox_rootfs(args.dest))
+        elif args.what == "rootfs-tar":
+            print(busybox_rootfs_tar(args.dest, args.scratch))
+        elif args.what == "busybox":
+            print(busybox_image_tar(args.dest, args.scratch, name=args.name,
+                                    format=args.format).path)
+        else:
+            print(sample_image(args.dest, args.scratch, name=args.name, format=args.format).path)
+    except (MissingTool, OSError, ValueError) as err:
+        print(f"python -m layerfs.testing.images: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

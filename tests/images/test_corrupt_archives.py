@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from layerfs.errors import InvalidArgument, LayerfsError, NotFound, UnsafeArchiv
 from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 
+from .. import hostile_tars
 from .conftest import Archives, snapshot
 
 
@@ -208,6 +210,39 @@ def hostile_symlink(tmp: Path, a: Archives) -> Path:
                             cmd=["sh"]).path
 
 
+def deep_manifest_json(tmp: Path, a: Archives) -> Path:
+    """100,000 levels of nesting: json's decoder recursed until RecursionError."""
+    built = _sample(tmp, a)
+    _rewrite_member(built.path, "manifest.json", lambda d: b"[" * 100_000 + b"]" * 100_000)
+    return built.path
+
+
+def _listed_many_times(tmp: Path, a: Archives, n: int) -> Path:
+    """The sample listed ``n`` times in manifest.json, once per tag (as ``docker save``
+    of n tags of one image could write it)."""
+    built = _sample(tmp, a)
+
+    def many(data: bytes) -> bytes:
+        entry = json.loads(data)[0]
+        return json.dumps([dict(entry, RepoTags=[f"many:t{i}"]) for i in range(n)]).encode()
+    _rewrite_member(built.path, "manifest.json", many)
+    return built.path
+
+
+def too_many_names(tmp: Path, a: Archives) -> Path:
+    return _listed_many_times(tmp, a, 20_000)
+
+
+def pax_pile_in_archive(tmp: Path, a: Archives) -> Path:
+    """PAX headers with new keys, each under the 1 MiB limit, before the archive's first
+    member: the index held them all (32 MiB headers were seen)."""
+    path = tmp / "pax-pile.tar"
+    pile = b"".join(hostile_tars.pax({b"comment%d" % i: b"x" * (600 << 10)})
+                    for i in range(4))
+    path.write_bytes(pile + a.sample.path.read_bytes())
+    return path
+
+
 CASES: dict[str, tuple[Callable[[Path, Archives], Path], type[LayerfsError], str]] = {
     "truncated": (truncated, InvalidArgument, "truncated"),
     "truncated-at-member-end": (truncated_at_member_end, InvalidArgument, "truncated"),
@@ -227,6 +262,9 @@ CASES: dict[str, tuple[Callable[[Path, Archives], Path], type[LayerfsError], str
     "not-an-archive": (not_an_archive, InvalidArgument, "not an image archive"),
     "hostile-dotdot": (hostile_dotdot, UnsafeArchive, r"'\.\.'"),
     "hostile-symlink": (hostile_symlink, UnsafeArchive, "symlink"),
+    "deep-manifest-json": (deep_manifest_json, InvalidArgument, "nested too deep"),
+    "too-many-names": (too_many_names, InvalidArgument, "more than 10000 image names"),
+    "pax-pile-in-archive": (pax_pile_in_archive, InvalidArgument, "extended headers"),
 }
 
 
@@ -278,3 +316,22 @@ def test_stdin_garbage_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("layerfs: error:")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_one_image_listed_many_times_is_read_once(images: ImageStore, archives: Archives,
+                                                   tmp_path: Path) -> None:
+    """8000 entries for one image, one tag each: read and loaded once with every name,
+    in a child limited to 1 GiB (before: quadratic; N=4000 took 64 s and 1.2 GB)."""
+    path = _listed_many_times(tmp_path, archives, 8000)
+    root = images.layers.root
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
+                           "overlay2", "load", "-q", "-i", str(path)], capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit,
+                          env=dict(os.environ, COLUMNS="5000"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = snapshot(images)["names"]
+    assert isinstance(names, list)
+    assert len([n for n in names if "many:t" in n]) == 8000

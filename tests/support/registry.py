@@ -46,6 +46,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +70,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def serve_http(handle: Callable[[http.server.BaseHTTPRequestHandler], None], name: str, *,
+               tls: CertPair | None = None) -> http.server.ThreadingHTTPServer:
+    """An HTTP/1.1 server on 127.0.0.1 (an ephemeral port; TLS with ``tls``) calling
+    ``handle`` for every request, whatever the method, served by a daemon thread.
+    Stop it with ``shutdown()`` and ``server_close()``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            handle(self)
+
+        do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -629,24 +657,8 @@ class FaultProxy:
         return h.rfile.read(int(length))
 
     def start(self) -> FaultProxy:
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                outer._serve(self)
-
-            do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True).start()
+        self._server = serve_http(self._serve, "fault-proxy")
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
@@ -664,5 +676,115 @@ class FaultProxy:
         self.stop()
 
 
-__all__ = ["CertPair", "Distribution", "Fault", "FaultProxy", "ProxiedRequest", "TestCA",
-           "TokenServer", "free_port", "htpasswd_line", "unavailable"]
+# --- a registry that attacks its client ------------------------------------------------------
+
+#: One scripted answer: writes a whole response (status line included) to the handler.
+Route = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class HostileRegistry:
+    """A made-up registry on 127.0.0.1 (plain HTTP, or TLS with ``tls``) that answers each
+    path with what the test scripted (``routes``: path regex → :data:`Route`; the first
+    match wins, nothing matching is a 404). Every request is kept in :attr:`seen`.
+
+    The ``endless``, ``drip`` and ``reply`` helpers make the usual answers."""
+
+    def __init__(self, routes: dict[str, Route] | None = None, *,
+                 tls: CertPair | None = None) -> None:
+        self.routes: dict[str, Route] = dict(routes or {})
+        self.tls = tls
+        self.seen: list[SeenRequest] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    def _serve(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        self.seen.append(SeenRequest(h.command, h.path, dict(h.headers.items())))
+        path = h.path.split("?", 1)[0]
+        for pattern, route in self.routes.items():
+            if re.search(pattern, path):
+                try:
+                    route(h)
+                except OSError:      # the client hung up: what the attack wanted
+                    h.close_connection = True
+                return
+        reply(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"no such thing"}]}')
+
+    def start(self) -> HostileRegistry:
+        self._server = serve_http(self._serve, "hostile-registry", tls=self.tls)
+        self.port = self._server.server_address[1]
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> HostileRegistry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def reply(h: http.server.BaseHTTPRequestHandler, status: int, body: bytes = b"",
+          headers: dict[str, str] | None = None) -> None:
+    h.send_response(status)
+    for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
+
+
+def endless(status: int = 200, content_type: str = "application/json",
+            headers: dict[str, str] | None = None) -> Route:
+    """A body that never ends (chunked, 1 MiB of JSON-ish bytes per chunk)."""
+    chunk = b"[" * (1 << 20)
+
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", content_type)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        while True:
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    return route
+
+
+def drip(raw: bytes, every: float) -> Route:
+    """Sends ``raw`` (a whole response, status line included) one byte per ``every``
+    seconds, then keeps dripping spaces: never done, never silent for long."""
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        for i in range(len(raw)):
+            h.wfile.write(raw[i:i + 1])
+            h.wfile.flush()
+            time.sleep(every)
+        while True:
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(every)
+    return route
+
+
+__all__ = ["CertPair", "Distribution", "Fault", "FaultProxy", "HostileRegistry", "ProxiedRequest",
+           "Route", "SeenRequest", "TestCA", "TokenServer", "drip", "endless", "free_port",
+           "htpasswd_line", "reply", "unavailable"]

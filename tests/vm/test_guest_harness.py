@@ -160,7 +160,8 @@ CHECKS = {
                      ' && mkdir /sys/fs/cgroup/lfs && echo $$ > /sys/fs/cgroup/lfs/cgroup.procs'
                      ' && grep -qx "0::/lfs" /proc/self/cgroup',
     "results": '[ -d "$LAYERFS_RESULTS" ] && echo hi > "$LAYERFS_RESULTS/probe"',
-    "venv-python": '/work/main/.venv/bin/python -c "import pytest"',
+    # The checkout's own venv, wherever this clone lives (never a path of one machine).
+    "venv-python": f'{shlex.quote(str(qemu.REPO_ROOT / ".venv" / "bin" / "python"))} -c "import pytest"',
 }
 GUEST_SCRIPT = (
     'ARG1=$1\n'

@@ -52,7 +52,7 @@ from layerfs.changes import Change, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
 from layerfs.fsinfo import layer_dir_usage
-from layerfs.mount import PAGE_SIZE, FuseForker, Mount
+from layerfs.mount import PAGE_SIZE, FuseForker, Mount, can_mount
 from layerfs.options import DriverOptions
 from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
@@ -93,6 +93,9 @@ class AufsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (kernel aufs, or the FUSE union "
+                                               "with allow_other) needs root")
         if kernel_has_aufs() and options.get_str("mode", "auto") != "fuse":
             return
         if not os.path.exists("/dev/fuse"):

@@ -50,7 +50,7 @@ from layerfs.errors import (
 )
 from layerfs.fsinfo import backing_filesystem, layer_dir_usage
 from layerfs.metastore import DriverState
-from layerfs.mount import Mount
+from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
 from layerfs.tar import export_changes
 
@@ -74,6 +74,8 @@ class BtrfsDriver(Driver):
 
     @classmethod
     def check(cls, home: Path, options: DriverOptions) -> None:
+        if not can_mount():
+            raise DriverNotSupported(cls.name, "mounting a layer (a bind mount of its subvolume) needs root")
         probe = home if home.exists() else home.parent
         while not probe.exists():
             probe = probe.parent
@@ -121,15 +123,20 @@ class BtrfsDriver(Driver):
         if not is_subvol:  # half-created: a plain directory at most
             shutil.rmtree(path)
             return
-        btrfsutil.set_subvolume_read_only(path, False)
-        # Subvolumes a container made inside itself must go first; delete_subvolume
-        # with recursive=True walks them (and needs them writable too).
-        for sub_path, _info in btrfsutil.SubvolumeIterator(path, post_order=True):
-            with contextlib.suppress(btrfsutil.BtrfsUtilError):
-                btrfsutil.set_subvolume_read_only(path / sub_path, False)
-        btrfsutil.delete_subvolume(path, recursive=True)
+        _delete_subvolume_tree(path)
         if subvol_id is not None and self._quota_enabled():
             self._destroy_qgroup(subvol_id)
+
+    @translate_errors("btrfs destroy")
+    def destroy(self) -> list[str]:
+        """Every subvolume under the home and the scratch folder first -- read-only ones
+        too, which ``rm -rf`` cannot delete -- then the folders (``layerfs system reset``)."""
+        done = []
+        for base in (self.home, self.scratch):
+            for path in _subvolumes_under(base):
+                _delete_subvolume_tree(path)
+                done.append(f"deleted subvolume {path}")
+        return done + super().destroy()
 
     def _destroy_qgroup(self, subvol_id: int) -> None:
         """Docker left a qgroup behind for every removed layer (moby#29325). The
@@ -278,6 +285,40 @@ class BtrfsDriver(Driver):
         info["Build Version"] = proc.stdout.strip()
         info["Quotas"] = "enabled" if self._quota_enabled() else "disabled (on first size=)"
         return info
+
+
+def _delete_subvolume_tree(path: Path) -> None:
+    """Delete a subvolume and the ones below it, read-only or not."""
+    btrfsutil.set_subvolume_read_only(path, False)
+    # Subvolumes a container made inside itself must go first; delete_subvolume
+    # with recursive=True walks them (and needs them writable too).
+    for sub_path, _info in btrfsutil.SubvolumeIterator(path, post_order=True):
+        with contextlib.suppress(btrfsutil.BtrfsUtilError):
+            btrfsutil.set_subvolume_read_only(path / sub_path, False)
+    btrfsutil.delete_subvolume(path, recursive=True)
+
+
+def _subvolumes_under(base: Path) -> list[Path]:
+    """The outermost subvolumes below ``base``; nested ones are deleted with them."""
+    found: list[Path] = []
+    for dirpath, dirnames, _files in os.walk(base):
+        keep = []
+        for name in dirnames:
+            path = Path(dirpath) / name
+            if _is_subvolume(path):
+                found.append(path)
+            else:
+                keep.append(name)
+        dirnames[:] = keep
+    return found
+
+
+def _is_subvolume(path: Path) -> bool:
+    # A subvolume's root directory is inode 256: only those are asked about.
+    try:
+        return path.lstat().st_ino == 256 and btrfsutil.is_subvolume(path)
+    except (OSError, btrfsutil.BtrfsUtilError):
+        return False
 
 
 def entry_differs(lpath: str, upath: str, lo: os.stat_result, up: os.stat_result) -> bool:

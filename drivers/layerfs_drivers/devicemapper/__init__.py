@@ -210,6 +210,11 @@ class DevicemapperDriver(Driver):
     def status(self) -> dict[str, str]:
         return self.devices.status()
 
+    def destroy(self) -> list[str]:
+        """The pool and its devices (loop files, or the LV, VG and PV label of direct-lvm;
+        an existing pool only loses this root's thin devices), then the home."""
+        return self.destroy_pool() + super().destroy()
+
     def destroy_pool(self) -> list[str]:
         """Tear down this root's pool (see DeviceSet.destroy); layers must be gone first."""
         return self.devices.destroy()
