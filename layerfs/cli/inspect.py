@@ -247,14 +247,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "  layerfs explain --container web /etc/nginx/nginx.conf --json\n"
         "  layerfs explain --layer 3f2a9c1b0d4e /a/b/c/d/e\n")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--image", metavar="IMAGE")
-    p.add_argument("--layer", metavar="ID")
-    p.add_argument("--container", metavar="NAME")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--image", metavar="IMAGE", help="look in this image (a name or id)")
+    p.add_argument("--layer", metavar="ID", help="look in this layer and its parents")
+    p.add_argument("--container", metavar="NAME", help="look in this container's layer "
+                   "and its image")
+    p.add_argument("--json", action="store_true", help="everything as JSON (a list for "
+                   "several paths)")
     p.set_defaults(func=cmd_explain)
 
-    union = sub.add_parser("union", help="the aufs union's counters",
-                           description="Commands for the aufs driver's FUSE union filesystem.")
+    union = command_parser(sub, "union", "the aufs union's counters",
+                           "Commands for the aufs driver's FUSE union filesystem.",
+                           "  layerfs union stats web\n"
+                           "  layerfs union stats --reset web\n")
     usub = union.add_subparsers(dest="union_command", metavar="ACTION", required=True)
     p = command_parser(
         usub, "stats", "the union's lookup, whiteout-probe and copy-up counters",
@@ -267,7 +271,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "  layerfs union stats --reset web\n")
     p.add_argument("target", metavar="MOUNT|CONTAINER")
     p.add_argument("--reset", action="store_true", help="zero the counters after reading")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the counters as JSON")
     p.set_defaults(func=cmd_union_stats)
 
 
@@ -312,7 +316,8 @@ def register_image(isub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "  layerfs image diff layer:3f2a9c1b0d4e layer:9b1d5e0a7c3f\n")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the changes and shared layers as "
+                   "JSON")
     p.add_argument("--all", action="store_true", help="list every change (default: 200)")
     p.set_defaults(func=cmd_image_diff)
 
