@@ -8,14 +8,34 @@ the model in the middle: a sorted list of :class:`Change` values, each naming
 one absolute path inside the layer and whether it was added, modified or
 deleted (the three letters ``docker diff`` prints).
 
-Two ways to compute it:
+One rule, whichever way the list is computed (every driver, native or naive,
+gives the same list for the same edits; the conformance suite checks it):
+
+* ADD: the path exists only in the layer. A new directory is listed with
+  everything below it.
+* DELETE: the path existed in the parent and is gone. Only the top-most
+  deleted path is listed; a deleted directory's contents are implied.
+* MODIFY: the path exists in both and what a copy preserves differs (see
+  :func:`naive_changes` for the exact fields), or its type changed.
+* **Parent directories** (moby's rule): every directory above a changed path,
+  except the layer root, is listed too, as MODIFY unless the layer added it,
+  even when its own metadata is unchanged. moby's naive walk does this "to
+  properly save and restore filesystem permissions" and its union walk for
+  moby#13590; ``docker diff`` shows ``C /etc`` next to ``A /etc/new``. It is
+  also what a union driver's diff directory holds (the copied-up parents),
+  and what an exported tar carries (the parents before their entries).
+
+Three ways to compute it, all ending in :func:`with_parent_directories`:
 
 * :func:`naive_changes` compares two complete trees (parent and child). It works
   for every driver, because every driver can show a layer as a full tree, but
   it walks both trees. This is moby's ``archive.ChangesDirs``.
-* :func:`changes_from_diff_dir` reads the changes straight out of a union
-  driver's diff directory, where deletions are already recorded as whiteouts.
-  It only walks the (usually small) diff.
+* :func:`changes_from_diff_dir` reads the candidates straight out of a union
+  driver's diff directory, where deletions are already recorded as whiteouts,
+  and compares each with the parent's branches. It only walks the (usually
+  small) diff.
+* btrfs finds candidates from the filesystem's own trees and classifies them
+  with :func:`entry_differs` (``layerfs_drivers.btrfs``).
 
 Whiteouts, the markers for "this path was deleted", have one meaning and three
 encodings, listed by :class:`WhiteoutFormat`. The OCI tar encoding (``.wh.NAME``
@@ -27,7 +47,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -42,8 +62,11 @@ __all__ = [
     "ChangeKind",
     "WhiteoutFormat",
     "changes_from_diff_dir",
+    "entry_differs",
     "is_private_xattr",
+    "lstat_or_none",
     "naive_changes",
+    "with_parent_directories",
 ]
 
 #: A file named ``.wh.NAME`` in a tar (or an aufs branch) deletes ``NAME``.
@@ -124,6 +147,25 @@ class Change:
         return f"{self.kind.value} {self.path}"
 
 
+def with_parent_directories(changes: Iterable[Change]) -> list[Change]:
+    """``changes`` plus MODIFY for every directory above a changed path (moby's rule).
+
+    The layer root is never listed. A parent already in the list keeps its kind
+    (an added directory stays ADD). Such a parent exists as a directory in both
+    trees: a DELETE or a type change hides everything below it, so nothing
+    below one is ever in the list. Returns the sorted list.
+    """
+    result = {c.path: c for c in changes}
+    for path in list(result):
+        parent = path.rpartition("/")[0]
+        while parent and parent not in result:
+            result[parent] = Change(parent, ChangeKind.MODIFY)
+            parent = parent.rpartition("/")[0]
+    # Paths are unique here, so their order is Change's order (and far cheaper
+    # than comparing dataclasses: this sorts every entry of a big layer).
+    return [result[path] for path in sorted(result)]
+
+
 # ---------------------------------------------------------------------------
 # naive_changes: compare two full trees
 
@@ -183,6 +225,15 @@ def _stat_differs(lo: os.stat_result, up: os.stat_result) -> bool:
     return lo.st_size != up.st_size or lo.st_mtime_ns != up.st_mtime_ns
 
 
+def entry_differs(lpath: str, upath: str, lo: os.stat_result, up: os.stat_result) -> bool:
+    """Whether one path of the parent (``lpath``, stat ``lo``) and of the layer
+    (``upath``, ``up``) differ by the MODIFY rule, hardlink groups aside: the
+    stat fields of :func:`_stat_differs`, a symlink's target, the xattrs."""
+    return (_stat_differs(lo, up)
+            or (stat.S_ISLNK(up.st_mode) and os.readlink(lpath) != os.readlink(upath))
+            or not _same_xattrs(lpath, upath))
+
+
 def _scan(path: str) -> dict[str, os.stat_result]:
     with os.scandir(path) as it:
         return {e.name: e.stat(follow_symlinks=False) for e in it}
@@ -202,12 +253,14 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
       device number or xattrs (except ``trusted.overlay.*``) differ; for
       non-directories also its size, mtime (to the nanosecond) or symlink target.
       (``user.overlay.*`` is ignored too, see :func:`is_private_xattr`.)
-      A directory is MODIFY only for its own metadata: adding a file to
-      ``/etc`` reports ``A /etc/new``, not ``C /etc``. A change of type
+      A directory's own size and mtime never count: they move whenever an entry
+      below is added or removed, which that entry's change reports, and the
+      parent directory rule lists the directory anyway. A change of type
       (file to directory, directory to symlink, ...) is a MODIFY of the path;
       when the new object is a directory its children are ADDs, and when the
       old one was a directory its old children are not listed (replacing the
       path removes them).
+    * Parent directories: see the module docstring (:func:`with_parent_directories`).
     * Hardlinks (beyond Docker): a non-directory whose set of hardlinked paths
       inside the tree changed (a new link to it was made, or it was split from
       its partners) is a MODIFY, so that an exported changeset can recreate the
@@ -273,9 +326,7 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
                 continue
             if (lo.st_dev, lo.st_ino) == (up.st_dev, up.st_ino):
                 continue  # the very same file (e.g. a bind mount of one tree)
-            if (_stat_differs(lo, up)
-                    or (stat.S_ISLNK(up.st_mode) and os.readlink(clo) != os.readlink(cup))
-                    or not _same_xattrs(clo, cup)):
+            if entry_differs(clo, cup, lo, up):
                 changes.append(Change(crel, ChangeKind.MODIFY))
             elif (lo.st_nlink > 1 or up.st_nlink > 1) and not stat.S_ISDIR(up.st_mode):
                 link_checks.append((crel, (lo.st_dev, lo.st_ino), (up.st_dev, up.st_ino)))
@@ -309,36 +360,133 @@ def naive_changes(lower: Path | None, upper: Path) -> list[Change]:
     for rel, lkey, ukey in link_checks:
         if set(groups_lo.get(lkey, (rel,))) != set(groups_up.get(ukey, (rel,))):
             changes.append(Change(rel, ChangeKind.MODIFY))
-    changes.sort()
-    return changes
+    return with_parent_directories(changes)
 
 
 # ---------------------------------------------------------------------------
 # changes_from_diff_dir: union drivers
 
 
+class _Branches:
+    """The merged view of a stack of union branches (nearest first), read without
+    mounting it: the parent layer as a union driver's diff directories show it.
+
+    Lookups follow overlayfs and aufs alike: the first branch holding a name
+    decides; a whiteout there hides the name; a non-directory hides what the
+    branches below hold at that name; a directory merges with the directories
+    below it until one is opaque (or a branch below holds a non-directory).
+    """
+
+    def __init__(self, branches: Sequence[Path], fmt: WhiteoutFormat) -> None:
+        self.fmt = fmt
+        # Resolved once: overlay2 names its lowers through l/ symlinks.
+        roots = [os.path.realpath(b) for b in branches]
+        # rel -> the branches whose directory at rel takes part in the merge, top first.
+        self._merged: dict[str, list[str]] = {"": self._until_opaque(roots, "")}
+
+    def _until_opaque(self, roots: list[str], rel: str) -> list[str]:
+        for i, root in enumerate(roots):
+            if _is_opaque(f"{root}/{rel}" if rel else root, self.fmt):
+                return roots[:i + 1]
+        return roots
+
+    def _whited_out(self, root: str, rel: str, st: os.stat_result | None) -> bool:
+        if self.fmt is WhiteoutFormat.AUFS:
+            parent, _, name = rel.rpartition("/")
+            wh = f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name
+            return os.path.lexists(f"{root}/{wh}")
+        return st is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    def merged(self, rel: str) -> list[str]:
+        """Branches whose directory ``rel`` shows through (empty: no directory there)."""
+        found = self._merged.get(rel)
+        if found is None:
+            parent, _, _ = rel.rpartition("/")
+            found = []
+            top = self.lookup(rel, self.merged(parent))
+            if top is not None and stat.S_ISDIR(top[1].st_mode):
+                for root in self.merged(parent):
+                    st = lstat_or_none(f"{root}/{rel}")
+                    if self._whited_out(root, rel, st):
+                        break
+                    if st is None:
+                        continue
+                    if not stat.S_ISDIR(st.st_mode):
+                        break
+                    found.append(root)
+                    if _is_opaque(f"{root}/{rel}", self.fmt):
+                        break
+            self._merged[rel] = found
+        return found
+
+    def lookup(self, rel: str, merged_parent: list[str] | None = None) -> \
+            tuple[str, os.stat_result] | None:
+        """The path and stat that the merged view shows at ``rel``, or None."""
+        if merged_parent is None:
+            merged_parent = self.merged(rel.rpartition("/")[0])
+        for root in merged_parent:
+            path = f"{root}/{rel}"
+            st = lstat_or_none(path)
+            if self._whited_out(root, rel, st):
+                return None
+            if st is not None:
+                return path, st
+        return None
+
+    def names(self, rel: str) -> set[str]:
+        """The names the merged view lists in the directory ``rel``."""
+        shown: set[str] = set()
+        hidden: set[str] = set()
+        for root in self.merged(rel):
+            with os.scandir(f"{root}/{rel}" if rel else root) as it:
+                for entry in it:
+                    name = entry.name
+                    if self.fmt is WhiteoutFormat.AUFS and name.startswith(WHITEOUT_PREFIX):
+                        if not name.startswith(AUFS_META_PREFIX):
+                            hidden.add(name[len(WHITEOUT_PREFIX):])
+                        continue
+                    if name in hidden or name in shown:
+                        continue
+                    if self.fmt.is_overlay and not entry.is_dir(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                            hidden.add(name)
+                            continue
+                    shown.add(name)
+        return shown
+
+
+def lstat_or_none(path: str) -> os.stat_result | None:
+    """``os.lstat``, or None where nothing is (also when a component is not a directory)."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def changes_from_diff_dir(diff_dir: Path, fmt: WhiteoutFormat,
-                          exists_below: Callable[[str], bool]) -> list[Change]:
+                          parent_branches: Sequence[Path]) -> list[Change]:
     """Changes recorded in a union driver's diff directory (overlay upper, aufs branch).
 
-    ``exists_below(path)`` says whether the absolute layer path exists in the
-    parent's merged view; it decides between ADD and MODIFY, since the diff
-    alone cannot tell a new file from a copied-up one.
+    ``parent_branches`` are the parent layer's branches, nearest first (its own
+    diff directory, then its parents'), in the same whiteout format; the parent's
+    view is read from them without mounting it. The result is exactly what
+    :func:`naive_changes` reports for the mounted parent and layer:
 
     * A whiteout (char device 0/0 for the overlay formats, ``.wh.NAME`` for aufs)
-      is a DELETE of the path it hides.
-    * Every other entry is MODIFY if ``exists_below`` else ADD. That includes
-      directories that are only in the diff because something below them
-      changed: unlike :func:`naive_changes` there is no parent metadata to
-      compare with, so they are reported as modified (the layer does carry a
-      copy of them).
-    * An opaque directory is reported like any directory (MODIFY if it existed
-      below, else ADD). What it hides in the layers below is *not* listed as
-      DELETEs: the diff does not record those names and listing them would mean
-      walking every lower layer. Docker's overlay2 and aufs drivers do not list
-      them either (overlay2 reports the opaque directory as deleted and then
-      re-added). Use :func:`naive_changes` when the exact set of deleted names
-      matters.
+      is a DELETE of the path it hides, if the parent has it.
+    * Every other entry is ADD if the parent has nothing there, else compared
+      with the parent's entry by :func:`entry_differs`: a copy-up that changed
+      nothing (a file opened for writing and closed, a chown to the same owner,
+      a directory that only holds changes) is not a change of its own.
+    * An opaque directory hides the parent's entries below it: each name the
+      parent lists there and the diff does not is a DELETE.
+    * Hardlinks: a copied-up file whose parent version had several links lost
+      them (overlayfs and aufs break a link on copy-up), and a file linked
+      inside the diff changed its link group: both are MODIFY. The names the
+      split left behind in the lower branches are not listed (that would take
+      a walk of the branches); the naive walk of the two mounted trees lists
+      them too, as their link group shrank.
     * aufs bookkeeping at the branch root (``.wh..wh.plnk`` etc.) is skipped.
 
     Overlay directories using ``redirect_dir`` (renamed directories) or
@@ -352,37 +500,70 @@ def changes_from_diff_dir(diff_dir: Path, fmt: WhiteoutFormat,
     root = os.fspath(diff_dir)
     if not os.path.isdir(root):
         raise NotFound(f"changes_from_diff_dir: {root} is not a directory")
-    changes: list[Change] = []
-
-    def kind_of(rel: str) -> ChangeKind:
-        return ChangeKind.MODIFY if exists_below(rel) else ChangeKind.ADD
+    below = _Branches(parent_branches, fmt)
+    aufs = fmt is WhiteoutFormat.AUFS
+    changes: dict[str, ChangeKind] = {}
+    # (dev, ino) -> paths in the diff, for files with several links.
+    links: dict[tuple[int, int], list[str]] = {}
+    link_checks: list[tuple[str, tuple[int, int]]] = []
 
     stack = [("", root)]
     while stack:
         rel, path = stack.pop()
-        for name, st in _scan(path).items():
-            crel = f"{rel}/{name}"
+        entries = _scan(path)
+        shown: set[str] = set()
+        for name, st in entries.items():
+            crel = f"{rel}/{name}" if rel else name
             cpath = f"{path}/{name}"
-            if fmt is WhiteoutFormat.AUFS:
-                if not rel and name.startswith(AUFS_META_PREFIX) and name != WHITEOUT_OPAQUE:
-                    continue
-                if name == WHITEOUT_OPAQUE:
-                    continue  # the directory itself is reported by its own entry
-                if name.startswith(WHITEOUT_PREFIX):
-                    changes.append(Change(f"{rel}/{name[len(WHITEOUT_PREFIX):]}",
-                                          ChangeKind.DELETE))
-                    continue
-            else:
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    changes.append(Change(crel, ChangeKind.DELETE))
-                    continue
+            if aufs and name.startswith(WHITEOUT_PREFIX):
+                hidden = name[len(WHITEOUT_PREFIX):]
+                if name != WHITEOUT_OPAQUE and not name.startswith(AUFS_META_PREFIX) and \
+                        below.lookup(f"{rel}/{hidden}" if rel else hidden) is not None:
+                    changes[f"/{rel}/{hidden}" if rel else f"/{hidden}"] = ChangeKind.DELETE
+                continue
+            if not aufs and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                if below.lookup(crel) is not None:
+                    changes["/" + crel] = ChangeKind.DELETE
+                continue
+            if not aufs:
                 check_overlay_features(cpath, fmt)
-            changes.append(Change(crel, kind_of(crel)))
+            shown.add(name)
+            lower = below.lookup(crel)
+            if lower is None:
+                changes["/" + crel] = ChangeKind.ADD
+            elif (stat.S_IFMT(lower[1].st_mode) != stat.S_IFMT(st.st_mode)
+                  or entry_differs(lower[0], cpath, lower[1], st)):
+                changes["/" + crel] = ChangeKind.MODIFY
+            elif not stat.S_ISDIR(st.st_mode) and lower[1].st_nlink > 1:
+                changes["/" + crel] = ChangeKind.MODIFY  # split from its lower links
+            elif not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                link_checks.append(("/" + crel, (st.st_dev, st.st_ino)))
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                links.setdefault((st.st_dev, st.st_ino), []).append("/" + crel)
             if stat.S_ISDIR(st.st_mode):
                 stack.append((crel, cpath))
+        if rel and below.merged(rel) and _is_opaque(path, fmt):
+            for name in below.names(rel) - shown:
+                changes[f"/{rel}/{name}"] = ChangeKind.DELETE
 
-    changes.sort()
-    return changes
+    # A file with several links in the diff and one in the parent: its group grew
+    # unless the diff holds it under its one old name only.
+    for crel, key in link_checks:
+        if links.get(key, [crel]) != [crel]:
+            changes[crel] = ChangeKind.MODIFY
+    return with_parent_directories(Change(p, k) for p, k in changes.items())
+
+
+def _is_opaque(path: str, fmt: WhiteoutFormat) -> bool:
+    """Whether the directory ``path`` of a union branch is opaque (hides the branches below)."""
+    if fmt is WhiteoutFormat.AUFS:
+        return os.path.lexists(f"{path}/{WHITEOUT_OPAQUE}")
+    key = fmt.opaque_xattr
+    assert key is not None
+    try:
+        return os.getxattr(path, key, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
 
 
 def check_overlay_features(path: str, fmt: WhiteoutFormat) -> None:

@@ -227,6 +227,11 @@ def hostile_cases(outside: Path) -> list[HostileCase]:
          tar(member(b"d/", b"5"), member(b"d//x", data=b"1"), member(b"d/x", data=b"2")),
          mentions="duplicate")
     case("duplicate_whiteout", tar(member(b".wh.a"), member(b"./.wh.a")), mentions="duplicate")
+    # A whiteout between them does not make a path named twice acceptable (OCI: it
+    # hides only the lower layers' entry, never this layer's).
+    case("duplicate_around_whiteout",
+         tar(member(b"f", data=b"1"), member(b".wh.f"), member(b"f", data=b"2")),
+         mentions="duplicate")
     case("nul_in_pax_path",
          tar(pax({b"path": b"ok\0/../../outside/nul-evil"}), member(b"ok", data=b"x")),
          aims=("nul-evil",), mentions="NUL")

@@ -17,6 +17,11 @@ atimes.
 The same tar applied in OVERLAY format to an empty upper directory, mounted
 over the parent, must show the child too: that checks the whiteout translation
 against the kernel's own reading of it.
+
+One answer (issue 22): that overlay upper directory, and the same tar applied in
+AUFS format to an empty branch, read back by the union drivers' own
+``changes_from_diff_dir`` against the parent, must give exactly the naive
+walk's change list.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from layerfs.changes import naive_changes
+from layerfs.changes import changes_from_diff_dir, naive_changes
 from layerfs.tar import WhiteoutFormat, apply_layer, export_changes
 from layerfs.testing.trees import EDIT_KINDS, Edit, apply_edit, tree_manifest
 
@@ -86,6 +91,10 @@ def test_diff_then_apply_reproduces_the_child(tmp_path_factory: pytest.TempPathF
 
         upper, work, merged = base / "upper", base / "work", base / "merged"
         assert apply_layer(upper, io.BytesIO(buf.getvalue()), WhiteoutFormat.OVERLAY) == size
+        assert changes_from_diff_dir(upper, WhiteoutFormat.OVERLAY, [parent]) == changes
+        branch = base / "aufs-branch"
+        assert apply_layer(branch, io.BytesIO(buf.getvalue()), WhiteoutFormat.AUFS) == size
+        assert changes_from_diff_dir(branch, WhiteoutFormat.AUFS, [parent]) == changes
         work.mkdir()
         merged.mkdir()
         run(["mount", "-t", "overlay", "overlay", "-o",

@@ -366,18 +366,64 @@ def test_whiteout_then_recreate_in_one_tar(tmp_path: Path) -> None:
                member(b"f", data=b"1"), member(b".wh.f"))
     dest = make_tree(tmp_path / "inplace", {"d/old": b"o", "f": b"0"})
     apply_layer(dest, io.BytesIO(data), WhiteoutFormat.IN_PLACE)
-    assert _view(dest) == {"d": None, "d/fresh": b"f"}
+    assert _view(dest) == {"d": None, "d/fresh": b"f", "f": b"1"}
 
     upper = tmp_path / "upper"
     apply_layer(upper, io.BytesIO(data), WhiteoutFormat.OVERLAY)
     assert os.getxattr(upper / "d", "trusted.overlay.opaque") == b"y"
-    assert stat.S_ISCHR(os.lstat(upper / "f").st_mode)  # the later whiteout wins
+    assert (upper / "f").read_bytes() == b"1"  # the whiteout hides only the parent's f
 
     branch = tmp_path / "branch"
     apply_layer(branch, io.BytesIO(data), WhiteoutFormat.AUFS)
     names_ = set(tree_manifest(branch))
-    assert {"d/.wh..wh..opq", "d/fresh", ".wh.f"} <= names_
-    assert ".wh.d" not in names_ and "f" not in names_
+    assert {"d/.wh..wh..opq", "d/fresh", "f"} <= names_
+    assert ".wh.d" not in names_ and ".wh.f" not in names_
+
+
+# The OCI layer spec: "Whiteout files MUST only apply to resources in lower/parent
+# layers. Files that are present in the same layer as a whiteout file can only be
+# hidden by whiteout files in subsequent layers." Order in the tar does not matter.
+OWN_ENTRY_LAYERS = {
+    "file, then whiteout": (tar(member(b"x", data=b"new"), member(b".wh.x")),
+                            {"x": b"new", "keep": b"k"}),
+    "whiteout, then file": (tar(member(b".wh.x"), member(b"x", data=b"new")),
+                            {"x": b"new", "keep": b"k"}),
+    "dir, then whiteout": (tar(member(b"d/", b"5"), member(b"d/a", data=b"a"), member(b".wh.d")),
+                           {"d": None, "d/a": b"a", "x": b"old", "keep": b"k"}),
+    "whiteout, then dir": (tar(member(b".wh.d"), member(b"d/", b"5"), member(b"d/a", data=b"a")),
+                           {"d": None, "d/a": b"a", "x": b"old", "keep": b"k"}),
+    "entry below, then whiteout": (tar(member(b"d/a", data=b"a"), member(b".wh.d")),
+                                   {"d": None, "d/a": b"a", "x": b"old", "keep": b"k"}),
+}
+OWN_ENTRY_PARENT = {"x": b"old", "d/b": b"b", "d/sub/c": b"c", "keep": b"k"}
+
+
+@pytest.mark.parametrize("layer", OWN_ENTRY_LAYERS)
+@pytest.mark.parametrize("fmt", [WhiteoutFormat.IN_PLACE, WhiteoutFormat.OVERLAY,
+                                 WhiteoutFormat.AUFS], ids=lambda f: f.value)
+def test_a_whiteout_hides_only_the_lower_layers(tmp_path: Path, fmt: WhiteoutFormat,
+                                                layer: str) -> None:
+    data, expected = OWN_ENTRY_LAYERS[layer]
+    if "d" not in expected:  # the layer did not touch d: the parent's stays
+        expected = {**expected, "d": None, "d/b": b"b", "d/sub": None, "d/sub/c": b"c"}
+    if fmt is WhiteoutFormat.IN_PLACE:
+        dest = make_tree(tmp_path / "dest", OWN_ENTRY_PARENT)
+        apply_layer(dest, io.BytesIO(data), fmt)
+        assert _view(dest) == expected
+        return
+    upper = tmp_path / "upper"
+    apply_layer(upper, io.BytesIO(data), fmt)
+    if fmt is WhiteoutFormat.AUFS:
+        # No kernel aufs here: the branch must hold this layer's entries, and no
+        # whiteout of them (aufs would hide the lower ones behind the opaque marker).
+        branch = set(tree_manifest(upper))
+        assert not {".wh.x", ".wh.d"} & branch
+        assert ("d/.wh..wh..opq" in branch) == ("d/a" in expected)
+        assert ({"x"} if expected["x"] == b"new" else {"d/a"}) <= branch
+        return
+    lower = make_tree(tmp_path / "lower", OWN_ENTRY_PARENT)
+    with overlay(lower, upper, tmp_path / "work", tmp_path / "merged") as merged:
+        assert _view(merged) == expected
 
 
 def test_hardlinked_whiteouts_and_aufs_metadata(tmp_path: Path) -> None:
@@ -424,10 +470,17 @@ def test_overlay_private_xattrs_in_a_tar_are_dropped(tmp_path: Path) -> None:
 
 
 def test_hardlink_to_a_whiteout_is_refused(tmp_path: Path) -> None:
+    data = tar(member(b".wh.f"), member(b"h", b"1", linkname=b"f"))
+    for fmt in WhiteoutFormat:
+        dest = make_tree(tmp_path / fmt.value, {"f": b"parent's"})
+        with pytest.raises(InvalidArgument, match="does not exist"):
+            apply_layer(dest, io.BytesIO(data), fmt)
+    # A whiteout does not delete the layer's own f (OCI): a link to it is fine.
     data = tar(member(b"f", data=b"x"), member(b".wh.f"), member(b"h", b"1", linkname=b"f"))
     for fmt in WhiteoutFormat:
-        with pytest.raises(InvalidArgument, match="does not exist"):
-            apply_layer(tmp_path / fmt.value, io.BytesIO(data), fmt)
+        dest = tmp_path / f"own-{fmt.value}"
+        apply_layer(dest, io.BytesIO(data), fmt)
+        assert os.lstat(dest / "h").st_ino == os.lstat(dest / "f").st_ino
 
 
 def test_export_native_refuses_names_that_read_as_whiteouts(tmp_path: Path) -> None:
@@ -521,6 +574,44 @@ def test_export_emits_parents_first_and_whiteouts(tmp_path: Path) -> None:
     buf = io.BytesIO()
     export_changes(tree, changes, buf)
     assert names(buf.getvalue()) == ["a", "a/b", "a/b/c", "a/b/c/file", "z", "z/.wh.gone"]
+
+
+# The issue-22 layer: /b and /file1 deleted, a/ changed (a/file2 deleted, a/new
+# added), file4 added. Before, the root's whiteouts came after a/'s entries.
+WHITEOUTS_FIRST = [".wh.b", ".wh.file1", "a", "a/.wh.file2", "a/new", "file4"]
+
+
+def test_export_changes_puts_each_directorys_whiteouts_first(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t", {"a/new": b"n", "a-b": b"x", "file4": b"4"})
+    changes = [Change("/a", ChangeKind.MODIFY), Change("/a/file2", ChangeKind.DELETE),
+               Change("/a/new", ChangeKind.ADD), Change("/b", ChangeKind.DELETE),
+               Change("/file1", ChangeKind.DELETE), Change("/file4", ChangeKind.ADD)]
+    buf = io.BytesIO()
+    export_changes(tree, changes, buf)
+    assert names(buf.getvalue()) == WHITEOUTS_FIRST
+    # Without deletions: plain path order, as before ("a-b" before "a/new").
+    buf = io.BytesIO()
+    export_changes(tree, [Change("/a", ChangeKind.MODIFY), Change("/a/new", ChangeKind.ADD),
+                          Change("/a-b", ChangeKind.ADD)], buf)
+    assert names(buf.getvalue()) == ["a", "a-b", "a/new"]
+
+
+@pytest.mark.parametrize("fmt", [WhiteoutFormat.OVERLAY, WhiteoutFormat.AUFS],
+                         ids=lambda f: f.value)
+def test_export_native_puts_each_directorys_whiteouts_first(tmp_path: Path,
+                                                            fmt: WhiteoutFormat) -> None:
+    def gone(name: str) -> dict[str, object]:
+        if fmt is WhiteoutFormat.AUFS:
+            parent, _, base = name.rpartition("/")
+            return {f"{parent}/.wh.{base}" if parent else f".wh.{base}": b""}
+        return {name: Device("chr", 0, 0)}
+
+    upper = make_tree(tmp_path / "upper", {
+        "a/new": b"n", **gone("a/file2"), **gone("b"), **gone("file1"),  # type: ignore[dict-item]
+        "file4": b"4", "-first": b"sorts before .wh."})
+    buf = io.BytesIO()
+    export_native(upper, fmt, buf)
+    assert names(buf.getvalue()) == [*WHITEOUTS_FIRST[:2], "-first", *WHITEOUTS_FIRST[2:]]
 
 
 def test_export_delete_before_add_of_the_same_path(tmp_path: Path) -> None:

@@ -40,6 +40,12 @@ inspect
     How long ``layerfs image explore`` and ``explain`` take to open an image once it is
     indexed, against ``docker save | tar -t`` (what dive reads on every start)
     (:mod:`layerfs_bench.inspect`).
+export
+    ``layer diff`` of a container layer (the tar ``commit``, ``push`` and ``save``
+    start from), written to a sink: a layer of N new files in new directories,
+    and a layer that changed a few files of a big image. Union drivers tar their
+    diff directory, btrfs finds the changes in its own trees, vfs, overlay and
+    devicemapper walk both trees.
 container-start
     Start-to-exit latency of ``/bin/true`` in a busybox container with the
     layerfs runner (``layerfs.runtime``), on each driver; ``docker run`` as a
@@ -648,6 +654,56 @@ def _layers_cow(ctx: Ctx, store: LayerStore, image: str, big: int, reps: int) ->
         ctx.record("cow_shared_bytes", shared, unit="bytes", kind="bytes", params=p)
 
 
+# --- export -------------------------------------------------------------------------------------
+
+def export(ctx: Ctx, *, new_files: int, base_files: int, changed: int, reps: int) -> None:
+    """``diff`` of a container layer into a sink, each repetition on a fresh layer.
+
+    Two layers on one image of ``base_files`` files: one that added ``new_files``
+    files (100 per new directory), one that rewrote ``changed`` files of the image
+    and deleted one. The layer is made and filled untimed, right before the diff,
+    as ``docker commit`` finds a container's files; nothing is synced in between,
+    so a driver that must flush first (btrfs commits its transaction) pays for it.
+    """
+    store = ctx.store
+    ctx.step(f"applying an image of {base_files} files")
+    per_dir = 100
+    dirs = [f"img{j}" for j in range(max(1, base_files // per_dir))]
+    image = apply_bytes(store, tar_bytes(dirs, {
+        f"{dirs[i % len(dirs)]}/f{i}": b"i" * (i % 2048) for i in range(base_files)}), None)
+
+    def with_new_files(_: int) -> str:
+        box = store.create(image).id
+        with store.mounted(box) as mnt:
+            for i in range(new_files):
+                d = mnt / f"new{i // per_dir}"
+                if i % per_dir == 0:
+                    d.mkdir()
+                (d / f"f{i}").write_bytes(b"n" * (i % 2048))
+        return box
+
+    def with_few_changes(_: int) -> str:
+        box = store.create(image).id
+        with store.mounted(box) as mnt:
+            for i in range(changed):
+                k = i * 7919 % base_files
+                (mnt / dirs[k % len(dirs)] / f"f{k}").write_bytes(b"changed")
+            os.unlink(mnt / dirs[0] / "f0")
+        return box
+
+    def diff(box: str) -> None:
+        with open(os.devnull, "wb") as sink:
+            store.diff(box, sink)
+
+    note = "diff of a fresh container layer to a sink (made and filled untimed just before)"
+    ctx.run_probes([
+        Probe("export", diff, {"new_files": new_files, "base_files": base_files},
+              with_new_files, store.remove, note=note, primary=True),
+        Probe("export", diff, {"changed_files": changed + 1, "base_files": base_files},
+              with_few_changes, store.remove, note=note),
+    ], reps, label="export")
+
+
 # --- container start ----------------------------------------------------------------------------
 
 BENCH_IMAGE = "layerfs-bench/busybox:1"
@@ -978,6 +1034,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              {"tiny": dict(layers=3, files=300, size=2 * MiB, reps=2),
               "quick": dict(layers=10, files=6000, size=100 * MiB, reps=3),
               "full": dict(layers=20, files=60000, size=GiB, reps=5)}),
+    Scenario("export", export, "layer diff: many new files, few changes in a big image",
+             "what `layer diff` (commit, push, save) costs: union drivers tar their diff "
+             "directory, btrfs reads its changes from its own trees, vfs, overlay and "
+             "devicemapper walk both trees (the few-changes row shows the walk)",
+             {"tiny": dict(new_files=500, base_files=500, changed=10, reps=3),
+              "quick": dict(new_files=10_000, base_files=2_000, changed=10, reps=5),
+              "full": dict(new_files=100_000, base_files=100_000, changed=10, reps=5)}),
     Scenario("container-start", container_start, "start-to-exit of /bin/true",
              "what the storage driver adds to starting a container (layer create + mount), "
              "next to the runner's own cost; docker run as a peer",

@@ -47,7 +47,6 @@ import secrets
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -283,43 +282,11 @@ class Overlay2Driver(Driver):
         return [Mount("overlay", "overlay", options)]
 
     # --- native diffs --------------------------------------------------------------------------
-    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
-        lowers = self._lower_diff_dirs(layer_id)
-
-        def exists_below(path: str) -> bool:
-            rel = path.lstrip("/")
-            parts = rel.split("/")
-            for lower in lowers:
-                # An opaque ancestor in this lower hides everything further down.
-                target = lower / rel
-                try:
-                    st = os.lstat(target)
-                except (FileNotFoundError, NotADirectoryError):
-                    if self._opaque_ancestor(lower, parts):
-                        return False
-                    continue
-                return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0)
-            return False
-
-        return exists_below
-
-    def _opaque_ancestor(self, lower: Path, parts: list[str]) -> bool:
-        key = "user.overlay.opaque" if self.enabled["userxattr"] else "trusted.overlay.opaque"
-        current = lower
-        for part in parts[:-1]:
-            current = current / part
-            try:
-                if os.getxattr(current, key, follow_symlinks=False) == b"y":
-                    return True
-            except OSError:
-                return False
-        return False
-
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if not self.native_diff_ok:
             return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), self.whiteouts,
-                                     self._exists_below(layer_id))
+                                     self._lower_diff_dirs(layer_id))
 
     @translate_errors("overlay2 diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:

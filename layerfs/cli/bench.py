@@ -40,6 +40,10 @@ scenarios (--scenario NAME, default all):
                    hardlinked trees vs overlay2's diffs); the bytes a 4 KiB
                    write into a big lower file costs (exclusive vs shared on
                    btrfs).
+  export           layer diff of a container layer into a sink: N new files in
+                   new directories, and a few changed files of a big image.
+                   Union drivers tar their diff directory, btrfs reads the
+                   changes from its own trees, the others walk both trees.
   container-start  start-to-exit of /bin/true in busybox with the layerfs
                    runner, and the whole create/mount/run/remove cycle.
   io-throughput    sequential and random 4 KiB reads and writes of a lower, a
@@ -73,14 +77,14 @@ _PARAM_NAMES = {"layers": "L", "depth": "D", "image_layers": "image layers"}
 
 def register(sub: SubParsers) -> None:
     p = sub.add_parser("bench", help="benchmark drivers: copy-up, whiteouts, lookups, layers, "
-                       "container start", description=DESCRIPTION, epilog=EPILOG,
+                       "export, container start", description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("drivers", nargs="*", metavar="DRIVER",
                    help="driver to measure, optionally with options: overlay2, aufs, btrfs, "
                         "vfs, overlay, devicemapper, overlay2:metacopy=true; 'all' for every "
                         "registered driver; peers: fuse-overlayfs, docker")
     p.add_argument("--scenario", action="append", metavar="NAME[,NAME]",
-                   help="copy-up, whiteout, stat-lookup, layers, container-start, "
+                   help="copy-up, whiteout, stat-lookup, layers, export, container-start, "
                         "io-throughput, mount (repeatable; default: all)")
     p.add_argument("--full", dest="profile", action="store_const", const="full",
                    help="the full sweeps (slow), instead of the quick profile")

@@ -93,6 +93,8 @@ class _Applier:
         #: every path this tar named (entries, whiteouts, markers): duplicates
         #: are refused, and opaque directories keep exactly these.
         self.written: set[str] = set()
+        #: the directories above those paths: this tar has them too, made or not.
+        self.written_parents: set[str] = set()
         #: directories verified (by lstat) or made by us to be real directories.
         #: Closed under parents, so removing a path that is not here needs no
         #: cache update.
@@ -236,6 +238,10 @@ class _Applier:
         if rel in self.written:
             raise UnsafeArchive(f"layer tar: duplicate entry {show_name(h.name)}")
         self.written.add(rel)
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in self.written_parents:
+            self.written_parents.add(parent)
+            parent = parent.rpartition("/")[0]
         if parts[-1].startswith(WHITEOUT_PREFIX):
             self.whiteout(parts, h)
             return
@@ -379,12 +385,15 @@ class _Applier:
             raise UnsafeArchive(f"layer tar: whiteout {show_name(h.name)} names {hidden!r}")
         target_parts = (*dir_parts, hidden)
         target_rel = "/".join(target_parts)
+        if target_rel in self.written or target_rel in self.written_parents:
+            self.whiteout_below_own(target_rel, h)
+            return
         if self.fmt is WhiteoutFormat.IN_PLACE:
             if self.ensure_dir(dir_parts, create=False):
                 self.remove(target_rel)
             return
         self.ensure_dir(dir_parts, create=True)
-        self.remove(target_rel)  # including anything this tar wrote there before
+        self.remove(target_rel)
         if self.fmt is WhiteoutFormat.AUFS:
             wh_rel = "/".join(parts)
             self.remove(wh_rel)
@@ -394,6 +403,28 @@ class _Applier:
             os.mknod(path, stat.S_IFCHR, 0)
             os.chown(path, h.uid, h.gid, follow_symlinks=False)
         self.markers.add(target_rel)
+
+    def whiteout_below_own(self, rel: str, h: Header) -> None:
+        """A whiteout of a path this tar already wrote (or wrote below).
+
+        The OCI layer spec: a whiteout hides the *lower* layers' entries only;
+        what the same layer has at that path stays, whichever comes first in the
+        tar. So ``[x, .wh.x]`` keeps this layer's ``x``, as ``[.wh.x, x]`` does.
+        A file of this layer already replaces the parent's; a directory of this
+        layer becomes opaque: the parent's entries below it are hidden, this
+        layer's stay. (Docker's applier removes the path, this layer's entries
+        included: ``[x, .wh.x]`` deletes ``x`` there.)
+        """
+        try:
+            st = os.lstat(self.path(rel))
+        except FileNotFoundError:
+            return  # this tar only wrote whiteouts below: nothing of the parent shows
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        if self.fmt is WhiteoutFormat.IN_PLACE:
+            self.opaque.append(rel)  # pruned at the end: this tar's entries are kept
+        else:
+            self.make_opaque(rel, h)
 
     def opaque_marker(self, dir_parts: tuple[str, ...], h: Header) -> None:
         rel = "/".join(dir_parts)
@@ -488,9 +519,11 @@ def apply_layer(dest: Path, stream: Readable, fmt: WhiteoutFormat) -> int:
     * AUFS: ``.wh.NAME`` and ``.wh..wh..opq`` are written as aufs expects (empty
       files, mode 0444).
 
-    In the native formats a whiteout also removes anything this tar wrote at
-    that path before it, and a directory written where this tar put a whiteout
-    (delete, then re-create) is made opaque, so the old contents stay hidden.
+    A whiteout hides only the parent's entries, never this tar's own (the OCI
+    layer spec; Docker differs, see ``_Applier.whiteout_below_own``): ``x`` and
+    ``.wh.x`` in one tar, in either order, leave this tar's ``x``; if that is a
+    directory, the parent's entries below it are hidden (in the native formats
+    it is made opaque). A bare ``.wh.`` and a path named twice are refused.
 
     An entry replaces whatever is at its path, except that a directory written
     onto a directory is merged: it takes the new owner, mode, times and xattrs

@@ -243,6 +243,22 @@ def _change_rel(change: Change) -> str:
     return "/".join(parts)
 
 
+def _export_order(change: Change) -> str:
+    """Sort key of a change in an exported tar: by path, except that a directory's
+    whiteouts come right after the directory's own entry, before its other entries.
+
+    The OCI layer spec asks for whiteouts before their sibling entries (an applier
+    that hides the parent's names when it meets the whiteout, as Docker's does,
+    then never deletes what this layer wrote). A NUL after the parent's path sorts
+    below any name. Without deletions this is plain path order, the order every
+    layer was exported in before, so ids of such layers did not move.
+    """
+    if change.kind is ChangeKind.DELETE:
+        parent, _, name = change.path.rpartition("/")
+        return f"{parent}/\0{name}"
+    return change.path
+
+
 def export_changes(tree: Path, changes: Iterable[Change], out: IO[bytes]) -> int:
     """Write the changeset ``changes`` of the full tree ``tree`` to ``out`` as a PAX tar.
 
@@ -250,8 +266,10 @@ def export_changes(tree: Path, changes: Iterable[Change], out: IO[bytes]) -> int
     ``.wh.NAME`` file in its parent directory. Every changed path's parent
     directories are written before it (unchanged ones included), so that
     applying the tar onto another driver's empty diff directory gives them
-    their real owner, mode and xattrs. For one path a DELETE goes before an
-    ADD/MODIFY, so "delete then re-create" applies in that order.
+    their real owner, mode and xattrs. Entries go in path order, except that
+    each directory's whiteouts come right after the directory, before its
+    other entries (the OCI spec's order); so for one path a DELETE goes before
+    an ADD/MODIFY, and "delete then re-create" applies in that order.
 
     Hardlinks: the first path of an inode is written with its content, later
     ones as hardlink members pointing at it. xattrs go in ``SCHILY.xattr.*``
@@ -264,10 +282,7 @@ def export_changes(tree: Path, changes: Iterable[Change], out: IO[bytes]) -> int
     """
     root = os.fspath(tree)
     ex = _Exporter(root, out)
-    # DELETE sorts last among equal paths in Change's own order; here it must
-    # come first.
-    ordered = sorted(changes, key=lambda c: (c.path, c.kind is not ChangeKind.DELETE))
-    for change in ordered:
+    for change in sorted(changes, key=_export_order):
         rel = _change_rel(change)
         if not rel:
             continue  # the layer root itself is not part of a changeset
@@ -292,8 +307,9 @@ def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> int:
       hardlinks to aufs's shared whiteout inode); aufs's root-level
       bookkeeping (``.wh..wh.plnk``, ``.wh..wh.aufs``, ``.wh..wh.orph``) is left out.
 
-    Entries are written in sorted order, parents first; the diff's root itself
-    is not written. Returns the size, as :func:`export_changes` does.
+    Entries are written in sorted order, parents first, and in each directory
+    its whiteouts (opaque marker included) before its other entries; the diff's
+    root itself is not written. Returns the size, as :func:`export_changes` does.
     """
     if fmt is WhiteoutFormat.IN_PLACE:
         raise InvalidArgument("export_native: an IN_PLACE layer has no native diff; "
@@ -304,10 +320,17 @@ def export_native(diff_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> int:
     ex = _Exporter(root, out)
     opaque_key = fmt.opaque_xattr
 
-    # Pre-order, sorted, without recursion: a stack of iterators over sorted listings.
+    def is_whiteout(name: str, st: os.stat_result) -> bool:
+        if fmt is WhiteoutFormat.AUFS:
+            return name.startswith(WHITEOUT_PREFIX)
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    # Pre-order, without recursion: a stack of iterators over sorted listings, each
+    # directory's whiteouts first (the OCI spec's order; see _export_order).
     def listing(rel: str) -> Iterator[tuple[str, os.stat_result]]:
         with os.scandir(ex.path(rel)) as it:
-            return iter(sorted((e.name, e.stat(follow_symlinks=False)) for e in it))
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        return iter(sorted(entries, key=lambda e: (not is_whiteout(*e), e[0])))
 
     stack = [("", listing(""))]
     while stack:

@@ -211,6 +211,19 @@ def test_mount_time_recorded_per_depth(report: harness.Report) -> None:
                 sorted(scenarios.SCENARIOS["layers"].profiles["tiny"]["depths"])
 
 
+# --- export --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_export_rows(report: harness.Report, driver: str) -> None:
+    measured(report, driver)
+    tiny = scenarios.SCENARIOS["export"].profiles["tiny"]
+    new = report.one("export", "export", driver, new_files=tiny["new_files"],
+                     base_files=tiny["base_files"])
+    few = report.one("export", "export", driver, changed_files=tiny["changed"] + 1,
+                     base_files=tiny["base_files"])
+    assert new.n == few.n == tiny["reps"] and new.min > 0 and few.min > 0
+
+
 def test_io_throughput_rows(report: harness.Report) -> None:
     for driver in DRIVERS:
         if not report.find("io-throughput", target=driver):

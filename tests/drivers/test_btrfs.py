@@ -1,6 +1,6 @@
 """What only the btrfs driver has: subvolumes and read-only snapshots, nested
-subvolumes on remove, qgroup quotas, block-level sharing, and changes from
-``btrfs send`` that must equal the naive walk's."""
+subvolumes on remove, qgroup quotas, block-level sharing, and changes found in
+btrfs's own trees (layerfs_drivers.btrfs.trees) that must equal the naive walk's."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from ..conftest import open_store_or_skip
 
 @pytest.fixture
 def bt(btrfs_pool: Path, tmp_path: Path):
+    """A btrfs root that always takes the tree search (``auto`` walks small trees)."""
     root = btrfs_pool / f"bt-{tmp_path.name}"
-    s = open_store_or_skip("btrfs", root)
+    s = open_store_or_skip("btrfs", root, ["native_changes=true"])
     yield s
     close_and_check(s)
     shutil.rmtree(root, ignore_errors=True)
@@ -183,7 +184,7 @@ def apply_edits(path: Path, edits: list[tuple[str, int]]) -> None:
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=EDITS, seed=st.integers(0, 2**16))
-def test_send_changes_equal_naive_walk(bt: LayerStore, edits: list[tuple[str, int]],
+def test_tree_search_changes_equal_naive_walk(bt: LayerStore, edits: list[tuple[str, int]],
                                        seed: int) -> None:
     base = bt.create().id
     with bt.mounted(base) as path:
@@ -192,13 +193,15 @@ def test_send_changes_equal_naive_walk(bt: LayerStore, edits: list[tuple[str, in
     with bt.mounted(box) as path:
         apply_edits(path, edits)
     home = bt.driver.home / "subvolumes"
-    expected = naive_changes(home / base, home / box)
-    assert bt.changes(box) == expected
+    # The tree search first: the naive walk reads the parent's directories, and the
+    # atime updates that writes there would hand the search candidates of their own.
+    got = bt.changes(box)
+    assert got == naive_changes(home / base, home / box)
     bt.remove(box)
     bt.remove(base)
 
 
-def test_send_changes_of_sealed_parent(bt: LayerStore) -> None:
+def test_tree_search_changes_of_sealed_parent(bt: LayerStore) -> None:
     base = bt.create().id
     with bt.mounted(base) as path:
         populate(path, random.Random(1))
@@ -207,7 +210,57 @@ def test_send_changes_of_sealed_parent(bt: LayerStore) -> None:
     with bt.mounted(box) as path:
         apply_edits(path, [("write", 1), ("rmdir", 2), ("rename_dir", 3), ("link", 4)])
     home = bt.driver.home / "subvolumes"
-    assert bt.changes(box) == naive_changes(home / image, home / box)
+    got = bt.changes(box)
+    assert got == naive_changes(home / image, home / box)
+
+
+def test_auto_walks_small_trees_and_searches_big_ones(btrfs_pool: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import layerfs_drivers.btrfs as btrfs_driver
+
+    monkeypatch.setattr(btrfs_driver, "TREE_SEARCH_MIN_INODES", 40)
+    root = btrfs_pool / f"auto-{tmp_path.name}"
+    store = open_store_or_skip("btrfs", root)
+    try:
+        assert store.driver.tree_search == "auto"
+        small = store.create().id
+        with store.mounted(small) as path:
+            populate(path, random.Random(3))  # 6 x (5 files + sub with 5) + 2: 74 inodes
+        few = store.create(small).id
+        with store.mounted(few) as path:
+            apply_edits(path, [("write", 1), ("add", 2), ("rm", 3)])
+        many = store.create(small).id
+        with store.mounted(many) as path:
+            for i in range(40):
+                (path / f"new{i}").write_text("n")
+        searched = []
+        real = btrfs_driver.BtrfsDriver._native_changes
+
+        def spy(self: btrfs_driver.BtrfsDriver, layer_id: str, parent: str) -> list:
+            searched.append(layer_id)
+            return real(self, layer_id, parent)
+
+        monkeypatch.setattr(btrfs_driver.BtrfsDriver, "_native_changes", spy)
+        home = store.driver.home / "subvolumes"
+        for layer in (few, many):
+            assert store.changes(layer) == naive_changes(home / small, home / layer)
+        assert searched == [few]  # 1 new inode of 75: search; 40 new: walk
+        monkeypatch.setattr(btrfs_driver, "TREE_SEARCH_MIN_INODES", 1000)
+        store.changes(few)
+        assert searched == [few]  # a small parent: walk
+    finally:
+        close_and_check(store)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_native_changes_option(tmp_path: Path) -> None:
+    from layerfs_drivers.btrfs import BtrfsDriver
+
+    from layerfs.driver import DriverOptions
+    from layerfs.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="native_changes='maybe'"):
+        BtrfsDriver(tmp_path / "btrfs", DriverOptions({"native_changes": "maybe"}))
 
 
 # --- pool create / destroy through the CLI ------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One guest boot runs, in loopback mode, the whole conformance suite for
 devicemapper (tests/conformance, ``-k devicemapper``: create, snapshots,
-diff/apply round trips, the 128-layer chain, the diff/apply property test)
+diff/apply round trips, the 128-layer chain, the diff/apply property test,
+one answer: the same edits as on vfs give the same changes and diffs)
 and tests/drivers/test_devicemapper.py (direct-lvm create/snapshot/remove/
 destroy on the scratch disk, a full pool, min_free_space, status, crash
 recovery, the generic crash suite, deferred removal, ``layerfs pool``) and
@@ -32,6 +33,8 @@ MUST_RUN = [
     "test_deep_layer_read_128[devicemapper]",
     "test_diff_apply_reproduces_child[devicemapper]",
     "test_diff_apply_round_trip_with_sizes[devicemapper]",
+    "test_same_edits_same_changes_on_every_driver[devicemapper]",
+    "test_the_issue_scenario_gives_one_list[devicemapper]",
     "test_direct_lvm_create_snapshot_remove_destroy",
     "test_direct_lvm_refuses_a_device_with_a_filesystem_unless_forced",
     "test_a_full_pool_fails_writes_cleanly_and_recovers",

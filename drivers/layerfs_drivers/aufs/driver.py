@@ -44,7 +44,6 @@ import errno
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
     from layerfs.metastore import DriverState
 
 WH_PREFIX = ".wh."
-OPAQUE = ".wh..wh..opq"
 DIRREN_FLAG = ".wh..wh.dirren"  # unionfs.DIRREN_FLAG (not imported: keeps the driver light)
 
 
@@ -196,30 +194,11 @@ class AufsDriver(Driver):
         """Whether a dirren rename left redirects in any of ``branches``."""
         return any(os.path.lexists(b / DIRREN_FLAG) for b in branches)
 
-    def _exists_below(self, layer_id: str) -> Callable[[str], bool]:
-        lowers = self._branches(layer_id)[1:]
-
-        def exists_below(path: str) -> bool:
-            parts = path.strip("/").split("/")
-            for branch in lowers:
-                parent = branch.joinpath(*parts[:-1])
-                if (parent / (WH_PREFIX + parts[-1])).exists():
-                    return False
-                if os.path.lexists(parent / parts[-1]):
-                    return True
-                # An opaque ancestor in this branch hides the branches below.
-                for depth in range(len(parts) - 1, 0, -1):
-                    if (branch.joinpath(*parts[:depth]) / OPAQUE).exists():
-                        return False
-            return False
-
-        return exists_below
-
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if self._has_redirects(self._branches(layer_id)):
             return self.naive.changes(layer_id, parent)
         return changes_from_diff_dir(self._diff(layer_id), WhiteoutFormat.AUFS,
-                                     self._exists_below(layer_id))
+                                     self._branches(layer_id)[1:])
 
     @translate_errors("aufs diff")
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:

@@ -16,10 +16,12 @@ Quotas: the ``size`` option (per layer, or a driver-wide default) enables btrfs
 quotas on first use and puts a limit on the layer's qgroup ``0/<subvolume id>``;
 removing the layer destroys that qgroup too (Docker leaked them: moby#29325).
 
-Changes between a layer and its parent come from ``btrfs send --no-data -p``:
-the kernel compares the two snapshots' trees and streams only what differs,
-without reading unchanged directories. The stream names candidate paths; each
-is then classified exactly as the naive walk would, so both agree.
+Changes between a layer and its parent come from btrfs's own trees
+(:mod:`.trees`): a tree search skips every block the layer still shares with
+its parent, and the items in the blocks written since the snapshot name the
+candidate paths, without reading unchanged directories. Each candidate is then
+classified exactly as the naive walk would, so both agree. The option
+``native_changes=false`` makes the driver walk both trees instead.
 """
 
 from __future__ import annotations
@@ -38,11 +40,18 @@ from typing import IO, Any
 import btrfsutil
 
 from layerfs import extents
-from layerfs.changes import Change, ChangeKind, _same_xattrs, _stat_differs, naive_changes
-from layerfs.driver import Capabilities, Driver, Usage
+from layerfs.changes import (
+    Change,
+    ChangeKind,
+    entry_differs,
+    lstat_or_none,
+    with_parent_directories,
+)
+from layerfs.driver import Capabilities, Driver, Usage, scratch_prefix
 from layerfs.errors import (
     DriverNotSupported,
     InUse,
+    InvalidArgument,
     LayerfsError,
     NotFound,
     command_error,
@@ -54,7 +63,11 @@ from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
 from layerfs.tar import export_changes
 
-from .send import SendSummary, changed_paths, send_no_data
+from .trees import FIRST_INODE, Candidates, changed_paths, highest_inode, link_group
+
+#: Below this many inodes in the parent, walking both trees costs less than
+#: flushing the layer for the tree search (``native_changes=auto``).
+TREE_SEARCH_MIN_INODES = 5000
 
 
 class BtrfsDriver(Driver):
@@ -68,8 +81,15 @@ class BtrfsDriver(Driver):
         self.subvolumes = self.home / "subvolumes"
         self.subvolumes.mkdir(exist_ok=True)
         self.default_size = self.options.get_size("size", None)
-        self.use_send = self.options.get_bool("native_changes", True)
-        if not self.use_send:
+        self.tree_search = (self.options.get_str("native_changes") or "auto").lower()
+        if self.tree_search in ("1", "yes", "on"):
+            self.tree_search = "true"
+        elif self.tree_search in ("0", "no", "off"):
+            self.tree_search = "false"
+        if self.tree_search not in ("auto", "true", "false"):
+            raise InvalidArgument(f"btrfs: native_changes={self.tree_search!r}: use auto, "
+                                  f"true or false")
+        if self.tree_search == "false":
             self.capabilities = replace(self.CAPABILITIES, native_changes=False)
 
     @classmethod
@@ -189,15 +209,54 @@ class BtrfsDriver(Driver):
             raise command_error(err) from err
 
     # --- changes -------------------------------------------------------------------------------
+    def changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        if parent is None or not self._use_tree_search(layer_id, parent):
+            return self.naive.changes(layer_id, parent)
+        return self._native_changes(layer_id, parent)
+
+    def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
+        if parent is None or not self._use_tree_search(layer_id, parent):
+            return self.naive.diff(layer_id, parent, out)
+        return export_changes(self._path(layer_id), self._native_changes(layer_id, parent), out)
+
+    def _use_tree_search(self, layer_id: str, parent: str) -> bool:
+        """Whether the tree search is the cheaper way to this layer's changes.
+
+        The search itself reads only what changed, but btrfs puts a file's new
+        data and times into its trees at writeback, so the layer must be flushed
+        first: its new data written and a transaction committed (a disk flush).
+        The naive walk reads both trees instead, from the page cache. So: the
+        search for a big parent with (relatively) few new files, the walk for a
+        small parent or a layer of mostly new files. Inode numbers only grow, so
+        the highest one in each tree tells their sizes without walking them.
+        """
+        if self.tree_search != "auto":
+            return self.tree_search == "true"
+        parent_inodes = highest_inode(self._path(parent)) - FIRST_INODE + 1
+        new_inodes = highest_inode(self._path(layer_id)) - FIRST_INODE + 1 - parent_inodes
+        return parent_inodes >= TREE_SEARCH_MIN_INODES and new_inodes * 4 <= parent_inodes
+
+    def _native_changes(self, layer_id: str, parent: str) -> list[Change]:
+        lower, upper = self._path(parent), self._path(layer_id)
+        since = btrfsutil.subvolume_info(upper).otransid + 1
+        with self._flushed(layer_id) as child, self._flushed(parent, sealed_ok=True) as base:
+            candidates = changed_paths(str(child), str(base), since)
+        return classify(lower, upper, candidates)
+
     @contextlib.contextmanager
-    def _readonly_snapshot(self, layer_id: str) -> Iterator[Path]:
-        """``btrfs send`` needs read-only subvolumes: a sealed layer already is; for a
-        writable one take a throw-away read-only snapshot (O(1) on btrfs)."""
+    def _flushed(self, layer_id: str, *, sealed_ok: bool = False) -> Iterator[Path]:
+        """The layer as a read-only snapshot, made now: making it writes the layer's
+        pending data into its trees (the search reads trees, not the page cache).
+
+        ``sealed_ok``: a sealed parent can be used as it is. It was flushed when its
+        child was snapshotted from it and cannot have changed since. The child may
+        be sealed too (an image layer), but its data can still be in the page cache.
+        """
         path = self._path(layer_id)
-        if btrfsutil.get_subvolume_read_only(path):
+        if sealed_ok and btrfsutil.get_subvolume_read_only(path):
             yield path
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f"send-{layer_id[:12]}-", dir=self.scratch))
+        tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("flush", layer_id), dir=self.scratch))
         snap = tmp / "snap"
         btrfsutil.create_snapshot(path, snap, read_only=True)
         try:
@@ -205,21 +264,6 @@ class BtrfsDriver(Driver):
         finally:
             btrfsutil.delete_subvolume(snap)  # root may delete a read-only snapshot
             tmp.rmdir()
-
-    def changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        if parent is None or not self.use_send:
-            return self.naive.changes(layer_id, parent)
-        return self._send_changes(layer_id, parent)
-
-    def _send_changes(self, layer_id: str, parent: str) -> list[Change]:
-        with self._readonly_snapshot(parent) as psnap, self._readonly_snapshot(layer_id) as csnap:
-            candidates = changed_paths(send_no_data(str(csnap), str(psnap)))
-        return classify(self._path(parent), self._path(layer_id), candidates)
-
-    def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
-        if parent is None or not self.use_send:
-            return self.naive.diff(layer_id, parent, out)
-        return export_changes(self._path(layer_id), self._send_changes(layer_id, parent), out)
 
     # --- reporting -------------------------------------------------------------------------------
     def usage(self, layer_id: str) -> Usage:
@@ -321,86 +365,94 @@ def _is_subvolume(path: Path) -> bool:
         return False
 
 
-def entry_differs(lpath: str, upath: str, lo: os.stat_result, up: os.stat_result) -> bool:
-    """The naive walk's per-entry rule (layerfs.changes), for one pair of paths."""
-    return (_stat_differs(lo, up)
-            or (stat.S_ISLNK(up.st_mode) and os.readlink(lpath) != os.readlink(upath))
-            or not _same_xattrs(lpath, upath))
-
-
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _link_group(tree: Path, st: os.stat_result) -> set[str]:
-    """All paths of a hardlinked inode inside a subvolume, by btrfs's inode→path lookup
-    (an ioctl, no tree walk)."""
-    proc = subprocess.run(["btrfs", "inspect-internal", "inode-resolve", str(st.st_ino),
-                           str(tree)], capture_output=True, text=True)
-    base = str(tree).rstrip("/")
-    return {line[len(base):] for line in proc.stdout.splitlines() if line.startswith(base + "/")}
-
-
-def classify(lower: Path, upper: Path, summary: SendSummary) -> list[Change]:
-    """Turn the paths a send stream named into exactly the changes the naive walk reports.
+def classify(lower: Path, upper: Path, candidates: Candidates) -> list[Change]:
+    """Turn candidate paths into exactly the changes the naive walk reports.
 
     Each candidate is compared between the two trees with the naive walk's rules
-    (:func:`entry_differs`); everything below a directory a rename or mkdir put in
-    place is a candidate too, and new directories are listed whole, as the naive
-    walk lists them.
-    Hardlinked candidates pull in their link partners (found through the inode),
-    so a changed link group is reported as the naive walk does.
+    (:func:`~layerfs.changes.entry_differs`). Below a directory that moved, or
+    that is another inode than the parent's at the same path (deleted and made
+    again), every entry in either tree is a candidate too; new directories are
+    listed whole, as the naive walk lists them. A hardlinked candidate pulls in
+    its link partners in both trees (found through the inode), so a changed link
+    group is reported as the naive walk reports it.
     """
     lo_root, up_root = str(lower), str(upper)
-    candidates = set(summary.paths)
-    # A directory renamed into place (or re-created) may hold anything: every entry
-    # below it, in either tree, becomes a candidate. Compared one by one (not by a
-    # sub-walk) so that hardlink groups crossing the subtree's border are seen.
-    for path in summary.subtrees:
-        for root in (lo_root, up_root):
-            if os.path.isdir(root + path) and not os.path.islink(root + path):
-                for dirpath, dirs, files in os.walk(root + path):
-                    rel = dirpath[len(root):]
-                    candidates.update(f"{rel}/{name}" for name in (*dirs, *files))
-    for path in list(candidates):
-        for tree in (lower, upper):
-            st = _lstat(str(tree) + path)
-            if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                candidates |= _link_group(tree, st)
+    paths = set(candidates.paths)
     # Every ancestor of a candidate may have been created by this layer.
-    for path in list(candidates):
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts)):
-            candidates.add("/" + "/".join(parts[:i]))
+    for path in list(paths):
+        parent = path.rpartition("/")[0]
+        while parent and parent not in paths:
+            paths.add(parent)
+            parent = parent.rpartition("/")[0]
     result: dict[str, ChangeKind] = {}
-    covered: list[str] = []  # subtrees already reported wholesale
+    covered: set[str] = set()  # subtrees already reported whole
+    more: set[str] = set()     # candidates found on the way: link partners, replaced dirs
 
-    def under(path: str, roots: list[str]) -> bool:
-        return any(path.startswith(r.rstrip("/") + "/") for r in roots)
+    def below_both(path: str) -> None:
+        """Every entry below ``path`` in either tree becomes a candidate, one by one
+        (not as a sub-walk), so that link groups crossing its border are seen."""
+        if all(os.path.isdir(r + path) and not os.path.islink(r + path)
+               for r in (lo_root, up_root)):
+            for root in (lo_root, up_root):
+                more.update(_all_below(root, path))
 
-    for path in sorted(candidates):
-        if under(path, covered):
-            continue
-        lo, up = _lstat(lo_root + path), _lstat(up_root + path)
-        if lo is None and up is None:
-            continue  # a temporary name the stream used (o<ino>-<gen>-0)
+    def under_covered(path: str) -> bool:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in covered:
+                return True
+            parent = parent.rpartition("/")[0]
+        return False
+
+    def visit(path: str) -> None:
+        if under_covered(path):
+            return
+        lo, up = lstat_or_none(lo_root + path), lstat_or_none(up_root + path)
         if up is None:
-            result[path] = ChangeKind.DELETE
-            covered.append(path)
-            continue
+            if lo is not None:
+                result[path] = ChangeKind.DELETE
+                covered.add(path)
+            return
         if lo is None or stat.S_IFMT(lo.st_mode) != stat.S_IFMT(up.st_mode):
             result[path] = ChangeKind.ADD if lo is None else ChangeKind.MODIFY
             if stat.S_ISDIR(up.st_mode):
-                for change in naive_changes(None, Path(up_root + path)):
-                    result[path + change.path] = ChangeKind.ADD
+                result.update((p, ChangeKind.ADD) for p in _all_below(up_root, path))
             if stat.S_ISDIR(up.st_mode) or (lo is not None and stat.S_ISDIR(lo.st_mode)):
-                covered.append(path)
-            continue
-        linked = (lo.st_nlink > 1 or up.st_nlink > 1) and not stat.S_ISDIR(up.st_mode)
-        if entry_differs(lo_root + path, up_root + path, lo, up) or (
-                linked and _link_group(lower, lo) != _link_group(upper, up)):
+                covered.add(path)
+            return
+        changed = entry_differs(lo_root + path, up_root + path, lo, up)
+        if stat.S_ISDIR(up.st_mode):
+            # A snapshot keeps inode numbers: another number is another directory.
+            if lo.st_ino != up.st_ino:
+                below_both(path)
+        elif lo.st_nlink > 1 or up.st_nlink > 1:
+            group_lo = link_group(lo_root, lo.st_ino) if lo.st_nlink > 1 else {path}
+            group_up = link_group(up_root, up.st_ino) if up.st_nlink > 1 else {path}
+            more.update(group_lo, group_up)
+            changed = changed or group_lo != group_up
+        if changed:
             result[path] = ChangeKind.MODIFY
-    return sorted(Change(p, k) for p, k in result.items())
+
+    for path in candidates.subtrees:
+        below_both(path)
+    visited: set[str] = set()
+    todo = paths | more
+    while todo:
+        for path in sorted(todo):
+            visit(path)
+        visited |= todo
+        todo = more - visited
+    return with_parent_directories(Change(p, k) for p, k in result.items())
+
+
+def _all_below(root: str, path: str) -> Iterator[str]:
+    """Every path below the directory ``path`` of the tree at ``root``."""
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        with os.scandir(root + current) as it:
+            for entry in it:
+                child = f"{current}/{entry.name}"
+                yield child
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(child)
