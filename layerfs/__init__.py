@@ -18,7 +18,12 @@ docs/writing-a-driver.md for writing a driver, and :func:`register` (or a driver
 passed to :func:`open_root`) for using one that is not installed as a package.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
+
+# Not `from typing import ...`: every `layerfs` command imports this package, and
+# typing costs milliseconds (docs/architecture.md, "Import time"). mypy reads any
+# TYPE_CHECKING as true.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -56,6 +61,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .changes import Change, ChangeKind
     from .driver import Capabilities, Driver
     from .errors import (

@@ -68,10 +68,10 @@ from .changes import Change, WhiteoutFormat
 from .fsinfo import Usage, backing_filesystem
 from .naivediff import NaiveDiffer
 from .options import DriverOptions
-from .tar import Readable
 
 if TYPE_CHECKING:
     from .metastore import DriverState
+    from .tar import Readable  # the tar codec loads when a layer is applied or exported
 
 __all__ = ["Capabilities", "Driver", "DriverOptions", "Usage", "scratch_owner",
            "scratch_prefix"]

@@ -9,9 +9,15 @@ Messages always name the layer id and/or path involved.
 from __future__ import annotations
 
 import functools
-import subprocess
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+
+TYPE_CHECKING = False      # typing and subprocess only for mypy: see docs/architecture.md
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+    from typing import ParamSpec, TypeVar
+
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 
 class LayerfsError(Exception):
@@ -63,10 +69,6 @@ class ExternalCommandFailed(LayerfsError):
     """A system tool (mkfs, dmsetup, iptables, ...) exited non-zero."""
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
 def command_error(err: subprocess.CalledProcessError) -> ExternalCommandFailed:
     """Turn a failed ``subprocess.run(check=True)`` into one readable line."""
     cmd = err.cmd if isinstance(err.cmd, str) else " ".join(map(str, err.cmd))
@@ -92,13 +94,17 @@ def translate_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 return fn(*args, **kwargs)
             except LayerfsError:
                 raise
-            except subprocess.CalledProcessError as err:
-                raise command_error(err) from err
             except FileNotFoundError as err:
                 raise NotFound(f"{what}: {err.filename or err}: no such file") from err
             except OSError as err:
                 target = f" {err.filename}" if err.filename else ""
                 raise LayerfsError(f"{what}:{target}: {err.strerror or err}") from err
+            except Exception as err:
+                import subprocess  # only here: importing it costs every command
+
+                if isinstance(err, subprocess.CalledProcessError):
+                    raise command_error(err) from err
+                raise
 
         return wrapper
 

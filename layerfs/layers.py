@@ -25,7 +25,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import mount as mountlib
 from . import plugins
@@ -34,8 +34,10 @@ from .driver import Driver, Usage, scratch_owner
 from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
 from .options import DriverOptions
-from .tar import Readable
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .tar import Readable  # the tar codec loads when a layer is applied or exported
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .changes import Change, naive_changes
-from .tar import Readable, WhiteoutFormat, apply_layer, export_changes
 
 if TYPE_CHECKING:
     from .driver import Driver
+    from .tar import Readable
 
 
 class NaiveDiffer:
@@ -37,10 +37,14 @@ class NaiveDiffer:
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         with self.driver.view(parent) as lower, self.driver.view(layer_id) as upper:
             assert upper is not None
+            from .tar import export_changes  # the tar codec loads when used
+
             return export_changes(upper, naive_changes(lower, upper), out)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         with self.driver.writable_view(layer_id) as target:
+            from .tar import WhiteoutFormat, apply_layer
+
             return apply_layer(target, stream, WhiteoutFormat.IN_PLACE)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:

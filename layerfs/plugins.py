@@ -97,16 +97,27 @@ class Probe:
     priority: int | None
 
 
+#: (driver, root, options) found supported by this process: a host does not lose a
+#: kernel feature while a command runs, and ``layerfs daemon`` probes its root once, at
+#: start, for every command it serves (a probe writes and removes a file: ms each).
+_SUPPORTED: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
+
+
 def probe(name: str, root: Path, options: DriverOptions | None = None) -> Probe:
     prio = PRIORITY.index(name) if name in PRIORITY else None
+    opts = options or DriverOptions()
+    key = (name, str(Path(root).absolute()), tuple(sorted(opts.values.items())))
+    if key in _SUPPORTED:
+        return Probe(name, True, None, prio)
     try:
         cls = load(name)
-        cls.check(home_of(root, name), options or DriverOptions())
+        cls.check(home_of(root, name), opts)
     except DriverNotSupported as err:
         return Probe(name, False, err.reason, prio)
     except OSError as err:   # a probe that cannot write next to the root (read-only, ...)
         where = f" {err.filename}" if err.filename else ""
         return Probe(name, False, f"cannot check{where}: {err.strerror or err}", prio)
+    _SUPPORTED.add(key)
     return Probe(name, True, None, prio)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import mount as mountlib
-from .errors import DriverNotSupported, InvalidArgument, NotFound, command_error
+from .errors import DriverNotSupported, InUse, InvalidArgument, LayerfsError, NotFound, command_error
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,19 @@ def find_pool(mountpoint: Path) -> LoopPool:
     raise NotFound(f"no loop-backed pool is mounted at {target}")
 
 
+def _refuse_if_served(mountpoint: Path) -> None:
+    """A layerfs daemon serving a root on the pool keeps it busy (its socket and lock live
+    in the root): say which one, instead of a bare EBUSY."""
+    from .daemon.server import serving_daemon
+
+    for lock in (*mountpoint.glob("daemon.lock"), *mountpoint.glob("*/daemon.lock"),
+                 *mountpoint.glob("*/*/daemon.lock")):
+        pid = serving_daemon(lock.parent)
+        if pid is not None:
+            raise InUse(f"{mountpoint} is busy: the layerfs daemon (pid {pid}) serving "
+                        f"{lock.parent} keeps it open; stop the daemon first")
+
+
 def destroy_btrfs(mountpoint: Path, *, remove_image: bool = True) -> LoopPool:
     """Unmount the pool, detach exactly its loop device, and delete the image."""
     pool = find_pool(mountpoint)
@@ -96,7 +109,11 @@ def destroy_btrfs(mountpoint: Path, *, remove_image: bool = True) -> LoopPool:
                  if m.target != str(pool.mountpoint)]
     for target in leftovers:
         mountlib.unmount(target, lazy=True)
-    mountlib.unmount(pool.mountpoint)
+    try:
+        mountlib.unmount(pool.mountpoint)
+    except LayerfsError:
+        _refuse_if_served(pool.mountpoint)
+        raise
     # Detach only if this device still backs our image (it could have been reused).
     if loop_backing_file(pool.device) == str(pool.image):
         _run(["losetup", "-d", pool.device])

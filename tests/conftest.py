@@ -19,6 +19,8 @@ from layerfs.errors import DriverNotSupported
 from layerfs.layers import LayerStore
 from layerfs.testing.conformance.fixtures import DriverFactory, open_or_skip
 
+from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
+
 # The suite's fixtures (store, capabilities, ...); driver_name, layer_root and
 # driver_factory are overridden below.
 pytest_plugins = ["layerfs.testing.conformance.fixtures"]

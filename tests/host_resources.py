@@ -74,3 +74,18 @@ def pids_whose_argv(match: Callable[[list[bytes]], bool]) -> list[int]:
         if match(argv):
             pids.append(int(entry))
     return pids
+
+
+def wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until process ``pid`` (not necessarily our child) has terminated."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            raise TimeoutError(f"process {pid} still running after {timeout} s")
+    finally:
+        os.close(pidfd)

@@ -244,13 +244,16 @@ class Report:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
                          .strftime("%Y-%m-%dT%H:%M:%SZ"))
     seconds: float = 0.0
+    #: Whole-command comparisons with peers (``--peers``): name -> what
+    #: :func:`layerfs_bench.start_latency.compare` returns.
+    comparisons: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": self.created,
                 "profile": self.profile, "seconds": round(self.seconds, 3),
                 "scenarios": self.scenarios, "host": self.host, "targets": self.targets,
                 "results": [r.as_dict() for r in self.results], "skipped": self.skipped,
-                "errors": self.errors}
+                "errors": self.errors, "comparisons": self.comparisons}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -259,7 +262,8 @@ class Report:
                    targets=list(data["targets"]),
                    results=[Result.from_dict(r) for r in data["results"]],
                    skipped=list(data["skipped"]), errors=list(data["errors"]),
-                   created=data["created"], seconds=float(data["seconds"]))
+                   created=data["created"], seconds=float(data["seconds"]),
+                   comparisons=dict(data.get("comparisons") or {}))
 
     def find(self, scenario: str | None = None, metric: str | None = None,
              target: str | None = None, **params: Any) -> list[Result]:

@@ -1,37 +1,50 @@
-"""Start-to-exit latency of ``layerfs run --rm IMG true`` against runc, crun and Docker.
+"""Start-to-exit of ``layerfs run --rm IMG true`` against runc, crun and Docker, and
+``layerfs import`` against GNU ``tar -x``: the CLI through ``layerfs daemon``, the CLI
+in-process and the library, next to the peers, in one interleaved run.
 
 ::
 
-    python -m layerfs_bench.start_latency [--rounds 20] [--no-docker] [--no-crun] [--json FILE]
+    python -m layerfs_bench.start_latency [--rounds 20] [--no-docker] [--no-crun]
+                                          [--no-import] [--json FILE]
 
-Every subject runs ``true`` in the same busybox image (built from busybox-static,
-nothing downloaded), with no network, and is timed from spawn to exit, in
-interleaved rounds (A B C ... A B C ...; the machine is noisy, MACHINE.md): only
-medians and ratios *within one run* mean something.
+``layerfs bench --peers`` runs the same comparison (:func:`compare`) after its scenarios.
 
-* ``layerfs run`` — the ``layerfs`` console script, overlay2, ``--network none``:
-  with Python's bytecode cache (``PYTHONDONTWRITEBYTECODE`` unset, cache under the
-  scratch folder) and without it (everything compiled from source on every start,
-  as with ``PYTHONDONTWRITEBYTECODE=1`` and no ``__pycache__``).
-* ``python -m layerfs.cli.run run`` — the runner's commands alone, without the
-  rest of the CLI (no rich); the start path ``layerfs run`` could have.
-* ``ContainerManager.run`` in this (warm) process — the library: layer, mount,
-  engine start and wait, unmount, removal. And the engine alone on an unpacked
-  rootfs directory (``runtime.start`` + ``wait``), for the storage's share; and
-  once more without the seccomp filter and with the caller's descriptors handed
+Every container runs ``true`` in the same busybox image (built from busybox-static,
+nothing downloaded) with no network, timed from spawn to exit, in interleaved rounds
+(A B C ... A B C ...: the machine is noisy, MACHINE.md) with the shared harness
+(:func:`layerfs_bench.harness.interleave`): only medians and ratios *within one run*
+mean something.
+
+* ``layerfs run, daemon`` — the ``layerfs`` console script, overlay2, ``--network
+  none``, with ``layerfs daemon`` serving the root (``LAYERFS_DAEMON=1``): a thin
+  client, and the command in a worker the warm daemon forks.
+* ``layerfs run, in-process`` — the same command without a daemon
+  (``LAYERFS_DAEMON=0``): a cold interpreter imports and runs everything. Both use
+  Python's bytecode cache (kept under the scratch folder).
+* ``ContainerManager.run (library)`` — in this warm process with the manager open:
+  layer, mount, engine start and wait, unmount, removal. And the engine alone on an
+  unpacked rootfs directory (``runtime.start`` + ``wait``), for the storage's share;
+  and once more without the seccomp filter and with the caller's descriptors handed
   over instead of relayed (docs/security.md: what the hardening costs).
 * ``runc run`` of a prepared bundle (``runc spec``, args ``true``, its own network
-  namespace: only ``lo``), ``crun run`` of the same bundle (crun refuses this VM's
+  namespace: only ``lo``); ``crun run`` of the same bundle (crun refuses this VM's
   hybrid cgroup layout, so it runs in a private mount namespace without
-  /sys/fs/cgroup/unified: a helper in that namespace times it), and
-  ``docker run --rm --network none`` of the same image on a private dockerd
+  /sys/fs/cgroup/unified: a helper in that namespace times it); ``docker run --rm
+  --network none`` of the same image on a private dockerd
   (:class:`layerfs_bench.peers.DockerDaemon`).
-* ``python -c pass`` — the interpreter alone, for scale.
+* ``python -c pass`` — the interpreter alone, for scale, and the thin client next to it:
+  ``layerfs --version``, ``layerfs --help`` and ``layerfs layer ls`` (through the daemon
+  and in-process).
 
-Goals (issue 8): ``layerfs run`` ≤ 1.5× ``runc run`` and ≤ 0.2× ``docker run``.
-Everything the benchmark creates (root, cgroup parent ``lfsb<hex>``, bundle,
-dockerd data) is under ``/tmp/lfs-run/bench-<hex>`` or named by that tag, and
-removed at the end.
+The import comparison: ``layerfs import`` of a ~100 MB rootfs tar through the daemon
+and in-process, and GNU ``tar -x`` of the same tar, all into the same filesystem
+(each imported image is removed between rounds, untimed).
+
+Goals (issue 17): through the daemon ≤ 1.5× ``runc run`` and ≤ 0.15× ``docker run``;
+in-process ≤ 0.5× ``docker run``; ``layerfs import`` through the daemon ≤ 1.5× ``tar
+-x``; ``--version`` and ``--help`` ≤ 2× ``python -c pass``, ``layer ls`` ≤ 3×.
+Everything the benchmark creates (roots, cgroup parent ``lfsb<hex>``, bundle, dockerd
+data) is under ``/tmp/lfs-run/bench-<hex>`` or named by that tag, and removed at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +54,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -51,7 +63,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .harness import Contender, interleave, remove_tree
+
 SCRATCH = Path("/tmp/lfs-run")
+
+RUNC = "runc run (prepared bundle)"
+CRUN = "crun run (same bundle)"
+DOCKER = "docker run --rm --network none"
+DAEMON = "layerfs run, daemon"
+IN_PROCESS = "layerfs run, in-process"
+LIBRARY = "ContainerManager.run (library)"
+ENGINE = "runtime.start, unpacked rootfs"
+ENGINE_UNHARDENED = "  same, unconfined + passthrough"
+PYTHON = "python -c pass"
+VERSION = "layerfs --version"
+HELP = "layerfs --help"
+LS_DAEMON = "layerfs layer ls, daemon"
+LS_IN_PROCESS = "layerfs layer ls, in-process"
+IMPORT_DAEMON = "layerfs import, daemon"
+IMPORT_IN_PROCESS = "layerfs import, in-process"
+TAR = "tar -x"
+
+#: (row, reference, goal): the ratios issue 17 asks for.
+GOALS = [(DAEMON, RUNC, 1.5), (DAEMON, DOCKER, 0.15), (IN_PROCESS, DOCKER, 0.5),
+         (IMPORT_DAEMON, TAR, 1.5), (VERSION, PYTHON, 2.0), (HELP, PYTHON, 2.0),
+         (LS_DAEMON, PYTHON, 3.0), (LS_IN_PROCESS, PYTHON, 3.0)]
+#: Rows compared with ``python -c pass`` (the thin client's aims), not with the runtimes.
+THIN = (VERSION, HELP, LS_DAEMON, LS_IN_PROCESS, PYTHON)
 
 _CRUN_HELPER = r"""
 import os, subprocess, sys, time
@@ -63,16 +101,6 @@ for line in sys.stdin:
     rc = subprocess.run(argv, stdout=null, stderr=subprocess.STDOUT).returncode
     print(f"{time.perf_counter() - t:.9f} {rc}", flush=True)
 """
-
-
-class Subject:
-    """One thing to time: ``run()`` returns seconds (and raises if it failed)."""
-
-    def __init__(self, label: str, run: Callable[[], float], group: str) -> None:
-        self.label = label
-        self.run = run
-        self.group = group
-        self.samples: list[float] = []
 
 
 def _timed(argv: list[str], env: dict[str, str] | None = None) -> Callable[[], float]:
@@ -112,30 +140,56 @@ class CrunHelper:
         self.proc.wait(30)
 
 
-def _console_script() -> list[str]:
+class Daemon:
+    """``layerfs daemon --root ROOT`` for the comparison, stopped by :meth:`stop`."""
+
+    def __init__(self, root: Path, env: dict[str, str], log: Path) -> None:
+        from layerfs.daemon import wire
+
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen([*console_script(), "daemon", "--root", str(root)],
+                                         env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        deadline = time.monotonic() + 60
+        while not _answers(wire.socket_path(root)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"layerfs daemon did not start: {log.read_text()[-500:]}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _answers(path: str) -> bool:
+    import socket
+
+    from layerfs.daemon import wire
+
+    address, fd = wire.short_address(path)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def console_script() -> list[str]:
     script = Path(sys.executable).with_name("layerfs")
     return [str(script)] if script.exists() else [sys.executable, "-m", "layerfs"]
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"n": len(ordered), "median_ms": 1000 * statistics.median(ordered),
-            "min_ms": 1000 * ordered[0],
-            "p90_ms": 1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m layerfs_bench.start_latency",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-docker", action="store_true")
-    parser.add_argument("--no-crun", action="store_true")
-    parser.add_argument("--json", metavar="FILE", help="write the results here too")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("needs root (namespaces, cgroups, mounts)")
-
+def compare(rounds: int = 20, *, docker: bool = True, crun: bool = True, imports: bool = True,
+            import_mb: int = 100, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Measure; ``{"results": {row: {"median": s, "runs": [...]}, "ratios": {...}, "goals":
+    [...], "notes": [...]}``. Needs root. Nothing is asserted."""
     from layerfs.layers import LayerStore
     from layerfs.runtime import ContainerSpec, RuntimeConfig
     from layerfs.runtime import start as engine_start
@@ -143,22 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     from layerfs.runtime.containers import ContainerManager
     from layerfs.testing import images as timg
 
-    from .peers import DockerDaemon
+    from .peers import DockerDaemon, docker_client
 
     tag = "lfsb" + os.urandom(3).hex()
     base = SCRATCH / f"bench-{tag}"
     base.mkdir(parents=True)
-    root = base / "root"
-    pycache = base / "pycache"
-    nocache = base / "pycache-empty"
-    nocache.mkdir()
+    root, import_root = base / "root", base / "import-root"
     config = RuntimeConfig(cgroup_parent=tag)
     cleanups: list[Callable[[], None]] = []
+    notes: list[str] = []
     null = os.open(os.devnull, os.O_RDWR)
     sink_r, sink_w = os.pipe()
     threading.Thread(target=_drain, args=(sink_r,), daemon=True).start()
     try:
-        # --- the image, a layerfs root, a runc bundle --------------------------------------------
+        # --- the image, a layerfs root, a runc bundle ---------------------------------------------
+        say("building the busybox image and the runc bundle")
         built = timg.busybox_image_tar(base / "busybox.tar", base)
         mgr = ContainerManager(root, "overlay2", config=config)
         cleanups.append(mgr.close)
@@ -166,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = base / "bundle"
         (bundle / "rootfs").mkdir(parents=True)
         with tarfile.open(built.path) as tar:
-            listing = tar.extractfile("manifest.json")
-            assert listing is not None
-            manifest = json.load(listing)
+            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
             layer = tar.extractfile(manifest[0]["Layers"][0])
             assert layer is not None
             with tarfile.open(fileobj=layer) as lt:
@@ -179,19 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         spec["process"]["terminal"] = False
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
-        # --- environments for the CLI: with and without a bytecode cache ------------------------
-        env_cached = dict(os.environ, PYTHONPYCACHEPREFIX=str(pycache), LAYERFS_CGROUP_PARENT=tag)
-        env_cached.pop("PYTHONDONTWRITEBYTECODE", None)
-        env_source = dict(env_cached, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(nocache))
-        for key in ("LAYERFS_ROOT", "LAYERFS_DRIVER", "LAYERFS_STORAGE_OPTS"):
-            env_cached.pop(key, None)
-            env_source.pop(key, None)
-        cli = [*_console_script(), "--root", str(root), "run", "--rm", "--network", "none",
+        # --- the CLI's environment: bytecode cache on, this benchmark's cgroup parent ---------
+        env = dict(os.environ, PYTHONPYCACHEPREFIX=str(base / "pycache"),
+                   LAYERFS_CGROUP_PARENT=tag)
+        for key in ("PYTHONDONTWRITEBYTECODE", "LAYERFS_ROOT", "LAYERFS_DRIVER",
+                    "LAYERFS_STORAGE_OPTS", "LAYERFS_DAEMON"):
+            env.pop(key, None)
+        say("starting layerfs daemon")
+        daemon = Daemon(root, env, base / "daemon.log")
+        cleanups.append(daemon.stop)
+        cli = [*console_script(), "--root", str(root), "run", "--rm", "--network", "none",
                "busybox", "true"]
-        lean = [sys.executable, "-m", "layerfs.cli.run", "--root", str(root), "run", "--rm",
-                "--network", "none", "busybox", "true"]
+        ls = [*console_script(), "--root", str(root), "layer", "ls"]
 
-        def api() -> float:
+        def library() -> float:
             t = time.perf_counter()
             c = mgr.run("busybox", ["true"], network="none", auto_remove=True, stdin=null,
                         stdout=null, stderr=null)
@@ -218,91 +270,103 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"runtime.start: {status}")
             return dt
 
-        subjects = [
-            Subject("runc run (prepared bundle)",
-                    _timed(["runc", "run", "--bundle", str(bundle), f"{tag}-runc"]), "peer"),
-            Subject("layerfs run --rm (bytecode cache)", _timed(cli, env_cached), "cli"),
-            Subject("layerfs run --rm (no bytecode cache)", _timed(cli, env_source), "cli"),
-            Subject("python -m layerfs.cli.run run --rm (cache)", _timed(lean, env_cached),
-                    "cli"),
-            Subject("python -m layerfs.cli.run run --rm (no cache)", _timed(lean, env_source),
-                    "cli"),
-            Subject("ContainerManager.run + wait (in process)", api, "api"),
-            Subject("runtime.start + wait, unpacked rootfs (in process)", engine_only, "api"),
-            Subject("  same, seccomp=unconfined and stdio passthrough",
-                    lambda: engine_only(hardened=False), "api"),
-            Subject("python -c pass (cache)", _timed([sys.executable, "-c", "pass"], env_cached),
-                    "scale"),
+        start = [
+            Contender(RUNC, _timed(["runc", "run", "--bundle", str(bundle), f"{tag}-runc"])),
+            Contender(DAEMON, _timed(cli, dict(env, LAYERFS_DAEMON="1"))),
+            Contender(IN_PROCESS, _timed(cli, dict(env, LAYERFS_DAEMON="0"))),
+            Contender(LIBRARY, library),
+            Contender(ENGINE, engine_only),
+            Contender(ENGINE_UNHARDENED, lambda: engine_only(hardened=False)),
+            Contender(PYTHON, _timed([sys.executable, "-c", "pass"], env)),
+            Contender(VERSION, _timed([*console_script(), "--version"], env)),
+            Contender(HELP, _timed([*console_script(), "--help"], env)),
+            Contender(LS_DAEMON, _timed(ls, dict(env, LAYERFS_DAEMON="1"))),
+            Contender(LS_IN_PROCESS, _timed(ls, dict(env, LAYERFS_DAEMON="0"))),
         ]
-        if not args.no_crun and shutil.which("crun"):
+        if crun and shutil.which("crun"):
             helper = CrunHelper(bundle, f"{tag}-crun")
             cleanups.append(helper.close)
-            subjects.insert(1, Subject("crun run (same bundle)", helper, "peer"))
-        docker_note = None
-        if not args.no_docker:
+            start.insert(1, Contender(CRUN, helper))
+        elif crun:
+            notes.append("crun skipped: not installed")
+        if docker:
             reason = DockerDaemon.unavailable()
             if reason:
-                docker_note = f"docker skipped: {reason}"
+                notes.append(f"docker skipped: {reason}")
             else:
-                daemon = DockerDaemon(base / "docker")
-                cleanups.append(daemon.remove_data)
-                cleanups.append(daemon.stop)
-                daemon.start()
-                daemon.docker("load", "-i", str(built.path))
-                argv_docker = [*_docker_argv(daemon), "run", "--rm", "--network", "none",
-                               "busybox:latest", "true"]
-                subjects.append(Subject("docker run --rm --network none", _timed(
-                    argv_docker, daemon._env), "peer"))
+                say("starting a private dockerd")
+                dockerd = DockerDaemon(base / "docker")
+                cleanups.append(dockerd.remove_data)
+                cleanups.append(dockerd.stop)
+                dockerd.start()
+                dockerd.docker("load", "-i", str(built.path))
+                start.append(Contender(DOCKER, _timed(
+                    [docker_client(), "-H", dockerd.host, "run", "--rm", "--network", "none",
+                     "busybox:latest", "true"], dockerd._env)))
+        results = interleave(start, rounds, say)
 
-        # --- rounds ------------------------------------------------------------------------------
-        total = args.warmup + args.rounds
-        for i in range(total):
-            for s in subjects:
-                dt = s.run()
-                if i >= args.warmup:
-                    s.samples.append(dt)
-            sys.stderr.write(f"\rround {i + 1}/{total}")
-            sys.stderr.flush()
-        sys.stderr.write("\n")
-
-        # --- report ------------------------------------------------------------------------------
-        results = {s.label: _summary(s.samples) for s in subjects}
-        runc = results["runc run (prepared bundle)"]["median_ms"]
-        docker = results.get("docker run --rm --network none", {}).get("median_ms")
-        print(f"start-to-exit of `true`, busybox, no network: medians of {args.rounds} "
-              f"interleaved rounds ({args.warmup} warm-up)")
-        print(f"{'':56s} {'median':>9s} {'min':>8s} {'p90':>8s} {'x runc':>7s} {'x docker':>9s}")
-        for s in subjects:
-            r = results[s.label]
-            xd = f"{r['median_ms'] / docker:9.3f}" if docker else f"{'-':>9s}"
-            print(f"{s.label:56s} {r['median_ms']:7.1f}ms {r['min_ms']:6.1f}ms "
-                  f"{r['p90_ms']:6.1f}ms {r['median_ms'] / runc:7.2f} {xd}")
-        if docker_note:
-            print(docker_note)
-        cli_ms = results["layerfs run --rm (bytecode cache)"]["median_ms"]
-        print(f"\ngoal: layerfs run <= 1.5x runc: {cli_ms / runc:.2f}x "
-              f"({'met' if cli_ms <= 1.5 * runc else 'NOT met'})")
-        if docker:
-            print(f"goal: layerfs run <= 0.2x docker run: {cli_ms / docker:.3f}x "
-                  f"({'met' if cli_ms <= 0.2 * docker else 'NOT met'})")
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "rounds": args.rounds, "warmup": args.warmup, "kernel": os.uname().release,
-                "python": sys.version.split()[0], "results": results,
-                "ratios_to_runc": {k: v["median_ms"] / runc for k, v in results.items()},
-                "ratios_to_docker": {k: v["median_ms"] / docker for k, v in results.items()}
-                if docker else None}, indent=2) + "\n")
-        return 0
+        if imports:
+            results.update(_compare_import(base, import_root, env, rounds, import_mb, say,
+                                           cleanups))
     finally:
         os.close(null)
         os.close(sink_w)
         for fn in reversed(cleanups):
             with contextlib.suppress(Exception):
                 fn()
-        with contextlib.suppress(Exception), LayerStore.open(root, "overlay2") as store:
-            store.wipe()
+        for r in (root, import_root):
+            with contextlib.suppress(Exception), LayerStore.open(r, "overlay2") as store:
+                store.wipe()
         _remove_cgroup_parent(tag)
         shutil.rmtree(base, ignore_errors=True)
+    ratios = {f"{row} / {ref}": results[row]["median"] / results[ref]["median"]
+              for row, ref, _ in GOALS if row in results and ref in results}
+    goals = [{"row": row, "reference": ref, "goal": goal,
+              "ratio": ratios.get(f"{row} / {ref}"),
+              "met": (ratios[f"{row} / {ref}"] <= goal) if f"{row} / {ref}" in ratios else None}
+             for row, ref, goal in GOALS]
+    return {"rounds": rounds, "kernel": os.uname().release, "python": sys.version.split()[0],
+            "results": results, "ratios": ratios, "goals": goals, "notes": notes}
+
+
+def _compare_import(base: Path, root: Path, env: dict[str, str], rounds: int, size_mb: int,
+                    say: Callable[[str], None],
+                    cleanups: list[Callable[[], None]]) -> dict[str, dict[str, Any]]:
+    """``layerfs import`` (daemon, in-process) vs ``tar -x``, into one filesystem."""
+    say(f"building a {size_mb} MB rootfs tar")
+    tar_path = base / "rootfs.tar"
+    _rootfs_tar(tar_path, base / "tree", size_mb)
+    daemon = Daemon(root, env, base / "import-daemon.log")
+    cleanups.append(daemon.stop)
+    target = base / "tar-target"
+    cli = [*console_script(), "--root", str(root), "--driver", "overlay2", "import",
+           str(tar_path), "bench/imported:1"]
+
+    def layerfs_import(mode: str) -> Callable[[], float]:
+        timed = _timed(cli, dict(env, LAYERFS_DAEMON=mode))
+
+        def run() -> float:
+            os.sync()
+            elapsed = timed()
+            subprocess.run([*console_script(), "--root", str(root), "rmi", "bench/imported:1"],
+                           env=dict(env, LAYERFS_DAEMON=mode), check=True,
+                           stdout=subprocess.DEVNULL)
+            return elapsed
+        return run
+
+    def tar_x() -> float:
+        remove_tree(target)
+        target.mkdir()
+        os.sync()
+        t0 = time.perf_counter()
+        subprocess.run(["tar", "-xf", str(tar_path), "-C", str(target)], check=True)
+        elapsed = time.perf_counter() - t0
+        remove_tree(target)
+        return elapsed
+
+    return interleave([Contender(IMPORT_DAEMON, layerfs_import("1")),
+                       Contender(IMPORT_IN_PROCESS, layerfs_import("0")),
+                       Contender(TAR, tar_x)], max(3, rounds // 4), say)
 
 
 def _drain(fd: int) -> None:
@@ -310,10 +374,23 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _docker_argv(daemon: Any) -> list[str]:
-    from .peers import docker_client
+def _rootfs_tar(path: Path, tree: Path, size_mb: int) -> None:
+    """A tar like a distribution's rootfs: busybox plus ~``size_mb`` MB in files of mixed
+    sizes (4 KiB to 1 MiB) over a few hundred directories, made with GNU tar."""
+    from layerfs.testing import images as timg
 
-    return [docker_client(), "-H", daemon.host]
+    rootfs = timg.busybox_rootfs(tree)
+    rnd = os.urandom(1 << 20)
+    total, i = 0, 0
+    while total < size_mb << 20:
+        size = (4 << 10) << (i % 9)          # 4 KiB .. 1 MiB
+        d = rootfs / "usr" / "share" / f"d{i % 300}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(rnd[:size])
+        total += size
+        i += 1
+    subprocess.run(["tar", "-cf", str(path), "-C", str(rootfs), "."], check=True)
+    remove_tree(tree)
 
 
 def _remove_cgroup_parent(tag: str) -> None:
@@ -322,6 +399,62 @@ def _remove_cgroup_parent(tag: str) -> None:
     for d in [base / tag, *(base / c / tag for c in ("memory", "cpu", "pids", "devices"))]:
         with contextlib.suppress(OSError):
             d.rmdir()
+
+
+def table(report: dict[str, Any]) -> str:
+    """The comparison as text: median, ×runc, ×docker, ×tar for every row; the goals."""
+    res = report["results"]
+
+    def ref(name: str) -> float | None:
+        return res[name]["median"] if name in res else None
+
+    runc, docker, tar, python = ref(RUNC), ref(DOCKER), ref(TAR), ref(PYTHON)
+    lines = [f"{'':34s} {'median':>10s} {'x runc':>8s} {'x docker':>9s} {'x tar -x':>9s} "
+             f"{'x python':>9s}"]
+    for name, r in res.items():
+        m = r["median"]
+        is_import = name in (IMPORT_DAEMON, IMPORT_IN_PROCESS, TAR)
+        start = not is_import and name not in THIN
+        cols = [f"{m / runc:8.2f}" if runc and start else f"{'':8s}",
+                f"{m / docker:9.3f}" if docker and start else f"{'':9s}",
+                f"{m / tar:9.2f}" if tar and is_import else f"{'':9s}",
+                f"{m / python:9.2f}" if python and name in THIN else f"{'':9s}"]
+        lines.append(f"{name:34s} {m * 1000:8.1f}ms {' '.join(cols)}")
+    for g in report["goals"]:
+        if g["ratio"] is None:
+            continue
+        lines.append(f"goal: {g['row']} <= {g['goal']}x {g['reference']}: {g['ratio']:.2f}x "
+                     f"({'met' if g['met'] else 'NOT met'})")
+    lines += report["notes"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m layerfs_bench.start_latency",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--no-docker", action="store_true")
+    parser.add_argument("--no-crun", action="store_true")
+    parser.add_argument("--no-import", action="store_true")
+    parser.add_argument("--import-mb", type=int, default=100)
+    parser.add_argument("--json", metavar="FILE", help="write the results here too")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("needs root (namespaces, cgroups, mounts)")
+
+    def say(msg: str) -> None:
+        sys.stderr.write(f"\r{msg[:150]:150s}")
+        sys.stderr.flush()
+
+    report = compare(args.rounds, docker=not args.no_docker, crun=not args.no_crun,
+                     imports=not args.no_import, import_mb=args.import_mb, say=say)
+    sys.stderr.write("\n")
+    print(f"medians of {args.rounds} interleaved rounds (import: {max(3, args.rounds // 4)}), "
+          f"after one warm-up round")
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,16 +36,20 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from layerfs.changes import WhiteoutFormat
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import NotFound, translate_errors
 from layerfs.fsinfo import layer_dir_usage
 from layerfs.metastore import DriverState
 from layerfs.mount import Mount
 from layerfs.options import DriverOptions
-from layerfs.tar import Readable, WhiteoutFormat, apply_layer
 
 from ._overlayfs import FEATURE_OFF, check_host, probe_features
+
+if TYPE_CHECKING:
+    from layerfs.tar import Readable  # the tar codec loads when a layer is applied
 
 
 class OverlayDriver(Driver):
@@ -130,6 +134,8 @@ class OverlayDriver(Driver):
     def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         d = self._dir(layer_id)
         if parent is None or self._is_image(layer_id):
+            from layerfs.tar import apply_layer  # the tar codec loads when used
+
             return apply_layer(self._root(layer_id), stream, WhiteoutFormat.IN_PLACE)
         if not self._is_image(parent):
             return self.naive.apply_diff(layer_id, parent, stream)
@@ -139,6 +145,8 @@ class OverlayDriver(Driver):
         staging = d / "root.staging"
         subprocess.run(["cp", "-al", "--", str(self._root(parent)), str(staging)],
                        check=True, capture_output=True)
+        from layerfs.tar import apply_layer
+
         size = apply_layer(staging, stream, WhiteoutFormat.IN_PLACE)
         staging.rename(self._root(layer_id))
         for leftover in ("upper", "work"):

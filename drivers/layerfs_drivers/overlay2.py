@@ -49,18 +49,20 @@ import stat
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from layerfs.changes import Change, changes_from_diff_dir
+from layerfs.changes import Change, WhiteoutFormat, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, InvalidArgument, NotFound, translate_errors
 from layerfs.fsinfo import backing_filesystem, layer_dir_usage
 from layerfs.metastore import DriverState
 from layerfs.mount import Mount, MountInfo, mountinfo
 from layerfs.options import DriverOptions
-from layerfs.tar import Readable, WhiteoutFormat, apply_layer, export_native
 
 from ._overlayfs import FEATURE_OFF, FEATURE_OPTIONS, check_host, probe_features
+
+if TYPE_CHECKING:
+    from layerfs.tar import Readable  # the tar codec loads when a layer is applied
 
 MAX_LOWERS = 500  # OVL_MAX_STACK in fs/overlayfs
 
@@ -292,12 +294,16 @@ class Overlay2Driver(Driver):
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if not self.native_diff_ok:
             return self.naive.diff(layer_id, parent, out)
+        from layerfs.tar import export_native  # the tar codec loads when used
+
         return export_native(self._diff(layer_id), self.whiteouts, out)
 
     @translate_errors("overlay2 apply")
     def apply_diff(self, layer_id: str, parent: str | None, stream: Readable) -> int:
         # A fresh layer's diff/ is empty: the tar's entries, with whiteouts in overlay
         # form, are exactly what its upper dir must hold.
+        from layerfs.tar import apply_layer
+
         return apply_layer(self._diff(layer_id), stream, self.whiteouts)
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:

@@ -25,7 +25,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import DEFAULT_ROOT, add_global_options
+from .._entry import version_line
+from .common import DEFAULT_ROOT, add_global_options, subcommands
 
 EPILOG = f"""\
 examples:
@@ -40,7 +41,10 @@ environment: LAYERFS_ROOT (default {DEFAULT_ROOT}), LAYERFS_DRIVER, LAYERFS_STOR
 (comma-separated KEY=VALUE)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``layerfs`` parser; given the ``argv`` it will parse, it builds the parser of that
+    subcommand only (the others are listed, not built: see :func:`.common.subcommands`)."""
+    from ..daemon import command as daemon
     from . import bench, distribution, images, inspect, layers, pool, run, system
 
     parser = argparse.ArgumentParser(
@@ -48,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Container storage drivers you can mount, measure and learn from.",
         epilog=EPILOG)
     add_global_options(parser)
-    parser.add_argument("--version", action="version", version="layerfs 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (layers, pool, images, inspect, run, system, bench, distribution):
+    parser.add_argument("--version", action="version", version=version_line())
+    sub = subcommands(parser, argv, dest="command", metavar="COMMAND")
+    for group in (layers, pool, images, inspect, run, system, bench, distribution, daemon):
         group.register(sub)
     return parser
 
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .boundary import dispatch
 
-    return dispatch(build_parser(), argv)
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch(build_parser(argv), argv)
 
 
 __all__ = ["build_parser", "main"]

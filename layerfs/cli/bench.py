@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-from typing import Any
-
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..errors import InvalidArgument
 from .common import SubParsers
+
+TYPE_CHECKING = False       # typing, rich and the library load when a command runs
+if TYPE_CHECKING:
+    from typing import Any
+
+    from rich.progress import Progress
 
 DESCRIPTION = """\
 Measure what each storage driver costs, side by side. Every scenario runs on
@@ -187,7 +189,10 @@ def _priority(name: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from layerfs_bench import harness, runner, scenarios
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .console import err, out
 
@@ -227,8 +232,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                            "seconds": 0.0, "kernel": None})
                     report.skipped.append({"target": f"{t.label} (vm)", "scenario": None,
                                            "metric": None, "params": {}, "reason": reason})
+        if args.peers and "container-start" in names:
+            report.comparisons["start-latency"] = _start_latency(args.profile, err)
         report.seconds = time.perf_counter() - started
     render(report, all_rows=args.all_rows)
+    if "start-latency" in report.comparisons:
+        from layerfs_bench import start_latency
+
+        out.print("[bold]container start and import, whole commands, interleaved[/]",
+                  highlight=False)
+        out.print(start_latency.table(report.comparisons["start-latency"]), highlight=False,
+                  markup=False)
     if args.json:
         path = harness.write_json(report, args.json)
         out.print(f"results: {path}")
@@ -238,6 +252,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in plots.plot_all(report, Path(args.plot)):
             out.print(f"chart: {path}")
     return 1 if report.errors else 0
+
+
+#: Rounds of the whole-command comparison (--peers), per profile.
+START_LATENCY_ROUNDS = {"tiny": 3, "quick": 10, "full": 20}
+
+
+def _start_latency(profile: str, err: Any) -> dict[str, Any]:
+    """``layerfs run`` through the daemon, in-process and as a library, runc, crun and
+    docker run; ``layerfs import`` vs tar -x (bench/layerfs_bench/start_latency.py)."""
+    from layerfs_bench import start_latency
+
+    err.print("[bold]whole commands:[/] layerfs run (daemon, in-process, library) vs runc, crun, "
+              "docker run; layerfs import vs tar -x", highlight=False)
+    return start_latency.compare(START_LATENCY_ROUNDS[profile],
+                                 import_mb=20 if profile == "tiny" else 100)
 
 
 # --- rendering -----------------------------------------------------------------------------------------

@@ -35,9 +35,11 @@ import errno
 import os
 import signal
 import sys
-import traceback
-from collections.abc import Callable, Sequence
-from typing import Any
+
+TYPE_CHECKING = False       # typing costs ms at import (docs/architecture.md, "Import time")
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -207,6 +209,8 @@ def call(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) ->
         if message is None:
             raise
         if _debug():
+            import traceback
+
             traceback.print_exc()
         error_line(message)
         return EXIT_ERROR

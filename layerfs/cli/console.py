@@ -2,7 +2,11 @@
 :func:`print_table`, the one way a command prints a table.
 
 A module of its own so that importing rich (tens of ms) is paid only by commands that
-draw tables or progress, never by ``layerfs run``.
+draw tables or progress, never by ``layerfs run``. The consoles are made on first use
+(``from .console import out`` inside a command, or ``console.out``), not at import: a
+Console reads the terminal and the environment (width, colours, NO_COLOR) when it is
+made, so it must be made by the process that prints. ``layerfs daemon`` imports this
+module ahead of time; each worker makes its own consoles for its client's terminal.
 
 Tables are drawn with rich on a terminal. Piped or redirected, they are plain rows
 the way ``docker ps | cat`` prints them: a header line, then one line per row, the
@@ -15,21 +19,38 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+TYPE_CHECKING = False       # rich loads when something is printed
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
-out = Console()
-err = Console(stderr=True)
+    out: Console
+    err: Console
+
+
+def __getattr__(name: str) -> Console:
+    if name not in ("out", "err"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    console = Console(stderr=name == "err")
+    globals()[name] = console
+    return console
+
+
+def _console(name: str) -> Console:
+    made: Console | None = globals().get(name)
+    return made if made is not None else __getattr__(name)
 
 #: Spaces between plain columns (Docker's tabwriter uses at least 3).
 PLAIN_GAP = 3
 
-Cell = str | Text
+if TYPE_CHECKING:
+    Cell = str | Text
 
 
 def plain(cell: Cell) -> str:
-    return cell.plain if isinstance(cell, Text) else cell
+    return cell if isinstance(cell, str) else cell.plain   # a str needs no rich
 
 
 def plain_rows(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> list[str]:
@@ -53,6 +74,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]], *,
     ``titled_when_piped``: keep the title (and caption) as lines of their own when piped,
     for commands that print several tables (the bench). ``right``: right-justified columns.
     """
+    out = _console("out")
     if not out.is_terminal:
         lines = plain_rows(columns, rows)
         if titled_when_piped and title:
@@ -62,6 +84,9 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]], *,
         sys.stdout.write("".join(line + "\n" for line in lines))
         sys.stdout.flush()
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for i, col in enumerate(columns):
         last = i == len(columns) - 1

@@ -7,17 +7,17 @@ render. httpx is imported only when one of these commands runs.
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument
+from . import console
 from .common import SubParsers, command_parser
-from .console import err
 from .images import image_store, progress_for
 
+TYPE_CHECKING = False       # no typing or library imports until a command runs
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..distribution import RegistryOptions
 
 
@@ -84,6 +84,8 @@ def _read_password(args: argparse.Namespace) -> str:
     else:
         if not sys.stdin.isatty():
             raise InvalidArgument("no terminal to ask for the password: use --password-stdin")
+        import getpass
+
         password = getpass.getpass("Password: ")
     if not password:
         raise InvalidArgument("empty password")
@@ -105,7 +107,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     store = CredentialStore()
     host = login(args.server, Credentials(username, password), options=_options(args),
                  store=store)
-    err.print(f"Credentials for {host} are stored unencrypted in {store.path} (mode 0600).",
+    console.err.print(f"Credentials for {host} are stored unencrypted in {store.path} (mode 0600).",
               highlight=False)
     print("Login Succeeded")
     return 0

@@ -8,31 +8,29 @@ never in pipes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
-from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from ..errors import InvalidArgument, LayerfsError
-from ..images import ImageStore
-from .boundary import error_line
 from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
-from .console import err, print_table
+
+TYPE_CHECKING = False       # typing, rich and the library load when a command runs
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+    from rich.progress import (
+        Progress,
+        TaskID,
+    )
+
+    from ..images import ImageStore
 
 
 @contextmanager
 def image_store(args: argparse.Namespace) -> Iterator[ImageStore]:
+    from ..images import ImageStore
+
     with open_store(args) as layers:
         yield ImageStore(layers)
 
@@ -61,6 +59,17 @@ class RichProgress:
 
 @contextmanager
 def progress_for(args: argparse.Namespace) -> Iterator[RichProgress | None]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from .console import err
+
     if getattr(args, "quiet", False) or not err.is_terminal:
         yield None
         return
@@ -72,6 +81,8 @@ def progress_for(args: argparse.Namespace) -> Iterator[RichProgress | None]:
 
 def _age(created: Any) -> str:
     """``3 days ago`` for an RFC 3339 time or a Unix timestamp."""
+    import datetime
+
     if created is None:
         return "-"
     try:
@@ -150,6 +161,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from .console import print_table
+
     with image_store(args) as images:
         listed = images.images()
     if args.filter:
@@ -180,6 +193,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    from .boundary import error_line
+
     failures = 0
     with image_store(args) as images:
         for ref in args.images:
@@ -201,6 +216,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from .console import print_table
+
     with image_store(args) as images:
         image = images.get(args.image)
         entries = images.history(args.image)

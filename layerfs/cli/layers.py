@@ -9,26 +9,28 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
-from pathlib import Path
-from typing import IO, Any
 
-from rich.text import Text
-
-from .. import plugins
 from ..errors import InvalidArgument, LayerfsError
-from ..fsinfo import backing_filesystem
-from ..layers import LayerStore
-from ..options import DriverOptions
-from ..plugins import driver_info
 from .common import SubParsers, command_parser, emit_json, human_size, open_store, with_source
-from .console import err, out, print_table
+
+TYPE_CHECKING = False       # typing, rich and the library load when a command runs
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import IO, Any
+
+    from ..layers import LayerStore
+
 
 # --- info / drivers -----------------------------------------------------------------------------
 
 def _root_info(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """What ``info`` says about the root, without creating, pinning or switching anything."""
+    from .. import plugins
+    from ..fsinfo import backing_filesystem
+    from ..layers import LayerStore
+    from ..options import DriverOptions
+
     if not (root / "layerfs.db").is_file():
         LayerStore.check_new_root(root)
         opts = DriverOptions.parse(args.storage_opt or None)
@@ -52,6 +54,14 @@ def _root_info(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.text import Text
+
+    from .. import plugins
+    from ..options import DriverOptions
+    from .console import out, print_table
+
     root = Path(args.root).absolute()
     if args.driver:
         plugins.load(args.driver)   # no driver of that name: the error, exit 1
@@ -86,6 +96,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import plugins
+    from ..plugins import driver_info
+    from .console import print_table
+
     rows = []
     for name in sorted(plugins.registered()):
         probe = plugins.probe(name, Path(args.root))
@@ -130,6 +146,10 @@ def cmd_layer_create(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_ls(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .console import print_table
+
     with open_store(args) as store:
         layers = store.layers()
         mounted = {m.layer for m in store.store.list_mounts()}
@@ -190,6 +210,8 @@ def cmd_layer_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_diff(args: argparse.Namespace) -> int:
+    from .console import err
+
     to_file = bool(args.output) and args.output != "-"
     if not to_file and sys.stdout.isatty():
         raise InvalidArgument("refusing to write a tar to a terminal; use -o FILE or a pipe")
@@ -235,6 +257,10 @@ def cmd_layer_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_changes(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
+    from .console import out
+
     with open_store(args) as store:
         changes = store.changes(store.resolve(args.id))
     if args.json:

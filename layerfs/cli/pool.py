@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .. import pool
 from ..errors import InvalidArgument
-from ..units import parse_size
 from .common import SubParsers, command_parser
 
 
 def cmd_pool_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import pool
+    from ..units import parse_size
+
     if args.kind == "btrfs":
         if not args.image or not args.mount:
             raise InvalidArgument("btrfs pools need --image FILE and --mount DIR")
@@ -25,6 +27,10 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_destroy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import pool
+
     if args.kind == "btrfs":
         p = pool.destroy_btrfs(Path(args.target), remove_image=not args.keep_image)
         print(f"unmounted {p.mountpoint}, detached {p.device}"

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .. import system
 from ..errors import InvalidArgument
 from .common import SubParsers, command_parser, emit_json, human_size
 
+TYPE_CHECKING = False       # typing and the library load when a command runs
 if TYPE_CHECKING:
     from ..runtime.containers import ContainerManager
 
@@ -41,6 +39,9 @@ def confirm(what: str, args: argparse.Namespace) -> bool:
 
 
 def cmd_df(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import system
     from .console import out, print_table
 
     if not (Path(args.root) / "layerfs.db").is_file():
@@ -69,6 +70,8 @@ PRUNE_WHAT = ("all stopped containers, {images}, and all layers nothing uses (no
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .. import system
+
     images = ("all images without a container" if args.all else "all dangling images "
               "(untagged, without a container)")
     if not confirm(PRUNE_WHAT.format(images=images), args):
@@ -86,6 +89,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import system
+
     root = Path(args.root).absolute()
     if not (root / "layerfs.db").is_file():
         raise InvalidArgument(f"{root} is not a layerfs root (no layerfs.db): nothing to reset")

@@ -380,7 +380,7 @@ def test_kill_9_during_apply_the_very_next_command_recovers(tmp_path: Path, reap
         proc.stderr.close()  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("module", ["argparse", "layerfs.cli.boundary", "rich.table",
+@pytest.mark.parametrize("module", ["argparse", "layerfs.cli.boundary", "layerfs.metastore",
                                     "layerfs.cli.layers", "sqlite3"])
 def test_ctrl_c_during_the_imports_is_one_line(tmp_path: Path, module: str) -> None:
     """A KeyboardInterrupt while the CLI's modules import (the first ~0.2 s, longer on a busy

@@ -12,14 +12,17 @@ import pytest
 
 from layerfs.testing import images as timg
 
+from ..daemons import cli_env
 from .conftest import Archives
+
+pytestmark = pytest.mark.usefixtures("cli_mode")    # in-process, and through a daemon
 
 
 def layerfs(root: Path, *args: str, input: bytes | None = None,
             check: bool = True) -> subprocess.CompletedProcess[bytes]:
     proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                            "overlay2", *args], input=input, capture_output=True,
-                          env=dict(os.environ, COLUMNS="5000"))
+                          env=dict(os.environ, COLUMNS="5000", **cli_env(root)))
     if check and proc.returncode != 0:
         raise AssertionError(f"layerfs {' '.join(args)} exited {proc.returncode}: "
                              f"{proc.stderr.decode()}")

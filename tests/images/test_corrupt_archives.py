@@ -26,6 +26,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 
 from .. import hostile_tars
+from ..daemons import cli_env
 from .conftest import Archives, snapshot
 
 
@@ -270,11 +271,12 @@ CASES: dict[str, tuple[Callable[[Path, Archives], Path], type[LayerfsError], str
 
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # A wide COLUMNS keeps rich from wrapping the message (see the report on cli.py).
-    env = dict(os.environ, COLUMNS="5000")
+    env = dict(os.environ, COLUMNS="5000", **cli_env(root))
     return subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                            "overlay2", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.usefixtures("cli_mode")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_broken_archive_is_one_clear_error(images: ImageStore, archives: Archives,
                                           tmp_path: Path, case: str) -> None:
@@ -308,11 +310,13 @@ def test_broken_layers_leave_nothing_on_every_driver(images_on: ImageStore,
     assert snapshot(images_on) == before
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_stdin_garbage_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                            "overlay2", "load", "-q"], input=b"\x1f\x8bnot really gzip",
-                          capture_output=True, env=dict(os.environ, COLUMNS="500"))
+                          capture_output=True,
+                          env=dict(os.environ, COLUMNS="500", **cli_env(root)))
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("layerfs: error:")
     shutil.rmtree(root, ignore_errors=True)

@@ -43,7 +43,10 @@ def _params() -> list[object]:
         if lab.in_guest:
             marks.append(pytest.mark.skipif(IN_GUEST, reason="already inside the qemu guest: "
                                                              "no nested guests"))
-        out.append(pytest.param(path, marks=marks, id=path.stem))
+        out.append(pytest.param(path, False, marks=marks, id=path.stem))
+        if not lab.in_guest:
+            # Again with `layerfs daemon` serving the lab's root, as a student may run it.
+            out.append(pytest.param(path, True, marks=marks, id=f"{path.stem}-daemon"))
     return out
 
 
@@ -75,10 +78,12 @@ def test_lab_structure(path: Path) -> None:
         f"{path.name}: labs keep everything under $LAB_DIR"
 
 
-@pytest.mark.parametrize("path", _params())
-def test_lab_runs(path: Path) -> None:
-    result = labs.run_lab(path)
+@pytest.mark.parametrize("path,daemon", _params())
+def test_lab_runs(path: Path, daemon: bool) -> None:
+    result = labs.run_lab(path, daemon=daemon)
     timings = ", ".join(f"{b.index}:{b.seconds:.1f}s" for b in result.blocks if b.status != "skipped")
     boot = f", guest boot {result.boot_seconds:.1f} s" if result.boot_seconds else ""
     print(f"{path.name}: {result.seconds:.1f} s on the {result.where}{boot}; blocks {timings}")
     assert result.ok, result.report()
+    if daemon:
+        assert result.daemon_commands, "no command of the lab went through the daemon"

@@ -27,6 +27,7 @@ from layerfs.testing import images as timg
 from tests.support import registry as treg
 
 from ..conftest import root_for
+from ..daemons import cli_env
 from ..images.conftest import IMAGE_DRIVERS, image_store, open_images_or_skip
 from ..support import timeouts
 
@@ -156,7 +157,7 @@ def layerfs(root: Path, *args: str, input: bytes | None = None, check: bool = Tr
     proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                            driver, *args], input=input.decode() if input else None,
                           capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, COLUMNS="5000", **(env or {})))
+                          env=dict(os.environ, COLUMNS="5000", **cli_env(root), **(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"layerfs {' '.join(args)} exited {proc.returncode}: "
                              f"{proc.stderr}")

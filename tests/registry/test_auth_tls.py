@@ -30,16 +30,17 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, TestCA, TokenServer
 
+from ..daemons import CliMode
 from ..images.conftest import close_images, run_image
 from .conftest import PASSWORD, USER, Samples, layerfs, open_overlay2
 
 
 def test_basic_auth_over_tls(images: ImageStore, tmp_path: Path, config_dir: Path,
                              basic_registry: Distribution, test_ca: TestCA,
-                             samples: Samples) -> None:
+                             samples: Samples, cli_mode: CliMode) -> None:
     host, ca = basic_registry.host, str(test_ca.cert)
     images.load(samples.sample.path)
-    name = f"{host}/secure/sample:1"
+    name = f"{host}/secure-{cli_mode.name}/sample:1"   # each mode pushes anew
 
     with pytest.raises(Unauthorized, match=rf"unauthorized \(HTTP 401\).*layerfs login {host}"):
         push(images, "sample", name, options=RegistryOptions(ca=ca))
@@ -85,6 +86,7 @@ def test_basic_auth_over_tls(images: ImageStore, tmp_path: Path, config_dir: Pat
         pull(images, name, options=RegistryOptions(ca=ca))
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_login_needs_a_password_source(tmp_path: Path, basic_registry: Distribution,
                                            test_ca: TestCA) -> None:
     failed = layerfs(tmp_path / "root", "login", "--password-stdin", "--ca", str(test_ca.cert),

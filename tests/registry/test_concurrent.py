@@ -10,16 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from layerfs.distribution import RegistryOptions, push
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, Fault, FaultProxy
 
+from ..daemons import cli_env
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, manifest_of, open_overlay2
 
 INSECURE = RegistryOptions(insecure=True)
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_concurrent_pulls_download_a_shared_base_once(tmp_path: Path,
                                                       plain_registry: Distribution,
                                                       proxy: FaultProxy,
@@ -52,7 +56,8 @@ def test_concurrent_pulls_download_a_shared_base_once(tmp_path: Path,
         return subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(root),
                                  "--driver", "overlay2", "pull", "-q", "--insecure",
                                  f"{proxy.host}/{ref}"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, **cli_env(root)))
 
     first = start("conc/a:1")
     try:

@@ -21,6 +21,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, Fault, FaultProxy
 
+from ..daemons import cli_env, cli_settle
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
@@ -108,6 +109,7 @@ def test_a_registry_that_keeps_failing_gives_up_and_the_next_pull_resumes(
     assert staged_blobs(images) == []
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProxy,
                                                 big_image: BigImage) -> None:
     root = tmp_path / "root"
@@ -117,7 +119,8 @@ def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProx
     ref = f"{proxy.host}/{big_image.repo}"
     proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                              "overlay2", "pull", "-q", "--insecure", ref],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, **cli_env(root)))
     try:
         assert fault.stalled.wait(60), "the pull never reached the big blob"
         partial = root / "tmp/registry-blobs" / (big_image.blob.replace(":", "-") + ".partial")
@@ -128,6 +131,7 @@ def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProx
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        cli_settle(root)    # through a daemon, the hung-up worker stops just after
     finally:
         fault.release.set()
         if proc.poll() is None:
@@ -174,6 +178,7 @@ def test_a_corrupted_blob_is_rejected_and_nothing_is_left(images: ImageStore,
     assert pull(images, ref, options=INSECURE).image.id == big_image.id
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_reports_a_corrupt_blob_in_one_line(tmp_path: Path, proxy: FaultProxy,
                                                 big_image: BigImage) -> None:
     proxy.add(Fault(path=big_image.blob, corrupt_at=BIG // 2))
@@ -230,6 +235,7 @@ def test_a_corrupted_manifest_is_rejected(images: ImageStore, proxy: FaultProxy,
     assert images.images() == []
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob(
         tmp_path: Path, proxy: FaultProxy, big_image: BigImage) -> None:
     root = tmp_path / "root"
@@ -237,7 +243,8 @@ def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob(
     proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                              "overlay2", "pull", "-q", "--insecure",
                              f"{proxy.host}/{big_image.repo}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **cli_env(root)))
     try:
         assert fault.stalled.wait(60), "the pull never reached the big blob"
         time.sleep(0.3)

@@ -26,6 +26,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, FaultProxy
 
+from ..daemons import CliMode
 from ..images.conftest import close_images, image_store, run_image
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
@@ -78,10 +79,11 @@ def test_push_then_pull_on_every_driver(images_on: ImageStore, pulled: ImageStor
 
 
 def test_cli_push_and_pull(tmp_path: Path, plain_registry: Distribution,
-                           samples: Samples) -> None:
+                           samples: Samples, cli_mode: CliMode) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     layerfs(src, "load", "-q", "-i", str(samples.sample.path))
-    name = f"{plain_registry.host}/cli/sample:v1"
+    repo = f"{plain_registry.host}/cli-{cli_mode.name}/sample"    # each mode pushes anew
+    name = f"{repo}:v1"
     out = layerfs(src, "push", "sample", name, "--insecure").stdout
     assert out.count(": Pushed") == 3
     assert "v1: digest: sha256:" in out
@@ -91,7 +93,7 @@ def test_cli_push_and_pull(tmp_path: Path, plain_registry: Distribution,
     assert "--insecure" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
     out = layerfs(dst, "pull", "--insecure", name).stdout.splitlines()
-    assert out[0] == f"v1: Pulling from {plain_registry.host}/cli/sample"
+    assert out[0] == f"v1: Pulling from {repo}"
     assert sum(line.endswith(": Pull complete") for line in out) == 3
     assert out[-3].startswith("Digest: sha256:")
     assert out[-2] == f"Status: Downloaded newer image for {name}"
@@ -103,8 +105,8 @@ def test_cli_push_and_pull(tmp_path: Path, plain_registry: Distribution,
     assert layerfs(dst, "pull", "-q", "--insecure", name).stdout == samples.sample.id + "\n"
 
     # push with the image's own name as the destination
-    layerfs(dst, "tag", name, f"{plain_registry.host}/cli/sample:v2")
-    digest = layerfs(dst, "push", "-q", "--insecure", f"{plain_registry.host}/cli/sample:v2")
+    layerfs(dst, "tag", name, f"{repo}:v2")
+    digest = layerfs(dst, "push", "-q", "--insecure", f"{repo}:v2")
     assert digest.stdout.strip() == out[-3].split()[1]
 
 

@@ -38,6 +38,7 @@ from layerfs.runtime.network import Ipam, NetworkConfig, link_exists, remove_net
 from layerfs.testing import images as timg
 
 from ..conftest import root_for
+from ..daemons import CliMode, cli_env
 from ..host_resources import free_subnet, rmdir_retry
 from ..support import timeouts
 
@@ -104,10 +105,11 @@ class Cli:
     """``layerfs --root ROOT --driver DRIVER ...`` as a child process, with the session's
     environment; returns the CompletedProcess (text)."""
 
-    def __init__(self, session: Session, root: Path, driver: str) -> None:
+    def __init__(self, session: Session, root: Path, driver: str, mode: str) -> None:
         self.session = session
         self.root = root
         self.driver = driver
+        self.mode = mode              # in-process | daemon
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "layerfs", "--root", str(self.root), "--driver",
@@ -116,15 +118,19 @@ class Cli:
     def __call__(self, *args: str, check: bool = True, timeout: float = 60,
                  input: str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.argv(*args), capture_output=True, text=True, input=input,
-                              timeout=timeout, env=self.session.env,
+                              timeout=timeout, env=self.env(),
                               stdin=None if input is not None else subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise AssertionError(f"layerfs {' '.join(args)} exited {proc.returncode}:\n"
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
 
+    def env(self) -> dict[str, str]:
+        """The session's environment, and LAYERFS_DAEMON for the test's mode."""
+        return {**self.session.env, **cli_env(self.root)}
+
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*args), env=self.session.env, text=True,
+        return subprocess.Popen(self.argv(*args), env=self.env(), text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
 
@@ -177,9 +183,10 @@ def _force_clean(cli: Cli) -> None:
 
 
 @pytest.fixture
-def make_cli(session: Session, tmp_path: Path,
-             request: pytest.FixtureRequest) -> Iterator[Callable[[str], Cli]]:
-    """``make_cli(driver)``: a fresh root on that driver with busybox:latest loaded."""
+def make_cli(session: Session, tmp_path: Path, request: pytest.FixtureRequest,
+             cli_mode: CliMode) -> Iterator[Callable[[str], Cli]]:
+    """``make_cli(driver)``: a fresh root on that driver with busybox:latest loaded; its
+    commands run in-process, then (a second run of the test) through a daemon."""
     made: list[Cli] = []
 
     def make(driver: str) -> Cli:
@@ -188,7 +195,7 @@ def make_cli(session: Session, tmp_path: Path,
             LayerStore.open(root, driver).close()
         except DriverNotSupported as e:
             pytest.skip(f"{driver} not supported here: {e.reason}")
-        cli = Cli(session, root, driver)
+        cli = Cli(session, root, driver, cli_mode.name)
         made.append(cli)
         cli.load(session.busybox)
         return cli

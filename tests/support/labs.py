@@ -79,6 +79,8 @@ from typing import TextIO
 
 from layerfs import mount as mountlib
 
+from ..host_resources import wait_gone
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABS_DIR = REPO_ROOT / "docs" / "labs"
 DEFAULT_BASE = Path(os.environ.get("LAB_BASE", "/tmp/lfs-labs"))
@@ -341,6 +343,7 @@ class LabResult:
     where: str = "host"
     boot_seconds: float | None = None
     error: str = ""             # the lab could not run at all (guest failure, bad format)
+    daemon_commands: int | None = None   # with daemon=True: commands the daemon served
 
     @property
     def failed_block(self) -> BlockResult | None:
@@ -382,8 +385,8 @@ def _venv_bin() -> Path:
 
 def lab_environment(lab_dir: Path, state_file: Path) -> dict[str, str]:
     env = dict(os.environ)
-    for k in ("LAYERFS_DRIVER", "LAYERFS_STORAGE_OPTS", "BASH_ENV", "ENV", "CDPATH",
-              "PYTEST_CURRENT_TEST", "PYTHONDONTWRITEBYTECODE"):
+    for k in ("LAYERFS_DRIVER", "LAYERFS_STORAGE_OPTS", "LAYERFS_DAEMON", "BASH_ENV", "ENV",
+              "CDPATH", "PYTEST_CURRENT_TEST", "PYTHONDONTWRITEBYTECODE"):
         env.pop(k, None)
     path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     for d in ("/usr/local/sbin", "/usr/sbin", "/sbin"):  # lvm, losetup, ... for non-login shells
@@ -406,6 +409,131 @@ def lab_environment(lab_dir: Path, state_file: Path) -> dict[str, str]:
         # keep the checkout free of .pyc files, as the rest of the tooling does
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
+
+
+_DAEMON_SHIM = """\
+#!{python}
+# `layerfs` for a lab run with daemon=True: every root gets its own `layerfs daemon`,
+# started on the root's first command; then the real command, with LAYERFS_DAEMON=1.
+import fcntl, os, socket, subprocess, sys, time
+from layerfs.daemon import wire
+from layerfs.daemon.client import scan
+
+REAL, WORK = {real!r}, {work!r}
+args = sys.argv[1:]
+root, command = scan(args)
+
+def answers(path):
+    try:
+        address, fd = wire.short_address(path)
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(address)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return True
+    except OSError:
+        return False
+
+if command == "pool" and "destroy" in args:
+    # As a user would: stop the daemons serving roots on the pool first (they keep it busy).
+    import signal, select
+    target = os.path.abspath(args[-1]) + "/"
+    for pid_file in sorted(os.listdir(os.path.join(WORK, "daemons"))):
+        if not pid_file.endswith(".pid"):
+            continue
+        base = os.path.join(WORK, "daemons", pid_file[:-4])
+        with open(base + ".root") as f:
+            served = f.read()
+        if (served + "/").startswith(target):
+            pid = int(open(os.path.join(WORK, "daemons", pid_file)).read())
+            try:
+                pidfd = os.pidfd_open(pid)
+                os.kill(pid, signal.SIGTERM)
+                select.select([pidfd], [], [], 60)
+                os.close(pidfd)
+            except ProcessLookupError:
+                pass
+    # ... and run the destroy itself in-process: a daemon for a root on the pool would
+    # keep it busy again.
+    os.environ["LAYERFS_DAEMON"] = "0"
+elif root is not None and command not in (None, "daemon"):
+    root = os.path.abspath(root)
+    path = wire.socket_path(root)
+    with open(os.path.join(WORK, "daemons.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not answers(path):
+            n = len(os.listdir(os.path.join(WORK, "daemons")))
+            log = os.path.join(WORK, "daemons", f"{{n}}.log")
+            with open(log, "wb") as f:
+                proc = subprocess.Popen([REAL, "daemon", "--root", root], stdin=subprocess.DEVNULL,
+                                        stdout=f, stderr=f, start_new_session=True)
+            with open(log + ".root", "w") as f:
+                f.write(root)
+            with open(log + ".pid", "w") as f:
+                f.write(str(proc.pid))
+            deadline = time.monotonic() + 60
+            while not answers(path) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+    os.environ["LAYERFS_DAEMON"] = "1"
+os.execv(REAL, [REAL, *args])
+"""
+
+
+class _LabDaemons:
+    """``run_lab(daemon=True)``: a ``layerfs`` first on PATH that starts one ``layerfs
+    daemon`` per root on that root's first command, and sends every command there."""
+
+    def __init__(self, work: Path, env: dict[str, str]) -> None:
+        self.dir = work / "daemons"
+        self.dir.mkdir()
+        shim = work / "bin" / "layerfs"
+        shim.parent.mkdir()
+        shim.write_text(_DAEMON_SHIM.format(python=sys.executable, work=str(work),
+                                            real=str(_venv_bin() / "layerfs")))
+        shim.chmod(0o755)
+        env["PATH"] = f"{shim.parent}:{env['PATH']}"
+        self.commands = 0
+
+    def stop(self) -> list[str]:
+        """Stop every daemon (SIGTERM); what went wrong: a daemon that did not stop
+        cleanly, or processes they started that still run."""
+        problems = []
+        for pid_file in sorted(self.dir.glob("*.pid")):
+            pid = int(pid_file.read_text())
+            log = pid_file.with_suffix("")          # N.log.pid -> N.log
+            started = _descendants(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            try:
+                wait_gone(pid, 60)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            text = _read(str(log))
+            self.commands += text.count("): exit ") + text.count("): killed by ")
+            if "layerfs daemon: stopped" not in text or "Traceback" in text:
+                problems.append(f"layerfs daemon {pid} did not stop cleanly: {text[-1500:]}")
+            time.sleep(0.1)
+            for child in sorted(started):
+                stat = _read(f"/proc/{child}/stat")
+                if stat and stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    problems.append(f"process {child} ({_read(f'/proc/{child}/comm').strip()}) "
+                                    f"started through daemon {pid}")
+        return problems
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child in _read(f"/proc/{parent}/task/{parent}/children").split():
+            if int(child) not in found:
+                found.add(int(child))
+                todo.append(int(child))
+    return found
 
 
 def _kill_session(sid: int) -> list[int]:
@@ -677,11 +805,14 @@ def _new_lab_dir(base: Path, lab: Lab) -> Path:
 
 
 def run_lab(path: Path | str, *, base: Path | None = None, echo: TextIO | None = None,
-            keep: bool = False, here: bool = False) -> LabResult:
+            keep: bool = False, here: bool = False, daemon: bool = False) -> LabResult:
     """Run a whole lab and return what happened; never raises for a failing lab.
 
     A lab with ``runs-in: guest`` boots the qemu guest once and runs itself
-    there (``here=True`` runs it on this machine whatever it says).
+    there (``here=True`` runs it on this machine whatever it says). With
+    ``daemon``, every command goes through a ``layerfs daemon`` for its root,
+    started on the root's first command; when the lab is done every daemon must
+    stop cleanly and leave no process behind.
     """
     path = Path(path)
     try:
@@ -690,7 +821,7 @@ def run_lab(path: Path | str, *, base: Path | None = None, echo: TextIO | None =
         return LabResult(str(path), path.stem, [], 0.0, error=str(err))
     if lab.in_guest and not here and not host_can_run(lab):
         return _run_in_guest(lab, echo=echo)
-    return _run_here(lab, base or DEFAULT_BASE, echo=echo, keep=keep)
+    return _run_here(lab, base or DEFAULT_BASE, echo=echo, keep=keep, daemon=daemon)
 
 
 def host_can_run(lab: Lab) -> bool:
@@ -715,7 +846,8 @@ def _say(echo: TextIO | None, text: str) -> None:
         echo.flush()
 
 
-def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool) -> LabResult:
+def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool,
+              daemon: bool = False) -> LabResult:
     t0 = time.monotonic()
     lab_dir = _new_lab_dir(base, lab)
     work = Path(tempfile.mkdtemp(prefix="lab-run-"))  # state and output files, outside LAB_DIR
@@ -726,6 +858,7 @@ def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool) -> LabRe
     results: list[BlockResult] = []
     leftovers: list[str] = []
     failed = False
+    served = _LabDaemons(work, env) if daemon else None
     _say(echo, f"== {lab.title}  ({lab.path}; LAB_DIR={lab_dir})\n")
     try:
         for block in lab.blocks:
@@ -757,8 +890,10 @@ def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool) -> LabRe
             _say(echo, f"-- block {block.index}: {res.status} in {seconds:.2f} s"
                        f"{': ' + res.reason if res.reason else ''}\n")
             results.append(res)
+        if served is not None:
+            leftovers += served.stop()
         time.sleep(0.05)
-        leftovers = find_leftovers(lab_dir, before, sessions)
+        leftovers += find_leftovers(lab_dir, before, sessions)
         if leftovers:
             remove_leftovers(lab_dir, before, sessions)
     finally:
@@ -770,7 +905,8 @@ def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool) -> LabRe
             subprocess.run(["rm", "-rf", "--one-file-system", str(lab_dir)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     result = LabResult(str(lab.path), lab.title, results, round(time.monotonic() - t0, 2),
-                       leftovers, "guest" if os.environ.get("LAYERFS_IN_GUEST") == "1" else "host")
+                       leftovers, "guest" if os.environ.get("LAYERFS_IN_GUEST") == "1" else "host",
+                       daemon_commands=served.commands if served is not None else None)
     _say(echo, f"\n== {lab.path.name}: {'PASSED' if result.ok else 'FAILED'} in "
                f"{result.seconds:.1f} s\n")
     return result

@@ -61,7 +61,6 @@ from layerfs.fsinfo import backing_filesystem, layer_dir_usage
 from layerfs.metastore import DriverState
 from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
-from layerfs.tar import export_changes
 
 from .trees import FIRST_INODE, Candidates, changed_paths, highest_inode, link_group
 
@@ -217,6 +216,8 @@ class BtrfsDriver(Driver):
     def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> int:
         if parent is None or not self._use_tree_search(layer_id, parent):
             return self.naive.diff(layer_id, parent, out)
+        from layerfs.tar import export_changes  # the tar codec loads when used
+
         return export_changes(self._path(layer_id), self._native_changes(layer_id, parent), out)
 
     def _use_tree_search(self, layer_id: str, parent: str) -> bool:
