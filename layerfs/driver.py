@@ -61,7 +61,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from . import mount as mountlib
 from .changes import Change, WhiteoutFormat
@@ -173,6 +173,20 @@ class Driver(ABC):
     def metadata(self, layer_id: str) -> dict[str, str]:
         """Driver-specific facts about a layer (paths, device names), like Docker's GraphDriver.Data."""
         return {}
+
+    def path_facts(self, layer_id: str, path: str) -> dict[str, Any]:
+        """What only this driver can tell about ``path`` (relative: ``etc/passwd``) as the
+        layer itself stores it, for ``layerfs explain``: overlay2 whether its copy is
+        metacopy, redirected or copied up; btrfs and devicemapper how many of its bytes the
+        layer holds alone and how many it shares. Empty where the driver knows nothing
+        more than the layer's diff says."""
+        return {}
+
+    def counters(self, target: Path, *, reset: bool = False) -> dict[str, int] | None:
+        """The lookup and copy-up counters of the union mounted at ``target``, then set to
+        zero if ``reset``; None for a driver (or mode) that keeps none. aufs's FUSE union
+        counts every probe it makes into its branches."""
+        return None
 
     def cleanup(self) -> None:
         """Release driver-wide resources (a pool, a daemon); layers stay on disk."""

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskFull
+from .errors import CorruptState, DiskFull
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+#: Version 1: what a fresh database starts with; :data:`_MIGRATIONS` take it further.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     id        TEXT PRIMARY KEY,
@@ -66,6 +67,40 @@ CREATE TABLE IF NOT EXISTS settings (
     value     TEXT NOT NULL
 );
 """
+
+#: What each schema version adds to the one before. They run in order inside the
+#: transaction that opens the store, so a database is wholly at one version or the other,
+#: whichever process opens it first.
+_MIGRATIONS: dict[int, str] = {
+    # 2: the per-layer file index (layerfs.inspect). A layer's index is its diff as a list
+    # of entries, read once and kept: explain/explore/diff then never read a layer tar
+    # again. Rows go with their layer (ON DELETE CASCADE), in the same transaction.
+    2: """
+CREATE TABLE layer_index (
+    layer     TEXT PRIMARY KEY REFERENCES layers(id) ON DELETE CASCADE,
+    format    INTEGER NOT NULL,  -- layerfs.inspect.index.INDEX_FORMAT of the rows
+    source    TEXT NOT NULL,     -- where the entries were read: 'tar-split' or 'diff'
+    entries   INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,  -- regular-file bytes: the size of the layer's tar data
+    built     REAL NOT NULL
+);
+CREATE TABLE layer_files (
+    layer     TEXT NOT NULL REFERENCES layer_index(layer) ON DELETE CASCADE,
+    path      BLOB NOT NULL,     -- relative, '/'-separated, no leading slash: "usr/bin/env"
+    kind      TEXT NOT NULL,     -- f file, d dir, l symlink, h hardlink, c/b device, p fifo,
+                                 -- w whiteout (the path is deleted below this layer)
+    mode      INTEGER NOT NULL,
+    uid       INTEGER NOT NULL,
+    gid       INTEGER NOT NULL,
+    size      INTEGER NOT NULL,
+    mtime     INTEGER NOT NULL,  -- nanoseconds
+    link      BLOB,              -- symlink or hardlink target
+    flags     INTEGER NOT NULL DEFAULT 0,  -- 1 opaque directory (hides all below it),
+                                           -- 2 implicit directory (no entry of its own)
+    PRIMARY KEY (layer, path)
+) WITHOUT ROWID
+""",
+}
 
 
 def process_token(pid: int | None = None) -> str:
@@ -228,15 +263,34 @@ class MetaStore:
             db.execute("PRAGMA foreign_keys = ON")
             self._db = db
             with self.transaction():
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', ?)",
-                           (str(SCHEMA_VERSION),))
+                self._run_ddl(_SCHEMA)
+                db.execute("INSERT OR IGNORE INTO settings VALUES ('schema', '1')")
+                self._migrate()
         except BaseException:
             db.close()
             raise
         return db
+
+    def _run_ddl(self, ddl: str) -> None:
+        for statement in ddl.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def _migrate(self) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` (inside the opening transaction)."""
+        row = self._db.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            raise CorruptState(f"{self.path}: schema version {row and row[0]!r} is not a "
+                               f"number") from None
+        if version > SCHEMA_VERSION:
+            raise CorruptState(f"{self.path} was written by a newer layerfs (schema "
+                               f"{version}; this one knows {SCHEMA_VERSION}): upgrade layerfs")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._run_ddl(_MIGRATIONS[target])
+            self._db.execute("UPDATE settings SET value = ? WHERE key = 'schema'",
+                             (str(target),))
 
     def close(self) -> None:
         with self._lock:
@@ -361,6 +415,74 @@ class MetaStore:
                 rows = self._db.execute("SELECT * FROM mounts WHERE layer = ?",
                                         (layer_id,)).fetchall()
         return [self._mount(r) for r in rows]
+
+
+    # --- layer file index (layerfs.inspect) -----------------------------------------------
+    #: Columns of one index entry, in the order the methods below take and return them.
+    INDEX_COLUMNS = ("path", "kind", "mode", "uid", "gid", "size", "mtime", "link", "flags")
+
+    def index_info(self, layer_id: str) -> IndexInfo | None:
+        """What is known about a layer's cached file index, or None if it has none."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM layer_index WHERE layer = ?",
+                                   (layer_id,)).fetchone()
+        return None if row is None else IndexInfo(row["layer"], row["format"], row["source"],
+                                                  row["entries"], row["bytes"], row["built"])
+
+    def save_index(self, layer_id: str, *, format: int, source: str,
+                   rows: list[tuple[Any, ...]], total_bytes: int) -> bool:
+        """Replace a layer's index with ``rows`` (:data:`INDEX_COLUMNS`), all or nothing.
+
+        Returns False (and stores nothing) when the layer is not a ready layer any more: a
+        removal that raced the indexing must not leave rows behind.
+        """
+        with self.transaction() as db:
+            state = db.execute("SELECT state FROM layers WHERE id = ?", (layer_id,)).fetchone()
+            if state is None or state[0] != "ready":
+                return False
+            db.execute("DELETE FROM layer_index WHERE layer = ?", (layer_id,))
+            db.execute("INSERT INTO layer_index (layer, format, source, entries, bytes, built) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (layer_id, format, source, len(rows), total_bytes, now()))
+            db.executemany("INSERT INTO layer_files (layer, path, kind, mode, uid, gid, size, "
+                           "mtime, link, flags) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           [(layer_id, *row) for row in rows])
+        return True
+
+    def drop_index(self, layer_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM layer_index WHERE layer = ?", (layer_id,))
+
+    def index_rows(self, layer_id: str) -> list[tuple[Any, ...]]:
+        """Every entry of a layer's index (:data:`INDEX_COLUMNS`), in path order."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = None   # plain tuples: tens of thousands of rows, no Row objects
+            return cur.execute(
+                "SELECT path, kind, mode, uid, gid, size, mtime, link, flags FROM layer_files "
+                "WHERE layer = ? ORDER BY path", (layer_id,)).fetchall()
+
+    def index_lookup(self, layer_id: str, paths: list[bytes]) -> list[tuple[Any, ...]]:
+        """The entries of ``paths`` (where the layer has one) in a layer's index."""
+        if not paths:
+            return []
+        with self._lock:
+            marks = ",".join("?" * len(paths))
+            return [tuple(r) for r in self._db.execute(
+                f"SELECT path, kind, mode, uid, gid, size, mtime, link, flags FROM layer_files "
+                f"WHERE layer = ? AND path IN ({marks})", (layer_id, *paths))]
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """The summary row of a layer's cached file index."""
+
+    layer: str
+    format: int
+    source: str
+    entries: int
+    bytes: int
+    built: float
 
 
 class DriverState:

@@ -276,6 +276,12 @@ class DockerDaemon(ScratchDaemon):
         return _run([docker_client(), "-H", self.host, *args], check=check, input=input,
                     timeout=timeout, env=self._env, text=text, cwd=cwd)
 
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The environment a docker client run against this daemon needs (for pipelines
+        that :meth:`docker` cannot express, such as ``docker save | tar -t``)."""
+        return dict(self._env)
+
     def image_id(self, ref: str) -> str:
         return str(self.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip())
 

@@ -36,6 +36,10 @@ layers
     apply); inodes and bytes each image layer uses (overlay's hardlinked full
     trees vs overlay2's diffs); bytes a 4 KiB write into a big lower file
     costs, exclusive vs shared on block-level drivers.
+inspect
+    How long ``layerfs image explore`` and ``explain`` take to open an image once it is
+    indexed, against ``docker save | tar -t`` (what dive reads on every start)
+    (:mod:`layerfs_bench.inspect`).
 export
     ``layer diff`` of a container layer (the tar ``commit``, ``push`` and ``save``
     start from), written to a sink: a layer of N new files in new directories,
@@ -77,6 +81,7 @@ from layerfs import mount as mountlib
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
+from . import inspect
 from .engines import engines
 from .harness import Ctx, Probe, ScenarioSkip, drop_caches, run_joint_probes
 
@@ -1025,6 +1030,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                             image_layers=5, big=8 * MiB),
               "full": dict(depths=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500), reps=10,
                            base_dirs=200, base_files=20, image_layers=20, big=64 * MiB)}),
+    Scenario("inspect", inspect.inspect, "opening an image in explore and explain",
+             "once indexed, layerfs opens an image from its store (no layer is read); dive "
+             "reads the whole image on every start: docker save | tar -t is the floor under "
+             "it; goal: ≤ 2 s for 1 GB, 20 layers, 60,000 files",
+             {"tiny": dict(layers=3, files=300, size=2 * MiB, reps=2),
+              "quick": dict(layers=10, files=6000, size=100 * MiB, reps=3),
+              "full": dict(layers=20, files=60000, size=GiB, reps=5)}),
     Scenario("export", export, "layer diff: many new files, few changes in a big image",
              "what `layer diff` (commit, push, save) costs: union drivers tar their diff "
              "directory, btrfs reads its changes from its own trees, vfs, overlay and "

@@ -49,7 +49,7 @@ import stat
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from layerfs.changes import Change, WhiteoutFormat, changes_from_diff_dir
 from layerfs.driver import Capabilities, Driver, Usage
@@ -269,8 +269,10 @@ class Overlay2Driver(Driver):
             return [Mount("bind", diff, ("rbind", "ro" if readonly else "rw"))]
         if readonly:
             # No upper: overlay is read-only by construction; index/volatile need an upper.
+            # metacopy stays: a container layer's metacopy files, now a lower layer, are
+            # only followed to their data with metacopy=on (without it, EPERM on read).
             extra = [o for o in self._feature_options()
-                     if not o.startswith(("index", "volatile", "metacopy"))]
+                     if not o.startswith(("index", "volatile"))]
             options = (f"lowerdir={':'.join([diff, *lowers])}", *extra)
         else:
             options = (f"lowerdir={':'.join(lowers)}", f"upperdir={diff}",
@@ -318,6 +320,39 @@ class Overlay2Driver(Driver):
         return total
 
     # --- reporting -----------------------------------------------------------------------------
+    def path_facts(self, layer_id: str, path: str) -> dict[str, Any]:
+        """How the layer's diff/ holds ``path``: overlayfs's own xattrs on it say whether an
+        upper copy is metadata only (``metacopy``: the data is still read from a lower
+        layer), points elsewhere (``redirect``: renamed, or a metacopy file's data path)
+        or was copied up from a lower file (``origin``)."""
+        target = self._diff(layer_id) / path
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return {"in_diff": False}
+        prefix = "user.overlay." if self.enabled["userxattr"] else "trusted.overlay."
+        try:
+            names = set(os.listxattr(target, follow_symlinks=False))
+        except OSError:
+            names = set()
+
+        def value(name: str) -> bytes | None:
+            if prefix + name not in names:
+                return None
+            try:
+                return os.getxattr(target, prefix + name, follow_symlinks=False)
+            except OSError:
+                return None
+
+        redirect = value("redirect")
+        return {"in_diff": True,
+                "whiteout": stat.S_ISCHR(st.st_mode) and st.st_rdev == 0,
+                "metacopy": prefix + "metacopy" in names,
+                "redirect": os.fsdecode(redirect) if redirect else None,
+                "copied_up": prefix + "origin" in names,
+                "opaque": value("opaque") == b"y",
+                "allocated_bytes": st.st_blocks * 512}
+
     def usage(self, layer_id: str) -> Usage:
         return layer_dir_usage(self._dir(layer_id))
 

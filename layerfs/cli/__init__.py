@@ -10,6 +10,7 @@ One module per command group, each with a ``register(subparsers)``:
 :mod:`.system`        ``system df|prune|reset``: the root as a whole
 :mod:`.bench`         ``bench``: the benchmark scenarios
 :mod:`.distribution`  ``pull``, ``push``, ``login``, ``logout``: OCI registries
+:mod:`.inspect`       ``explain``, ``image explore|diff``, ``union stats``: seeing inside
 :mod:`.boundary`      where every failure becomes one line on stderr
 ====================  =========================================================
 
@@ -44,7 +45,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``layerfs`` parser; given the ``argv`` it will parse, it builds the parser of that
     subcommand only (the others are listed, not built: see :func:`.common.subcommands`)."""
     from ..daemon import command as daemon
-    from . import bench, distribution, images, layers, pool, run, system
+    from . import bench, distribution, images, inspect, layers, pool, run, system
 
     parser = argparse.ArgumentParser(
         prog="layerfs", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -53,7 +54,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_global_options(parser)
     parser.add_argument("--version", action="version", version=version_line())
     sub = subcommands(parser, argv, dest="command", metavar="COMMAND")
-    for group in (layers, pool, images, run, system, bench, distribution, daemon):
+    for group in (layers, pool, images, inspect, run, system, bench, distribution, daemon):
         group.register(sub)
     return parser
 

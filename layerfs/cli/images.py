@@ -374,6 +374,9 @@ def register(sub: SubParsers) -> None:
     _add_load(isub, "load")
     _add_save(isub, "save")
     _add_history(isub, "history")
+    from .inspect import register_image
+
+    register_image(isub)
     p = command_parser(isub, "prune", "remove untagged images and layers no image uses",
                        "Untagged images no container uses are removed, then every image layer "
                        "nothing holds.", "  layerfs image prune\n")

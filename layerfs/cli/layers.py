@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO, Any
 
+    from ..layers import LayerStore
+
 
 # --- info / drivers -----------------------------------------------------------------------------
 
@@ -144,11 +146,18 @@ def cmd_layer_create(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_ls(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .console import print_table
 
     with open_store(args) as store:
         layers = store.layers()
         mounted = {m.layer for m in store.store.list_mounts()}
+        # A read-write layer's size changes as it is written: measured now, as the bytes
+        # its diff carries (what `docker ps -s` shows), never stored.
+        if not args.quiet:
+            layers = [r if r.readonly else replace(r, size=_rw_size(store, r.id))
+                      for r in layers]
     if args.quiet:
         sys.stdout.write("".join(f"{r.id if args.no_trunc else r.id[:12]}\n" for r in layers))
         return 0
@@ -164,6 +173,13 @@ def cmd_layer_ls(args: argparse.Namespace) -> int:
                   human_size(r.size), "yes" if r.id in mounted else ""] for r in layers],
                 title=f"layers ({len(layers)})", no_trunc=args.no_trunc)
     return 0
+
+
+def _rw_size(store: LayerStore, layer_id: str) -> int | None:
+    try:
+        return store.diff_size(layer_id)
+    except LayerfsError:
+        return None
 
 
 def cmd_layer_rm(args: argparse.Namespace) -> int:

@@ -306,6 +306,22 @@ class Catalog:
         out.reverse()
         return out
 
+    def image_layers_by_layer(self) -> dict[str, ImageLayer]:
+        """Every ready image layer, by its layer-store id."""
+        rows = self._query("SELECT chain_id, diff_id, layer, size, tar_size FROM image_layers "
+                           "WHERE state = 'ready'")
+        return {r["layer"]: ImageLayer(r["chain_id"], r["diff_id"], r["layer"], r["size"],
+                                       r["tar_size"]) for r in rows}
+
+    def tar_split_of(self, layer_id: str) -> tuple[bytes, int | None] | None:
+        """The tar-split record of the image layer stored as ``layer_id`` (and its tar's
+        size), or None if that layer is no image layer."""
+        rows = self._query("SELECT tar_split, tar_size FROM image_layers WHERE layer = ? AND "
+                           "state = 'ready'", (layer_id,))
+        if not rows or rows[0]["tar_split"] is None:
+            return None
+        return bytes(rows[0]["tar_split"]), rows[0]["tar_size"]
+
     def _image(self, row: sqlite3.Row) -> Image:
         names = [r[0] for r in self._query(
             "SELECT name FROM image_names WHERE image = ? ORDER BY created, name", (row["id"],))]

@@ -166,6 +166,16 @@ def _open_beneath(root_fd: int, rel: str) -> int:
             os.close(fd)
 
 
+def _decompress(record: bytes, what: str) -> bytes:
+    try:
+        data = zstandard.ZstdDecompressor().decompress(record, max_output_size=1 << 34)
+    except zstandard.ZstdError as err:
+        raise CorruptState(f"{what}: tar-split record is damaged: {err}") from err
+    if data[:len(_TS_MAGIC)] != _TS_MAGIC:
+        raise CorruptState(f"{what}: tar-split record is damaged")
+    return data
+
+
 class TarSplitAssembler(io.RawIOBase):
     """Replays a :class:`TarSplitRecorder` record, reading file contents from ``root``.
 
@@ -175,17 +185,14 @@ class TarSplitAssembler(io.RawIOBase):
     """
 
     def __init__(self, record: bytes, root: Path, expected: str, size: int, what: str) -> None:
-        self._data = memoryview(zstandard.ZstdDecompressor().decompress(
-            record, max_output_size=1 << 34))
-        if bytes(self._data[:len(_TS_MAGIC)]) != _TS_MAGIC:
-            raise CorruptState(f"{what}: tar-split record is damaged")
+        self._data = memoryview(_decompress(record, what))
         self._pos = len(_TS_MAGIC)
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fd = -1
         self._left = 0          # bytes left in the current segment
         self._raw_at = 0        # position of the current raw segment's next byte
         self._path = ""
-        self._hash = hasher_for(expected)
+        self._hash: Any = hasher_for(expected)
         self.expected = expected
         self.size = size
         self.produced = 0
@@ -218,16 +225,26 @@ class TarSplitAssembler(io.RawIOBase):
             start = self._pos + 13
             rel = os.fsdecode(bytes(self._data[start:start + plen]))
             self._pos = start + plen
-            try:
-                self._fd = _open_beneath(self._root_fd, rel)
-            except OSError as err:
-                raise CorruptState(f"{self.what}: cannot re-create the layer tar: /{rel}: "
-                                   f"{err.strerror}") from err
+            self._fd = self._open_content(rel)
             self._path = rel
             self._left = size
         else:
             raise CorruptState(f"{self.what}: tar-split record is damaged")
         return True
+
+    def _open_content(self, rel: str) -> int:
+        try:
+            return _open_beneath(self._root_fd, rel)
+        except OSError as err:
+            raise CorruptState(f"{self.what}: cannot re-create the layer tar: /{rel}: "
+                               f"{err.strerror}") from err
+
+    def _read_content(self, view: memoryview) -> int:
+        got = os.readv(self._fd, [view])
+        if got == 0:
+            raise CorruptState(f"{self.what}: /{self._path} is shorter than when the "
+                               f"layer was loaded")
+        return got
 
     def read(self, n: int = -1, /) -> bytes:
         return super().read(n) or b""  # never None: this stream does not block
@@ -252,22 +269,51 @@ class TarSplitAssembler(io.RawIOBase):
                 return 0
         want = min(len(view), self._left)
         if self._path:
-            got = os.readv(self._fd, [view[:want]])
-            if got == 0:
-                raise CorruptState(f"{self.what}: /{self._path} is shorter than when the "
-                                   f"layer was loaded")
+            got = self._read_content(view[:want])
         else:
             view[:want] = self._data[self._raw_at:self._raw_at + want]
             self._raw_at += want
             got = want
         self._left -= got
-        self._hash.update(view[:got])
+        if self._hash is not None:
+            self._hash.update(view[:got])
         self.produced += got
         if self.produced > self.size:
             raise CorruptState(f"{self.what}: re-created tar is longer than recorded")
-        if self.produced == self.size:
+        if self.produced == self.size and self._hash is not None:
             digest = f"{self.expected.split(':', 1)[0]}:{self._hash.hexdigest()}"
             if digest != self.expected:
                 raise CorruptState(f"{self.what}: re-created layer tar has digest {digest}, "
                                    f"not {self.expected}: the layer changed on disk")
         return got
+
+
+class TarSplitSkeleton(TarSplitAssembler):
+    """The tar a record describes, with every file's contents read as zeros.
+
+    The members, their headers and their sizes are exactly the loaded tar's, so a
+    :class:`~layerfs.tar.reader.TarReader` lists them without the layer's files being
+    read (layerfs.inspect indexes image layers this way); no digest is checked, since
+    the contents are not there.
+    """
+
+    def __init__(self, record: bytes, size: int, what: str) -> None:
+        self._data = memoryview(_decompress(record, what))
+        self._pos = len(_TS_MAGIC)
+        self._root_fd = -1
+        self._fd = -1
+        self._left = 0
+        self._raw_at = 0
+        self._path = ""
+        self._hash = None
+        self.expected = ""
+        self.size = size
+        self.produced = 0
+        self.what = what
+
+    def _open_content(self, rel: str) -> int:
+        return -1
+
+    def _read_content(self, view: memoryview) -> int:
+        view[:] = bytes(len(view))
+        return len(view)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,7 @@ def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
         if name:
             repo, _, tag = name.rpartition(":")
             files["repositories"] = json.dumps({repo: {tag: parent}}).encode()
-        _write_tar(out, files)
+        write_tar(out, files)
     elif format in ("oci", "oci-dir"):
         media = {"none": "application/vnd.oci.image.layer.v1.tar",
                  "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -330,7 +330,7 @@ def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
         files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode()
         files["oci-layout"] = b'{"imageLayoutVersion":"1.0.0"}'
         if format == "oci":
-            _write_tar(out, files)
+            write_tar(out, files)
         else:
             for rel, data in files.items():
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,10 @@ def build_image(out: str | os.PathLike[str], layers: Sequence[bytes], *,
     return BuiltImage(out, image_id, diff_ids, cfg, name, blobs)
 
 
-def _write_tar(out: Path, files: dict[str, bytes]) -> None:
+def write_tar(out: Path, files: Mapping[str, bytes | memoryview]) -> None:
+    """A tar of ``files`` (name -> contents), sorted, each parent directory written once
+    before its first entry; everything dated :data:`FIXED_MTIME`. Contents may be
+    memoryviews of one big buffer (a benchmark's gigabyte image is never copied whole)."""
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         dirs: set[str] = set()
         for rel in sorted(files):

@@ -283,3 +283,19 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "p" / "copy_up.png").exists()
     assert cli.main(["bench", "vfs", "--scenario", "nosuch"]) == 1
     assert "unknown scenario" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_inspect_rows(report: harness.Report, driver: str) -> None:
+    """The inspect scenario's five rows (the terminal UI's drawn on a pseudo-terminal);
+    the command costs more than its analysis alone (Python start-up and opening the
+    root come on top)."""
+    measured(report, driver)
+    metrics = {r.metric for r in report.find("inspect", target=driver)}
+    assert metrics == {"first_index", "explore_tui", "explore_cli", "explain_cli",
+                       "explore_analysis"}
+    params = scenarios.SCENARIOS["inspect"].profiles["tiny"]
+    p = {k: params[k] for k in ("layers", "files", "size")}
+    for command in ("explore_cli", "explore_tui"):
+        assert median(report, "inspect", "explore_analysis", driver, **p) < \
+            median(report, "inspect", command, driver, **p)

@@ -40,6 +40,7 @@ first branches and extended by ``remount,append:`` — returned as several
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -227,6 +228,33 @@ class AufsDriver(Driver):
     # --- reporting ------------------------------------------------------------------------------
     def usage(self, layer_id: str) -> Usage:
         return layer_dir_usage(self._diff(layer_id))
+
+    def counters(self, target: Path, *, reset: bool = False) -> dict[str, int] | None:
+        """The FUSE union's counters: a JSON object in the virtual xattr of its mount root
+        (see :mod:`layerfs_drivers.aufs.unionfs`); kernel aufs counts nothing."""
+        if self.mode != "fuse":
+            return None
+        import json
+
+        from .unionfs import RESET_XATTR, STATS_XATTR
+
+        try:
+            raw = os.getxattr(target, STATS_XATTR, follow_symlinks=False)
+        except OSError as err:
+            raise InvalidArgument(f"aufs: {target} does not answer the union's counters "
+                                  f"({err.strerror}): is it a layerfs-union mount?") from err
+        if reset:
+            try:
+                os.setxattr(target, RESET_XATTR, b"1", follow_symlinks=False)
+            except OSError as err:
+                if err.errno == errno.EROFS:
+                    raise InvalidArgument(
+                        f"aufs: cannot reset the counters of {target}: it is mounted "
+                        f"read-only and the kernel refuses to set the reset attribute "
+                        f"there (compare two readings instead)") from err
+                raise
+        data = json.loads(raw)
+        return {k: int(v) for k, v in data.items() if isinstance(v, int)}
 
     def metadata(self, layer_id: str) -> dict[str, str]:
         return {"Branch": str(self._diff(layer_id)),

@@ -35,10 +35,11 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import btrfsutil
 
+from layerfs import extents
 from layerfs.changes import (
     Change,
     ChangeKind,
@@ -279,6 +280,29 @@ class BtrfsDriver(Driver):
             fields = proc.stdout.strip().splitlines()[-1].split()
             exclusive, shared = int(fields[1]), int(fields[2])
         return Usage(tree.bytes, tree.inodes, exclusive_bytes=exclusive, shared_bytes=shared)
+
+    def path_facts(self, layer_id: str, path: str) -> dict[str, Any]:
+        """The file's extents in the layer's subvolume: bytes it shares with other
+        subvolumes (the layers it was snapshotted from or to) and bytes only this layer
+        holds (blocks written since), as the kernel flags them (FIEMAP)."""
+        target = self._path(layer_id) / path
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        if not stat.S_ISREG(st.st_mode):
+            return {}
+        # A deleted subvolume (the read-only snapshot a diff of a writable layer sends
+        # from) keeps its extents referenced until the cleaner gets to it: wait, or every
+        # block of a freshly diffed layer would look shared.
+        btrfsutil.sync(self.home)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["btrfs", "subvolume", "sync", str(self.home)], capture_output=True,
+                           timeout=60)
+        try:
+            return extents.sharing(target).as_dict()
+        except OSError:
+            return {}
 
     def qgroup_usage(self, layer_id: str) -> tuple[int, int]:
         """(referenced, exclusive) bytes of the layer's qgroup (quotas must be on)."""

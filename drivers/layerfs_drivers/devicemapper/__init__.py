@@ -65,6 +65,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from layerfs.driver import Capabilities, Driver, Usage
 from layerfs.errors import DriverNotSupported, ExternalCommandFailed, InvalidArgument, LayerfsError
@@ -175,6 +176,23 @@ class DevicemapperDriver(Driver):
         return Usage(tree.bytes, tree.inodes,
                      exclusive_bytes=thin.exclusive if thin else None,
                      shared_bytes=thin.shared if thin else None)
+
+    def path_facts(self, layer_id: str, path: str) -> dict[str, Any]:
+        """The layer's thin device: bytes it maps alone and bytes it shares with other
+        devices (its origin snapshots and their children), from ``thin_ls``; and the
+        same split for the file's own blocks (:meth:`DeviceSet.file_sharing`)."""
+        rec = self.devices.record_of(layer_id)
+        facts: dict[str, Any] = {}
+        thin = self.devices.thin_usage(rec)
+        if thin is not None:
+            facts.update(device_exclusive_bytes=thin.exclusive,
+                         device_shared_bytes=thin.shared, device_mapped_bytes=thin.mapped)
+        with self.view(layer_id) as root:
+            assert root is not None
+            shared = self.devices.file_sharing(rec, root / path)
+        if shared is not None:
+            facts.update(shared.as_dict())
+        return facts
 
     def metadata(self, layer_id: str) -> dict[str, str]:
         rec = self.devices.record_of(layer_id)

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from layerfs import extents
 from layerfs import mount as mountlib
 from layerfs.driver import scratch_prefix
 from layerfs.errors import (
@@ -607,6 +609,45 @@ class DeviceSet:
                 return pool.thin_usage().get(rec.dev_id)
         except LayerfsError:
             return None
+
+    def file_sharing(self, rec: DeviceRecord, path: Path) -> extents.Sharing | None:
+        """How the blocks of the file at ``path`` (on ``rec``'s mounted device) are held:
+        its extents (FIEMAP: offsets on the thin device) mapped to pool data blocks, each
+        shared if another thin device maps the same data block. None if it has no extents
+        to look at (not a regular file, or no FIEMAP)."""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            found = extents.extents(path)
+        except OSError:
+            return None
+        pool = self._ensure()
+        try:
+            with self.locked():
+                maps = pool.block_map()
+        except LayerfsError:
+            return None
+        refs: dict[int, int] = {}
+        for blocks in maps.values():
+            for data in blocks.values():
+                refs[data] = refs.get(data, 0) + 1
+        mine = maps.get(rec.dev_id, {})
+        bs = pool.block_size
+        exclusive = shared = inline = 0
+        for ext in found:
+            if ext.inline:
+                inline += ext.length
+                continue
+            start, end = ext.physical, ext.physical + ext.length
+            for block in range(start // bs, (end - 1) // bs + 1):
+                overlap = min(end, (block + 1) * bs) - max(start, block * bs)
+                pool_block = mine.get(block)
+                if pool_block is not None and refs.get(pool_block, 0) > 1:
+                    shared += overlap
+                else:
+                    exclusive += overlap
+        return extents.Sharing(exclusive, shared, inline)
 
     # --- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, str]:

@@ -308,6 +308,40 @@ class ThinPool:
         return usage
 
 
+    def block_map(self) -> dict[int, dict[int, int]]:
+        """Every thin device's mappings, ``{dev_id: {device block: pool data block}}``, from
+        ``thin_dump`` of a metadata snapshot (XML; read with the standard library).
+
+        Two devices mapping the same data block share it: that is how a snapshot shares its
+        origin's blocks until one side writes.
+        """
+        import xml.etree.ElementTree as ET
+
+        meta = self.metadata_device()
+        self._message("reserve_metadata_snap")
+        try:
+            out = _run(["thin_dump", "--metadata-snap", meta])
+        finally:
+            self._message("release_metadata_snap")
+        maps: dict[int, dict[int, int]] = {}
+        try:
+            root = ET.fromstring(out)
+        except ET.ParseError as err:
+            raise CorruptState(f"thin_dump of {self.name}: unreadable output: {err}") from err
+        for dev in root.iter("device"):
+            blocks: dict[int, int] = {}
+            for m in dev:
+                if m.tag == "single_mapping":
+                    blocks[int(m.get("origin_block", 0))] = int(m.get("data_block", 0))
+                elif m.tag == "range_mapping":
+                    origin = int(m.get("origin_begin", 0))
+                    data = int(m.get("data_begin", 0))
+                    for i in range(int(m.get("length", 0))):
+                        blocks[origin + i] = data + i
+            maps[int(dev.get("dev_id", -1))] = blocks
+        return maps
+
+
 # --------------------------------------------------------------------------
 # loopback
 # --------------------------------------------------------------------------
