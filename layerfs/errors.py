@@ -36,6 +36,11 @@ class InUse(LayerfsError):
     """Refused because something depends on it (children, a mount, a container)."""
 
 
+class FailedPrecondition(LayerfsError):
+    """Refused because the object is in the wrong state for the operation
+    (committing a snapshot that is not active, mounting a committed one)."""
+
+
 class InvalidArgument(LayerfsError, ValueError):
     """Bad input from the caller: options, names, archives."""
 

@@ -31,7 +31,14 @@ from . import mount as mountlib
 from . import plugins
 from .changes import Change
 from .driver import Driver, Usage, scratch_owner
-from .errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InUse,
+    InvalidArgument,
+    LayerfsError,
+    NotFound,
+)
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
 from .options import DriverOptions
 from .units import parse_size
@@ -409,19 +416,72 @@ class LayerStore:
             raise
         return self._finish_create(rec.id, size)
 
+    def commit(self, layer_id: str) -> LayerRecord:
+        """Make a read-write layer read-only in place, without copying it (containerd's Commit).
+
+        The layer keeps its id and files; from now on it mounts read-only and is
+        sealed where the driver can (a btrfs subvolume becomes read-only).
+        Refused while this store has it mounted: the writer must be done.
+        Committing a read-only layer again changes nothing.
+        """
+        with self.store.transaction() as db:
+            rec = self.get(layer_id)
+            if rec.readonly:
+                return rec
+            mounts = self.store.list_mounts(layer_id)
+            if mounts:
+                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}; "
+                            "unmount it before committing")
+            db.execute("UPDATE layers SET readonly = 1 WHERE id = ?", (layer_id,))
+            # Inside the transaction: if the driver cannot seal, the layer stays read-write.
+            self.driver.seal(layer_id)
+        return self.get(layer_id)
+
+    def apply_diff(self, layer_id: str, stream: IO[bytes]) -> int:
+        """Apply an OCI layer tar onto an existing, empty read-write layer; return its size.
+
+        This is Docker's way to make an image layer (``Create`` then ``ApplyDiff``);
+        :meth:`apply` is the one-step form. The layer must have no children and not
+        be mounted. While the tar applies the layer is ``creating`` again, owned by
+        this process: if the process is killed, recovery removes the half-applied
+        layer, as it would a half-made one. If the apply fails with an error, the
+        layer is left (ready, holding part of the tar) for the caller to remove, as
+        Docker does.
+        """
+        with self.store.transaction() as db:
+            rec = self.get(layer_id)
+            if rec.readonly:
+                raise FailedPrecondition(f"layer {layer_id} is read-only: a diff is applied "
+                                         "to a new read-write layer")
+            self._refuse_if_in_use(layer_id)
+            db.execute("UPDATE layers SET state = 'creating', owner = ? WHERE id = ?",
+                       (process_token(), layer_id))
+        size = None
+        try:
+            size = self.driver.apply_diff(layer_id, rec.parent, stream)
+        finally:
+            with self.store.transaction() as db:
+                db.execute("UPDATE layers SET state = 'ready', owner = NULL, "
+                           "size = coalesce(?, size) WHERE id = ?", (size, layer_id))
+        return size
+
     # --- removing -----------------------------------------------------------------------------------
+    def _refuse_if_in_use(self, layer_id: str) -> None:
+        """InUse while the layer has children or is mounted (inside a transaction)."""
+        kids = self.store.children(layer_id)
+        if kids:
+            raise InUse(f"layer {layer_id} has {len(kids)} child layer(s), e.g. {kids[0]}")
+        mounts = self.store.list_mounts(layer_id)
+        if mounts:
+            raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+
     def remove(self, layer_id: str) -> None:
         """Remove a layer; refused while it has children or is mounted."""
         with self.store.transaction() as db:
             rec = self.store.get_layer(layer_id)
             if rec is None or rec.state != "ready":
                 raise NotFound(f"layer {layer_id} not found")
-            kids = self.store.children(layer_id)
-            if kids:
-                raise InUse(f"layer {layer_id} has {len(kids)} child layer(s), e.g. {kids[0]}")
-            mounts = self.store.list_mounts(layer_id)
-            if mounts:
-                raise InUse(f"layer {layer_id} is mounted at {mounts[0].target}")
+            self._refuse_if_in_use(layer_id)
             db.execute("UPDATE layers SET state = 'removing', owner = ? WHERE id = ?",
                        (process_token(), layer_id))
         try:

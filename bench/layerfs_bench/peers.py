@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from layerfs import mount as mountlib
 from layerfs.errors import ExternalCommandFailed, command_error
@@ -143,7 +143,36 @@ def docker_client() -> str:
     raise FileNotFoundError("docker client not installed (apt-get install docker.io)")
 
 
-class DockerDaemon:
+class ScratchDaemon:
+    """A daemon that keeps everything under one scratch folder, ``base``: what stopping it
+    and removing its data have in common. Subclasses implement ``start`` and ``stop``."""
+
+    base: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _unmount_leftovers(self) -> None:
+        for info in mountlib.mounts_under(self.base):
+            mountlib.unmount(info.target, lazy=True)
+
+    def remove_data(self) -> None:
+        """Delete the daemon's folder (after :meth:`stop`), unmounting what it left there."""
+        self._unmount_leftovers()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class DockerDaemon(ScratchDaemon):
     """A private dockerd under ``base``; a context manager (start on enter, stop on exit)."""
 
     def __init__(self, base: str | os.PathLike[str], *, storage_driver: str = "overlay2",
@@ -238,22 +267,6 @@ class DockerDaemon:
             if self._net is not None:
                 self._net.restore()
                 self._net = None
-
-    def _unmount_leftovers(self) -> None:
-        for m in mountlib.mounts_under(self.base):
-            subprocess.run(["umount", "-l", m.target], capture_output=True, check=False)
-
-    def remove_data(self) -> None:
-        """Delete the daemon's folder (after :meth:`stop`)."""
-        self._unmount_leftovers()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> DockerDaemon:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # -- using it ------------------------------------------------------------------------------
     def docker(self, *args: str, check: bool = True, input: bytes | str | None = None,

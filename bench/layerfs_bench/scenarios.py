@@ -82,6 +82,7 @@ from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
 from . import inspect
+from .engines import engines
 from .harness import Ctx, Probe, ScenarioSkip, drop_caches, run_joint_probes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -987,6 +988,8 @@ class Scenario:
     shows: str
     profiles: dict[str, dict[str, Any]]
     joint: bool = False
+    default: bool = True
+    """Part of ``all``; the others run only when named (they start whole engines)."""
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -1056,6 +1059,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "server (aufs under the daemon) or a cold command",
              {"tiny": dict(image_layers=5, reps=5), "quick": dict(image_layers=5, reps=15),
               "full": dict(image_layers=5, reps=40)}, joint=True),
+    Scenario("engines", engines, "containerd and Docker: own storage vs the layerfs plugin",
+             "what serving a driver to a real engine costs: ctr run, ctr image import, "
+             "docker run and docker load on the engine's own storage and on layerfs's "
+             "snapshotter / graphdriver plugin, with the layerfs/native ratio",
+             {"tiny": dict(reps=2, image_mb=8, image_files=200),
+              "quick": dict(reps=5, image_mb=50, image_files=2000),
+              "full": dict(reps=15, image_mb=100, image_files=4000)}, default=False),
 )}
 
 
@@ -1068,7 +1078,7 @@ def resolve(names: Sequence[str] | None) -> list[str]:
             if not name:
                 continue
             if name == "all":
-                wanted.update(SCENARIOS)
+                wanted.update(n for n, s in SCENARIOS.items() if s.default)
             elif name in SCENARIOS:
                 wanted.add(name)
             else:

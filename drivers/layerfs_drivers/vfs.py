@@ -29,9 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from layerfs.driver import Capabilities, Driver, Usage
@@ -42,20 +41,17 @@ from layerfs.mount import Mount, can_mount
 from layerfs.options import DriverOptions
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child die (SIGKILL) when this thread exits, even by
-    ``kill -9``; if the parent is already gone by then, the child exits at once."""
-    import ctypes
+def _dying_with_us(argv: list[str]) -> list[str]:
+    """``argv`` run so that it dies (SIGKILL) when the thread that starts it exits, even by
+    ``kill -9``, and exits at once if its parent is already gone by then.
 
-    parent = os.getpid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def child() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-    return child
+    util-linux's ``setpriv`` sets ``PR_SET_PDEATHSIG`` and a shell checks the parent
+    before it execs ``argv``. Not a ``preexec_fn``: Python code between fork and exec is
+    unsafe in a process with threads, and in a gRPC server (layerfs.engines) the fork
+    handlers grpcio registers make that child crash before it execs."""
+    check = 'test "$PPID" = "$1" || exit 1; shift; exec "$@"'
+    return ["setpriv", "--pdeathsig", "KILL", "--", "sh", "-c", check, "sh",
+            str(os.getpid()), *argv]
 
 
 class VfsDriver(Driver):
@@ -66,8 +62,10 @@ class VfsDriver(Driver):
     def check(cls, home: Path, options: DriverOptions) -> None:
         if not can_mount():
             raise DriverNotSupported(cls.name, "mounting a layer (a bind mount) needs root")
-        if shutil.which("cp") is None:
-            raise DriverNotSupported(cls.name, "GNU cp is required to copy layers")
+        for tool in ("cp", "setpriv"):
+            if shutil.which(tool) is None:
+                raise DriverNotSupported(cls.name, f"{tool} (coreutils, util-linux) is "
+                                         "required to copy layers")
 
     def _dir(self, layer_id: str) -> Path:
         return self.home / "dir" / layer_id
@@ -90,9 +88,9 @@ class VfsDriver(Driver):
         try:
             # cp -a keeps owners, modes, times, xattrs, hardlinks and special files;
             # --reflink=auto shares extents where the filesystem can.
-            subprocess.run(["cp", "-a", "--reflink=auto", "--", str(source), str(partial)],
-                           check=True, capture_output=True, preexec_fn=_die_with_parent(),
-                           close_fds=True)
+            subprocess.run(_dying_with_us(["cp", "-a", "--reflink=auto", "--", str(source),
+                                           str(partial)]),
+                           check=True, capture_output=True, close_fds=True)
             os.rename(partial, target)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)

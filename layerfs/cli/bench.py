@@ -55,6 +55,10 @@ scenarios (--scenario NAME, default all):
   mount            mount/unmount of a container layer over 5 image layers; aufs
                    both from the bench's warm fork server (as under the daemon)
                    and through its cold helper command.
+  engines          (only when named) containerd and Docker on their own storage
+                   vs on this driver through layerfs's snapshotter and graphdriver
+                   plugin: ctr run, ctr image import, docker run, docker load, and
+                   the layerfs/native ratio of each.
 
 profiles: quick (default; every scenario on one driver in well under a minute),
 --full (files up to 1 GiB, stacks up to 500 layers: many minutes per driver),
@@ -87,7 +91,7 @@ def register(sub: SubParsers) -> None:
                         "registered driver; peers: fuse-overlayfs, docker")
     p.add_argument("--scenario", action="append", metavar="NAME[,NAME]",
                    help="copy-up, whiteout, stat-lookup, layers, export, container-start, "
-                        "io-throughput, mount (repeatable; default: all)")
+                        "io-throughput, mount, engines (repeatable; default: all but engines)")
     p.add_argument("--full", dest="profile", action="store_const", const="full",
                    help="the full sweeps (slow), instead of the quick profile")
     p.add_argument("--profile", dest="profile", choices=("tiny", "quick", "full"),
@@ -296,6 +300,8 @@ def fmt_value(value: float, unit: str, kind: str) -> str:
         return fmt_bytes(value) + per
     if kind == "count":
         return f"{value:.0f}"
+    if kind == "ratio":
+        return f"{value:.2f}×"
     return (f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}") + per
 
 

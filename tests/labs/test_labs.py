@@ -30,7 +30,7 @@ IN_GUEST = os.environ.get("LAYERFS_IN_GUEST") == "1"
 
 # The curriculum of issue 10, in order: a missing or renamed lab is a failure.
 CURRICULUM = ["copy-on-write", "aufs", "overlay", "devicemapper", "btrfs", "namespaces",
-              "cgroups", "netfilter", "choosing-a-driver"]
+              "cgroups", "netfilter", "choosing-a-driver", "engines"]
 
 
 def _params() -> list[object]:

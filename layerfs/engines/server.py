@@ -1,0 +1,131 @@
+"""Run the engine servers of one layerfs root until told to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from layerfs.errors import InvalidArgument, LayerfsError
+from layerfs.layers import LayerStore
+
+log = logging.getLogger("layerfs.engines")
+
+#: Where dockerd looks for plugin sockets (``NAME.sock``); fixed in Docker 20.10.
+DOCKER_PLUGIN_DIR = Path("/run/docker/plugins")
+
+
+def docker_plugin_socket(name: str) -> Path:
+    """The socket dockerd connects to for ``--storage-driver NAME``."""
+    if not name or "/" in name or name.startswith("."):
+        raise InvalidArgument(f"bad Docker plugin name {name!r}: use e.g. layerfs-overlay2")
+    return DOCKER_PLUGIN_DIR / f"{name}.sock"
+
+
+def serve(root: str | os.PathLike[str], driver: str | None = None,
+          options: dict[str, str] | list[str] | None = None, *,
+          snapshotter_socket: str | os.PathLike[str] | None = None,
+          graphdriver_socket: str | os.PathLike[str] | None = None,
+          stop: threading.Event | None = None,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Serve containerd's snapshots API and/or Docker's graphdriver protocol for ``root``.
+
+    Opens its own :class:`LayerStore` (recovering what a killed server left),
+    listens on the sockets given (each created mode 0600), calls ``on_ready``,
+    and blocks until ``stop`` is set — or, when called from the main thread
+    without ``stop``, until SIGTERM or SIGINT. Then it stops listening, removes
+    its sockets and closes the store. Mounts made for running containers stay.
+    """
+    if snapshotter_socket is None and graphdriver_socket is None:
+        raise InvalidArgument("nothing to serve: give a containerd snapshotter socket, "
+                              "a Docker plugin socket, or both")
+    if stop is None:
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: stop.set())
+    layers = LayerStore.open(root, driver, options)
+    stoppers: list[Callable[[], None]] = []
+    try:
+        if snapshotter_socket is not None:
+            from .containerd import start_server
+            from .snapshots import Snapshots
+
+            snapshots = Snapshots(layers)
+            for action in snapshots.recover():
+                log.warning("recovered: %s", action)
+            path = Path(snapshotter_socket)
+            grpc_server = start_server(snapshots, path)
+            stoppers.append(lambda: _stop_grpc(grpc_server, path))
+            log.info("containerd snapshotter (%s) on %s", layers.driver.name, path)
+        if graphdriver_socket is not None:
+            from .docker import start_plugin
+
+            plugin = start_plugin(layers, Path(graphdriver_socket))
+            stoppers.append(plugin.stop)
+            log.info("Docker graphdriver plugin (%s) on %s", layers.driver.name,
+                     graphdriver_socket)
+        if on_ready is not None:
+            on_ready()
+        stop.wait()
+    finally:
+        for stopper in reversed(stoppers):
+            with contextlib.suppress(Exception):
+                stopper()
+        layers.close()
+
+
+# --- as services of `layerfs daemon` (entry point group layerfs.daemon.services) -------------
+
+def _service_args(args: list[str], what: str) -> tuple[str, str | None]:
+    """``TARGET [driver=NAME]``: the words after the service's name in ``--service``."""
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(named) - {"driver"})
+    if len(positional) != 1 or unknown:
+        raise InvalidArgument(f"--service '{what} {' '.join(args)}': expected "
+                              f"'{what} TARGET [driver=NAME]'")
+    return positional[0], named.get("driver")
+
+
+def containerd_snapshotter_service(root: Path, args: list[str]) -> int:
+    """``layerfs daemon --service 'containerd-snapshotter SOCKET [driver=NAME]'``."""
+    def run() -> None:
+        socket, driver = _service_args(args, "containerd-snapshotter")
+        serve(root, driver, snapshotter_socket=socket)
+    return _as_service("containerd-snapshotter", run)
+
+
+def docker_plugin_service(root: Path, args: list[str]) -> int:
+    """``layerfs daemon --service 'docker-plugin NAME [driver=NAME]'``: plugin NAME
+    (``/run/docker/plugins/NAME.sock``), or an absolute socket path."""
+    def run() -> None:
+        target, driver = _service_args(args, "docker-plugin")
+        socket = Path(target) if target.startswith("/") else docker_plugin_socket(target)
+        serve(root, driver, graphdriver_socket=socket)
+    return _as_service("docker-plugin", run)
+
+
+def _as_service(name: str, run: Callable[[], None]) -> int:
+    """0 once stopped (SIGTERM: the daemon does not restart it); a refused start (bad
+    arguments, a root of another driver, a live socket) is one line in the daemon's log
+    and status 2, which the daemon answers by restarting it with backoff."""
+    try:
+        run()
+    except LayerfsError as err:
+        print(f"layerfs daemon: service {name}: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _stop_grpc(server: object, path: Path) -> None:
+    import grpc
+
+    assert isinstance(server, grpc.Server)
+    server.stop(grace=5).wait()
+    path.unlink(missing_ok=True)

@@ -1,0 +1,75 @@
+"""containerd's own snapshotter conformance suite, run against layerfs on every native driver.
+
+containerd ships the suite its snapshotters must pass (``snapshots/testsuite``:
+21 scenarios, from the basic prepare/commit/view cycle to a 128-layer mount,
+labels, filters and removal rules). :mod:`tests.engines.gosuite` builds a small
+Go program, offline from Debian's packages, that runs it through containerd's
+proxy client (``snapshots/proxy``) -- the code containerd itself uses for a
+proxy snapshotter -- against a layerfs server on a fresh root per scenario.
+
+The suite skips ``Rename`` itself ("still fails on some kernels with
+overlay"); everything else must pass. devicemapper runs it in the qemu guest
+(tests/vm/test_engines_in_guest.py).
+
+Two drivers cost too much for CI's time budget, so CI runs part of the suite there
+and ``LAYERFS_ENGINES_FULL=1`` runs all of it (both pass in full; docs/engines.md
+gives the times): aufs (every mount is a FUSE union with a Python server;
+``128LayersMount`` alone is ~3 minutes, and the 128-layer read is also in the
+conformance suite, test_deep_layer_read_128[aufs]) and devicemapper in the guest,
+where Python runs ~20 times slower (the whole suite: ~10 minutes). CI runs there the
+scenarios that exercise the driver's storage rather than the snapshot bookkeeping,
+which is the same code on every driver.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from . import gosuite
+from .conftest import ALL, FULL, driver_supported, engine_root
+
+SKIPPED_BY_THE_SUITE = {"Rename"}
+SCENARIOS = ["Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",
+             "Update", "Remove", "Walk", "LayerFileupdate", "RemoveDirectoryInLowerLayer",
+             "Chown", "DirectoryPermissionOnCommit", "RemoveIntermediateSnapshot",
+             "DeletedFilesInChildSnapshot", "MoveFileFromLowerLayer", "ViewReadonly",
+             "StatInWalk", "CloseTwice", "RootPermission", "128LayersMount"]
+#: What CI runs of the suite where all of it is too slow (see the module docstring).
+CI_SCENARIOS = {
+    "aufs": ["Basic", "RemoveDirectoryInLowerLayer", "Chown", "DeletedFilesInChildSnapshot",
+             "MoveFileFromLowerLayer", "ViewReadonly", "RootPermission"],
+    "devicemapper": ["Basic", "DeletedFilesInChildSnapshot", "ViewReadonly"],
+}
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def suite_binary() -> Path:
+    reason = gosuite.missing()
+    if reason:
+        pytest.skip(reason)
+    return gosuite.build()
+
+
+@pytest.mark.parametrize("driver", ALL)
+def test_containerd_snapshotter_testsuite(driver: str, suite_binary: Path, tmp_path: Path,
+                                          request: pytest.FixtureRequest) -> None:
+    # The suite makes one root per scenario below ``base`` (on btrfs for btrfs).
+    base = engine_root(driver, tmp_path, request)
+    reason = driver_supported(driver, base)
+    if reason is not None:
+        pytest.skip(f"{driver} not supported here: {reason}")
+    only = None if FULL else CI_SCENARIOS.get(driver)
+    with tempfile.TemporaryDirectory(prefix="lfs-suite-", dir="/tmp") as sockdir:
+        result = gosuite.run(suite_binary, driver, tmpdir=base, sockdir=Path(sockdir), only=only)
+    tail = "\n".join(result.output.splitlines()[-80:])
+    assert result.returncode == 0 and not result.failed, \
+        f"containerd testsuite on layerfs-{driver}: failed {result.failed}\n{tail}"
+    assert set(result.skipped) <= SKIPPED_BY_THE_SUITE, result.skipped
+    assert sorted(result.passed) == sorted(only or SCENARIOS), result.passed
+    print(f"layerfs-{driver}: {len(result.passed)} passed, skipped by the suite: "
+          f"{result.skipped}")
