@@ -42,6 +42,17 @@ def is_dev_null(fd: int) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
 
 
+def _same_file(a: int, b: int) -> bool:
+    """Whether two of the caller's descriptors write to the same file or pipe."""
+    if a == b:
+        return True
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -78,10 +89,12 @@ class Relay:
             for dest in (stdout, stderr):
                 if dest is not None and is_dev_null(dest) and log_path is None:
                     child_out.append(dest)
-                elif child_out and dest is not None and dest == stdout and \
-                        child_out[0] != stdout:
-                    child_out.append(child_out[0])    # one descriptor for both: one pipe,
-                else:                                 # so their order is kept
+                elif child_out and dest is not None and stdout is not None and \
+                        _same_file(dest, stdout) and child_out[0] != stdout:
+                    # stdout and stderr are one file (``2>&1``, ``&> log``): one pipe, so
+                    # the container's writes keep their order, as they would unrelayed.
+                    child_out.append(child_out[0])
+                else:
                     r, w = self._pipe()
                     self._outputs[r] = None if dest is None else self._dup(dest)
                     child_out.append(w)

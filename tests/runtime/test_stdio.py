@@ -87,3 +87,24 @@ def test_a_closed_reader_does_not_stall_the_container(rootfs: Path, state: Path,
     assert c.wait(timeout=60).code == 0
     reader.wait()
     assert c.log_path.read_text().endswith("200000\nfinished\n")
+
+
+def test_stdout_and_stderr_to_one_file_keep_their_order(rootfs: Path, state: Path,
+                                                         config: RuntimeConfig) -> None:
+    # `layerfs run … 2>&1 | less`: two descriptors, one pipe. The container's lines
+    # arrive in the order it wrote them, as they would without the relay (lab 7's
+    # "can't fork" line came after the line printed after it).
+    script = "i=0; while [ $i -lt 300 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    read_end, write_end = os.pipe()
+    second = os.dup(write_end)              # another descriptor for the same pipe
+    with open(os.devnull, "rb") as null:
+        c = start(sh(rootfs, script), state, config, stdin=null, stdout=write_end,
+                  stderr=second)
+    os.close(write_end)
+    os.close(second)
+    STARTED.append(c)
+    with os.fdopen(read_end, "rb") as pipe:
+        got = pipe.read().decode().split()
+    assert c.wait(timeout=30).code == 0
+    want = [f"{kind}{i}" for i in range(300) for kind in ("out", "err")]
+    assert got == want
