@@ -12,11 +12,11 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, NotFound
 from .common import command_parser, emit_json, human_size, open_store
+
+TYPE_CHECKING = False       # typing and pathlib load when a command runs (--help is light)
 
 if TYPE_CHECKING:
     from ..images import ImageStore
@@ -122,6 +122,8 @@ _COUNTER_GROUPS = (
 
 
 def cmd_union_stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     with _images(args) as images:
         layers = images.layers
         target = _union_mount(images, args.target)
@@ -277,7 +279,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def register_image(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``image explore`` and ``image diff``, in the ``image`` group."""
-    from ..inspect import explore
+    from ..inspect import rules as explore  # the defaults alone: --help loads no index
 
     p = command_parser(
         isub, "explore", "browse an image's layers and files; wasted space, efficiency",

@@ -29,13 +29,14 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..units import parse_size
+from .rules import (
+    DEFAULT_HIGHEST_USER_WASTED_PERCENT,
+    DEFAULT_HIGHEST_WASTED_BYTES,
+    DEFAULT_LOWEST_EFFICIENCY,
+    DISABLED,
+)
 from .stack import Efficiency, Stack, efficiency
 from .targets import Target
-
-DISABLED = "disabled"
-DEFAULT_LOWEST_EFFICIENCY = "0.9"
-DEFAULT_HIGHEST_WASTED_BYTES = DISABLED
-DEFAULT_HIGHEST_USER_WASTED_PERCENT = "0.1"
 
 
 @dataclass
