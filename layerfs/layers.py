@@ -12,7 +12,8 @@ Open one with :func:`layerfs.open_root`. Every operation checks what is
 allowed (parents exist, no children on remove, not mounted) inside a store
 transaction, records its intent, calls the driver, then records the result —
 so a process killed at any point leaves work that the next :meth:`open`
-finishes or rolls back.
+finishes or rolls back. Processes opening one root at once -- a new one too --
+are ordered by :mod:`layerfs.rootlock` (flocks on the root and its parent, no files).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .errors import (
 )
 from .metastore import DriverState, LayerRecord, MetaStore, now, process_alive, process_token
 from .options import DriverOptions
+from .rootlock import RootHold, making_roots_in
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -65,6 +67,8 @@ class LayerStore:
         self.mnt_dir.mkdir(exist_ok=True)
         #: This open made the root directory (see :meth:`discard`).
         self.created_root = False
+        #: This process's shared lock on the root while open (:mod:`layerfs.rootlock`).
+        self._hold = RootHold(None)
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -78,7 +82,9 @@ class LayerStore:
         (:func:`layerfs.plugins.select`). A root belongs to one driver;
         while it holds no layer it may switch to another (the old driver's state is
         torn down first). Nothing is left behind when opening fails: a root this call
-        would have created is not there afterwards.
+        would have created is not there afterwards. Processes opening one new root at
+        once all succeed: the first makes it, the others wait and adopt it
+        (:mod:`layerfs.rootlock`).
         """
         if not os.fspath(root).strip():
             raise InvalidArgument("the root path is empty: give a directory, e.g. "
@@ -86,9 +92,13 @@ class LayerStore:
         root_path = Path(root).absolute()
         if isinstance(driver, str) and driver:
             plugins.load(driver)   # an unknown name fails here, before anything is made
-        if (root_path / "layerfs.db").is_file():
-            return cls._open_existing(root_path, driver, options, recover)
-        return cls._create(root_path, driver, options)
+        hold = RootHold.existing(root_path)
+        if hold is None:
+            with making_roots_in(root_path.parent):
+                hold = RootHold.existing(root_path)   # made while we waited: adopt it
+                if hold is None:
+                    return cls._create(root_path, driver, options)
+        return cls._open_existing(root_path, hold, driver, options, recover)
 
     @staticmethod
     def check_new_root(root_path: Path) -> bool:
@@ -121,11 +131,13 @@ class LayerStore:
         # that cannot work here leaves no root, database or directory behind.
         name, driver_cls = _driver_class(root_path, driver, opts)
         before = set() if made_root else set(os.listdir(root_path))
+        hold: RootHold | None = None
         store: MetaStore | None = None
         drv: Driver | None = None
         try:
             if made_root:
                 root_path.mkdir()
+            hold = RootHold.make(root_path)
             store = MetaStore(root_path / "layerfs.db")
             drv = driver_cls(plugins.home_of(root_path, name), opts, DriverState(store, name))
             with store.transaction():
@@ -134,6 +146,8 @@ class LayerStore:
                     store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
             self = cls(root_path, drv, store)
             self.created_root = made_root
+            hold.share()
+            self._hold = hold
             return self
         except BaseException:
             if drv is not None:   # a pool the driver made must not outlive its files
@@ -142,13 +156,20 @@ class LayerStore:
             if store is not None:
                 store.close()
             _remove_new_entries(root_path, None if made_root else before)
+            if hold is not None:   # after the removal: waiting openers find no root
+                hold.release()
             raise
 
     @classmethod
-    def _open_existing(cls, root_path: Path, driver: str | type[Driver] | None,
+    def _open_existing(cls, root_path: Path, hold: RootHold,
+                       driver: str | type[Driver] | None,
                        options: dict[str, str] | list[str] | None,
                        recover: bool) -> LayerStore:
-        store = MetaStore(root_path / "layerfs.db")
+        try:
+            store = MetaStore(root_path / "layerfs.db")
+        except BaseException:
+            hold.release()
+            raise
         try:
             # Driver options are part of the root: given once (first open, or
             # again to change them), they apply to every later open without -s.
@@ -172,10 +193,16 @@ class LayerStore:
                 store.set_setting("driver_options", json.dumps(opts.values, sort_keys=True))
         except BaseException:
             store.close()
+            hold.release()
             raise
         self = cls(root_path, drv, store)
+        self._hold = hold
         if recover and store.full is None:   # a full disk: read-only, nothing to redo
-            self.recover()
+            try:
+                self.recover()
+            except BaseException:
+                self.close()
+                raise
         return self
 
     @staticmethod
@@ -206,25 +233,36 @@ class LayerStore:
             db.execute("DELETE FROM settings WHERE key IN ('driver', 'driver_options')")
 
     def close(self) -> None:
-        self.driver.cleanup()
-        self.store.close()
+        try:
+            self.driver.cleanup()
+            self.store.close()
+        finally:
+            self._hold.release()
 
     def discard(self) -> bool:
         """Close; and if this open made the root and it still holds nothing -- no layer,
-        and no scratch file kept for a later command (a pull's partial download) --
-        remove it again, the driver's state too. For a first command that failed: it
-        leaves nothing behind. True if the root was removed."""
-        scratch = self.driver.scratch
-        kept = scratch.is_dir() and any(scratch.iterdir())
-        if not self.created_root or kept or self.store.list_layers(state=None):
+        no scratch file kept for a later command (a pull's partial download), and no
+        other process has it open -- remove it again, the driver's state too. For a
+        first command that failed: it leaves nothing behind. True if the root was
+        removed."""
+        if not self.created_root:
             self.close()
             return False
-        try:
-            self.driver.destroy()
-        finally:
-            self.store.close()
-        _remove_new_entries(self.root, None)
-        return True
+        with making_roots_in(self.root.parent):   # no one adopts it while it goes
+            scratch = self.driver.scratch
+            kept = scratch.is_dir() and any(scratch.iterdir())
+            if kept or self.store.list_layers(state=None) or not self._hold.take_exclusive():
+                self.close()
+                return False
+            try:
+                try:
+                    self.driver.destroy()
+                finally:
+                    self.store.close()
+                _remove_new_entries(self.root, None)
+            finally:
+                self._hold.release()
+            return True
 
     def __enter__(self) -> LayerStore:
         return self
