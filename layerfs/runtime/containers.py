@@ -34,6 +34,11 @@ Mount points the engine has to create in the layer (``/etc/hosts``,
 ``/etc/hostname``, ``/etc/resolv.conf``, volume targets, ...) are recorded at
 start when the image lacks them, and left out of :meth:`ContainerManager.commit`
 (Docker keeps them in a separate ``-init`` layer instead).
+
+This module holds :class:`ContainerManager` (the lifecycle above) and the
+``finish`` entry; the values it takes and returns are in
+:mod:`.container_types`, what it reads from and writes to a rootfs in
+:mod:`.container_rootfs`.
 """
 
 from __future__ import annotations
@@ -44,21 +49,28 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, InUse, InvalidArgument, LayerfsError, NotFound
 from ..images import Image, ImageStore
 from ..metastore import now, process_alive, process_token
 from . import engine
 from . import state as records
-from .files import read_small_file
-from .spec import ContainerSpec, PortMapping, Volume, parse_security_opts
+from .container_rootfs import drop_mountpoints, missing_mountpoints, numeric_user, resolve_user
+from .container_types import Container, ContainerState, RunOptions, Stdio, signal_number
+from .spec import ContainerSpec, parse_security_opts
 
 if TYPE_CHECKING:
-    from .engine import ExecProcess, ExitStatus, RunningContainer, RuntimeConfig
+    from .engine import ExecProcess, RuntimeConfig
+
+# The runner's names, importable from here as before the split.
+__all__ = [
+    "LABEL_CONTAINER", "Container", "ContainerManager", "ContainerState", "RunOptions", "Stdio",
+    "drop_mountpoints", "missing_mountpoints", "resolve_user", "signal_number",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS containers (
@@ -81,133 +93,6 @@ LABEL_CONTAINER = "layerfs.container"
 #: Paths the engine mounts over; created in the layer when the image lacks them.
 _ENGINE_MOUNTPOINTS = ("/proc", "/sys", "/dev", "/etc/hostname", "/etc/hosts",
                        "/etc/resolv.conf")
-
-Stdio = int | IO[Any] | None
-
-
-# --- what a container is run with ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunOptions:
-    """``layerfs run`` flags, Docker's meaning. ``None`` means "what the image says"."""
-
-    name: str | None = None
-    hostname: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    entrypoint: Sequence[str] | None = None
-    workdir: str | None = None
-    user: str | None = None                    # uid[:gid] or name[:group] from the image
-    memory: int | None = None
-    cpus: float | None = None
-    pids_limit: int | None = None
-    network: str = "bridge"
-    ports: Sequence[PortMapping] = ()
-    volumes: Sequence[Volume] = ()
-    userns: bool = False
-    read_only: bool = False
-    auto_remove: bool = False
-    cap_add: Sequence[str] = ()
-    cap_drop: Sequence[str] = ()
-    security_opt: Sequence[str] = ()           # Docker's --security-opt values
-
-
-@dataclass
-class ContainerState:
-    """One container as ``ps`` and ``inspect`` see it (the table row plus the engine's record)."""
-
-    id: str
-    name: str | None
-    image: str                 # image id
-    image_ref: str             # as given to run
-    layer: str
-    status: str                # created | running | exited | dead | removing
-    created: float
-    auto_remove: bool
-    config: dict[str, Any]
-    pid: int | None = None
-    started: float | None = None
-    finished: float | None = None
-    exit_code: int | None = None
-    exit_signal: int | None = None
-    oom_killed: bool = False
-    address: str | None = None
-    ports: list[str] = field(default_factory=list)
-    log_path: Path | None = None
-    record: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    @property
-    def argv(self) -> list[str]:
-        return list(self.config.get("argv", []))
-
-
-# --- a container attached to this process ---------------------------------------------------------
-
-class Container:
-    """A container started by :meth:`ContainerManager.run` in this process.
-
-    :meth:`wait` waits for it to exit, then frees its host resources and its
-    layer's mount (and, with ``auto_remove``, the layer and the record).
-    """
-
-    def __init__(self, manager: ContainerManager, cid: str, name: str | None, image: Image,
-                 running: RunningContainer) -> None:
-        self.manager = manager
-        self.id = cid
-        self.name = name
-        self.image = image
-        self.engine = running
-        self.status: ExitStatus | None = None
-
-    def __repr__(self) -> str:
-        return f"<Container {self.id[:12]} pid={self.pid}>"
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    @property
-    def pid(self) -> int:
-        return self.engine.pid
-
-    @property
-    def address(self) -> str | None:
-        return self.engine.address
-
-    @property
-    def rootfs(self) -> Path:
-        return self.engine.spec.rootfs
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        self.engine.kill(sig)
-
-    def exec(self, argv: Sequence[str], **kwargs: Any) -> ExecProcess:
-        return self.engine.exec(argv, **kwargs)
-
-    def wait(self, timeout: float | None = None) -> ExitStatus:
-        """Exit status of the main process (``TimeoutError`` if still running after ``timeout``)."""
-        if self.status is None:
-            try:
-                status = self.engine.wait(timeout)
-            except TimeoutError:
-                raise
-            except BaseException:
-                self.manager._after_exit(self.id)
-                raise
-            self.manager._after_exit(self.id)
-            self.status = status
-        return self.status
-
-    def __enter__(self) -> Container:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.status is None:
-            self.kill(signal.SIGKILL)
-            self.wait()
 
 
 def _fileno(stream: Stdio, default: int) -> int:
@@ -341,7 +226,7 @@ class ContainerManager:
         if not workdir.startswith("/"):
             workdir = "/" + workdir
         user = opts.user if opts.user is not None else (rc.user or "")
-        numeric = _numeric_user(user)
+        numeric = numeric_user(user)
         security = parse_security_opts(opts.security_opt)
         spec = ContainerSpec(
             rootfs=self.layers.mnt_dir / cid, argv=argv, env=env, cwd=workdir,
@@ -853,142 +738,6 @@ class ContainerManager:
                                       created_by=shlex.join(cfg.get("argv", [])))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-def signal_number(name: str | int) -> int:
-    """A signal given as Docker takes it: a number, ``KILL`` or ``SIGKILL``."""
-    if isinstance(name, int) or str(name).isdigit():
-        return int(name)
-    text = str(name).upper()
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise InvalidArgument(f"unknown signal {name!r}") from None
-
-
-def _numeric_user(text: str) -> tuple[int, int] | None:
-    """``""`` → root; ``"1000"``/``"1000:50"`` → ids without looking at the image (a numeric
-    uid alone gets gid 0 unless the image's passwd says otherwise, as in Docker)."""
-    if not text:
-        return (0, 0)
-    user, _, group = text.partition(":")
-    if user.isdigit() and group.isdigit():
-        return int(user), int(group)
-    return None
-
-
-def _read_etc(rootfs: Path, name: str) -> list[list[str]]:
-    """Lines of the image's /etc/<name>, split on ':'. The file is hostile input: see
-    :func:`layerfs.runtime.files.read_small_file` (inside the root, regular files only,
-    bounded). A missing file is empty."""
-    data = read_small_file(rootfs, f"etc/{name}")
-    if data is None:
-        return []
-    text = data.decode(errors="replace")
-    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
-
-
-def resolve_user(rootfs: Path, text: str) -> tuple[int, int]:
-    """``user[:group]`` (names or numbers) → ``(uid, gid)`` using the image's /etc/passwd and
-    /etc/group. A uid alone takes its primary group from passwd, else 0 (Docker's rules)."""
-    user, _, group = text.partition(":")
-    passwd = _read_etc(rootfs, "passwd")
-    uid = gid = None
-    for fields in passwd:
-        if len(fields) < 4 or not fields[2].isdigit() or not fields[3].isdigit():
-            continue
-        if fields[0] == user or (user.isdigit() and fields[2] == user):
-            uid, gid = int(fields[2]), int(fields[3])
-            break
-    if uid is None:
-        if not user.isdigit():
-            raise InvalidArgument(f"user {user!r}: no such user in the image's /etc/passwd; "
-                                  f"use a numeric uid[:gid]")
-        uid, gid = int(user), 0
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            match = [f for f in _read_etc(rootfs, "group")
-                     if len(f) >= 3 and f[0] == group and f[2].isdigit()]
-            if not match:
-                raise InvalidArgument(f"group {group!r}: no such group in the image's "
-                                      f"/etc/group; use a numeric gid")
-            gid = int(match[0][2])
-    assert gid is not None
-    return uid, gid
-
-
-def missing_mountpoints(rootfs: Path, targets: Iterable[str]) -> list[str]:
-    """The paths (and parent directories) the engine will have to create in the layer for
-    ``targets`` because the image lacks them; relative, ``/``-separated. A path with a
-    symlink on the way is left out (the engine resolves it inside the container)."""
-    created: list[str] = []
-    for target in targets:
-        parts = [p for p in target.split("/") if p]
-        path = str(rootfs)
-        for i, part in enumerate(parts):
-            path = os.path.join(path, part)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                for j in range(i, len(parts)):
-                    rel = "/".join(parts[:j + 1])
-                    if rel not in created:
-                        created.append(rel)
-                break
-            except OSError:
-                break
-            if os.path.islink(path) or (i < len(parts) - 1 and not _is_dir(st.st_mode)):
-                break
-    return created
-
-
-def _is_dir(mode: int) -> bool:
-    import stat
-    return stat.S_ISDIR(mode)
-
-
-def drop_mountpoints(tar_path: Path, mountpoints: Sequence[str]) -> list[str]:
-    """Rewrite a layer tar without the mount points the engine created (empty files, and
-    directories with nothing else of the diff under them). Returns what was dropped."""
-    if not mountpoints:
-        return []
-    import tarfile
-
-    wanted = set(mountpoints)
-    with tarfile.open(tar_path, "r:") as tar:
-        members = tar.getmembers()
-
-    def key(m: tarfile.TarInfo) -> str:
-        name = m.name[2:] if m.name.startswith("./") else m.name
-        return name.strip("/") if name not in (".", "") else ""
-
-    names = [key(m) for m in members]
-    drop: set[str] = set()
-    # Deepest first, so that a directory whose only child was dropped goes too.
-    for m, name in sorted(zip(members, names, strict=True), key=lambda mn: -mn[1].count("/")):
-        if name not in wanted:
-            continue
-        empty_file = m.isfile() and m.size == 0
-        if empty_file or (m.isdir() and not any(n.startswith(name + "/") and n not in drop
-                                                for n in names)):
-            drop.add(name)
-    if not drop:
-        return []
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
-    with tarfile.open(tar_path, "r:") as src, tarfile.open(tmp, "w:", format=tarfile.PAX_FORMAT) \
-            as dst:
-        for m in src:
-            if key(m) in drop:
-                continue
-            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-    os.replace(tmp, tar_path)
-    return sorted(drop)
 
 
 # --- python -m layerfs.runtime.containers finish ROOT DRIVER OPTIONS CID ----------------------------------
