@@ -175,9 +175,11 @@ def test_a_blob_slower_than_the_speed_limit_fails(tmp_path: Path, image: Image) 
     with HostileRegistry(image.routes(layer=drip(raw, 0.05))) as reg:
         proc, took = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure",
                               "--speed-limit", "1000", "--speed-time", "2")
-    assert_one_line_failure(proc, "slower than 1000 bytes/s for 2 s")
+    assert_one_line_failure(proc, "slower than 1000 bytes/s for 2 s",
+                            "the partial download is removed")
     assert took < 30
     assert_no_image(tmp_path / "root")
+    assert _staged(tmp_path / "root") == [], "a partial blob was kept without --resume"
 
 
 # --- item 9: redirect loops -----------------------------------------------------------------
