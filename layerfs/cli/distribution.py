@@ -134,10 +134,11 @@ def _tls(p: argparse.ArgumentParser) -> None:
                    "the reference only: do not check its TLS certificate, and use plain HTTP "
                    "if it does not speak TLS")
     p.add_argument("--max-time", dest="deadline", type=_seconds, metavar="SECONDS",
-                   help="longest a single request (manifest, config, token, upload step) may "
-                   "take, retries included (default 300)")
-    p.add_argument("--speed-limit", type=int, metavar="BYTES", help="a blob download slower "
-                   "than BYTES per second for --speed-time seconds fails (default 1024)")
+                   help="longest a single request (manifest, config, token, upload step, the "
+                   "answer to an upload) may take, retries included (default 300)")
+    p.add_argument("--speed-limit", type=int, metavar="BYTES", help="a blob download or "
+                   "upload slower than BYTES per second for --speed-time seconds fails "
+                   "(default 1024)")
     p.add_argument("--speed-time", type=_seconds, metavar="SECONDS",
                    help="see --speed-limit (default 30)")
 

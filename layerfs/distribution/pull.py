@@ -209,20 +209,17 @@ class _Download:
         progress_at = -1    # offset of the last failure: attempts count only without progress
         delay = 0.2
         opts = reg.options
-        # curl's speed limit: at least speed_limit bytes/s over every speed_time window.
-        # The window's end is the deadline of every network wait, so a stall or a
-        # drip fails at the window's end, not at the next byte.
-        window = max(1, int(opts.speed_limit * opts.speed_time))
         slow = (f"slower than {opts.speed_limit} bytes/s for {opts.speed_time:g} s "
                 f"({src.after_failure})")
         with bounds.deadline(opts.speed_time, slow) as rate:
             assert rate is not None
+            speed = bounds.SpeedLimit(rate, opts.speed_limit, opts.speed_time)
             while offset < self.size:
                 headers = {"Accept-Encoding": "identity"}
                 if offset:
                     headers["Range"] = f"bytes={offset}-"
                 try:
-                    rate.at, window_bytes = time.monotonic() + opts.speed_time, 0
+                    speed.restart()
                     reg.requests += 1
                     with reg.client.stream("GET", url, headers=headers) as r:
                         stream = r.extensions.get("network_stream")
@@ -265,9 +262,7 @@ class _Download:
                             self._grow(len(chunk))
                             if src.progress is not None:
                                 src.progress.advance(key, len(chunk))
-                            window_bytes += len(chunk)
-                            if window_bytes >= window:
-                                window_bytes, rate.at = 0, time.monotonic() + opts.speed_time
+                            speed.count(len(chunk))
                     self._socket = None
                     if offset < self.size:
                         raise _Retry("connection closed early")
