@@ -44,7 +44,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(f"{ref.tag or ref.digest}: Pulling from {ref.name}", flush=True)
     with image_store(args) as images, progress_for(args) as progress:
         result = pull(images, ref, platform=args.platform, options=_options(args),
-                      progress=progress, report=_say(args))
+                      resume=args.resume, progress=progress, report=_say(args))
     if args.quiet:
         print(result.image.id)
         return 0
@@ -134,10 +134,11 @@ def _tls(p: argparse.ArgumentParser) -> None:
                    "the reference only: do not check its TLS certificate, and use plain HTTP "
                    "if it does not speak TLS")
     p.add_argument("--max-time", dest="deadline", type=_seconds, metavar="SECONDS",
-                   help="longest a single request (manifest, config, token, upload step) may "
-                   "take, retries included (default 300)")
-    p.add_argument("--speed-limit", type=int, metavar="BYTES", help="a blob download slower "
-                   "than BYTES per second for --speed-time seconds fails (default 1024)")
+                   help="longest a single request (manifest, config, token, upload step, the "
+                   "answer to an upload) may take, retries included (default 300)")
+    p.add_argument("--speed-limit", type=int, metavar="BYTES", help="a blob download or "
+                   "upload slower than BYTES per second for --speed-time seconds fails "
+                   "(default 1024)")
     p.add_argument("--speed-time", type=_seconds, metavar="SECONDS",
                    help="see --speed-limit (default 30)")
 
@@ -156,16 +157,24 @@ def register(sub: SubParsers) -> None:
     p = command_parser(sub, "pull", "download an image from a registry",
                        "Pull REGISTRY/REPO:TAG (or @DIGEST) into the root: layers the root already "
                        "has are skipped, the others are downloaded in parallel and applied as they "
-                       "arrive; every digest is checked. An interrupted pull resumes where it "
-                       "stopped when run again. On any error no image is left behind. Manifest "
-                       "lists and OCI indexes resolve to this host's platform (or --platform).",
+                       "arrive; every digest is checked. A connection cut mid-layer is resumed "
+                       "within the pull. On any error no image is left behind, and no partial "
+                       "download either unless --resume asked to keep it. Manifest lists and OCI "
+                       "indexes resolve to this host's platform (or --platform).",
                        "  layerfs pull 127.0.0.1:5000/lab/app:v1\n"
                        "  layerfs pull --platform linux/arm64 registry.example.com/tools/jq:1.7\n"
                        "  layerfs pull --ca ca.pem registry.lab:5443/app@sha256:3f2a…\n"
-                       "  layerfs pull --insecure 127.0.0.1:5000/lab/app:v1   # plain HTTP\n")
+                       "  layerfs pull --insecure 127.0.0.1:5000/lab/app:v1   # plain HTTP\n"
+                       "  layerfs pull --resume registry.lab/big:1   # again after a cut: "
+                       "continues\n")
     p.add_argument("reference", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform index (default: this host's)")
+    p.add_argument("--resume", action="store_true", help="if this pull fails on the network, "
+                   "the speed limit or Ctrl-C, keep its partly downloaded layers (under "
+                   "ROOT/tmp, removed after a day), and continue from those an earlier --resume "
+                   "pull kept. Without it a failed pull removes them and every layer starts "
+                   "from its first byte (leftovers of a killed pull are discarded)")
     _tls(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress, print only the image id")

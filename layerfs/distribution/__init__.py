@@ -25,9 +25,10 @@ downloaded in parallel (``max_concurrent`` at a time, bottom first) into
 staged files under the root (``ROOT/tmp/registry-blobs``), while the image
 store applies them in order *from those same files as they grow*, so
 extracting overlaps downloading. A download cut off mid-blob is resumed with
-an HTTP ``Range`` request; a pull that died (Ctrl-C, kill, network gone)
-leaves its ``.partial`` files, and the next pull of the same blob continues
-from where it stopped (re-hashing what is already there). Each blob is
+an HTTP ``Range`` request. Across pulls only with ``resume=True``: a failed
+pull keeps its ``.partial`` files and the next ``resume`` pull of the same blob
+continues from where it stopped (re-hashing what is already there); without it
+partial downloads are removed on failure and never continued. Each blob is
 checked against its digest and size; a mismatch deletes the staged file and
 fails the pull. The image becomes visible only when every layer is applied
 (:meth:`ImageStore.load_images`): a failed pull leaves no image and no layer

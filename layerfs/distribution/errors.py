@@ -23,6 +23,11 @@ class Unauthorized(RegistryError):
     """Authentication is missing or was refused (HTTP 401/403)."""
 
 
+class TooSlow(RegistryError):
+    """A request ran past its deadline, or a transfer fell below the speed limit: final,
+    not worth another attempt (it would be as slow, and the bound is the user's)."""
+
+
 class Cancelled(Exception):
     """A download stopped because its pull is over."""
 
@@ -66,7 +71,7 @@ def transfer_error(err: httpx.HTTPError, what: str, current: Deadline | None
     a redirect loop, or anything else that is not a transport error (a bad encoding, a
     bad URL). None for transport errors, which the caller may retry."""
     if current is not None and current.passed():
-        return RegistryError(f"{what}: {current.reason}")
+        return TooSlow(f"{what}: {current.reason}")
     if isinstance(err, httpx.TooManyRedirects):
         return RegistryError(f"{what}: too many redirects (the registry sends the request "
                              f"round in a loop)")

@@ -1,5 +1,5 @@
 """Bounds on what a registry can make the client spend: bytes per answer, time per
-request, and the slowest rate a blob download accepts.
+request, and the slowest rate a blob download or upload accepts (:class:`SpeedLimit`).
 
 httpx's timeouts are per read, so a server that sends one byte every 20 s never trips
 them, and ``Response.content`` reads a body whole before anyone can look at its size.
@@ -62,6 +62,54 @@ def deadline(seconds: float | None, reason: str) -> Iterator[Deadline | None]:
         yield mine
     finally:
         _CURRENT.reset(token)
+
+
+class SpeedLimit:
+    """curl's ``--speed-limit``/``--speed-time`` on one transfer: at least ``limit``
+    bytes/s over every ``seconds`` window. It keeps moving the transfer's
+    :class:`Deadline` to the end of the current window, so a stall or a drip fails at
+    that window's end (with the deadline's reason), not at the next byte."""
+
+    def __init__(self, current: Deadline, limit: int, seconds: float) -> None:
+        self.current = current
+        self.seconds = seconds
+        self.reason = current.reason
+        self.window = max(1, int(limit * seconds))
+        self.moved = 0
+
+    def restart(self) -> None:
+        """A new window from now (a transfer starts or starts again)."""
+        self.moved, self.current.at = 0, time.monotonic() + self.seconds
+        self.current.reason = self.reason
+
+    def count(self, n: int) -> None:
+        """``n`` more bytes went through: enough of them open the next window."""
+        self.moved += n
+        if self.moved >= self.window:
+            self.restart()
+
+
+class PacedBody:
+    """A streamed request body (re-iterable, as httpx may send it again) whose sending is
+    held to a :class:`SpeedLimit`. httpx writes each chunk before it asks for the next,
+    so a chunk is counted when the next one is asked for. Once the body is all sent the
+    answer gets ``answer_within`` seconds, with ``answer_reason``."""
+
+    def __init__(self, body: Iterable[bytes], speed: SpeedLimit, answer_within: float,
+                 answer_reason: str) -> None:
+        self.body = body
+        self.speed = speed
+        self.answer_within = answer_within
+        self.answer_reason = answer_reason
+
+    def __iter__(self) -> Iterator[bytes]:
+        speed = self.speed
+        speed.restart()
+        for chunk in self.body:
+            yield chunk
+            speed.count(len(chunk))
+        speed.current.at = time.monotonic() + self.answer_within
+        speed.current.reason = self.answer_reason
 
 
 def _clamp(timeout: float | None) -> float | None:
@@ -161,4 +209,4 @@ def whole(r: httpx.Response, cap: int, what: str) -> httpx.Response:
 
 
 __all__ = ["ERROR_BODY_MAX", "SMALL_BODY_MAX", "TOKEN_BODY_MAX", "Deadline",
-           "DeadlineBackend", "deadline", "read_body", "transport", "whole"]
+           "DeadlineBackend", "PacedBody", "SpeedLimit", "deadline", "read_body", "transport", "whole"]

@@ -4,9 +4,13 @@ The layers whose chain id is not stored yet are downloaded in parallel
 (``max_concurrent`` at a time, bottom first) into staged files under the root
 (``ROOT/tmp/registry-blobs``), while the image store applies them in order *from those
 same files as they grow*, so extracting overlaps downloading. A download cut off
-mid-blob is resumed with an HTTP ``Range`` request; a pull that died (Ctrl-C, kill,
-network gone) leaves its ``.partial`` files, and the next pull of the same blob
-continues from where it stopped (re-hashing what is already there). Each blob is
+mid-blob is resumed with an HTTP ``Range`` request. Across pulls, only when asked
+(``resume=True``, ``layerfs pull --resume``): a failed pull keeps the ``.partial`` files
+it could continue from (network gone, too slow, Ctrl-C; not a full disk or a digest
+mismatch), and a pull continues a blob's ``.partial`` file from where it stopped
+(re-hashing what is already there). Without it a failed pull removes its partial
+downloads, and a ``.partial`` file it finds (left by a pull killed with -9, which could
+not clean up, or kept by an earlier ``--resume`` pull) is discarded. Each blob is
 checked against its digest and size; a mismatch deletes the staged file and fails the
 pull. The image becomes visible only when every layer is applied
 (:meth:`ImageStore.load_images`): a failed pull leaves no image and no layer behind. Two
@@ -149,7 +153,9 @@ class _Download:
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             offset = os.fstat(fd).st_size
-            if offset > self.size:
+            if offset > self.size or (offset and not src.resume):
+                # Not asked to resume: bytes an earlier pull left are not trusted to be
+                # wanted (a Range request is what the user did not ask for).
                 os.ftruncate(fd, 0)
                 offset = 0
             hasher = hasher_for(self.digest)
@@ -203,20 +209,17 @@ class _Download:
         progress_at = -1    # offset of the last failure: attempts count only without progress
         delay = 0.2
         opts = reg.options
-        # curl's speed limit: at least speed_limit bytes/s over every speed_time window.
-        # The window's end is the deadline of every network wait, so a stall or a
-        # drip fails at the window's end, not at the next byte.
-        window = max(1, int(opts.speed_limit * opts.speed_time))
         slow = (f"slower than {opts.speed_limit} bytes/s for {opts.speed_time:g} s "
-                f"(run the pull again to resume)")
+                f"({src.after_failure})")
         with bounds.deadline(opts.speed_time, slow) as rate:
             assert rate is not None
+            speed = bounds.SpeedLimit(rate, opts.speed_limit, opts.speed_time)
             while offset < self.size:
                 headers = {"Accept-Encoding": "identity"}
                 if offset:
                     headers["Range"] = f"bytes={offset}-"
                 try:
-                    rate.at, window_bytes = time.monotonic() + opts.speed_time, 0
+                    speed.restart()
                     reg.requests += 1
                     with reg.client.stream("GET", url, headers=headers) as r:
                         stream = r.extensions.get("network_stream")
@@ -259,9 +262,7 @@ class _Download:
                             self._grow(len(chunk))
                             if src.progress is not None:
                                 src.progress.advance(key, len(chunk))
-                            window_bytes += len(chunk)
-                            if window_bytes >= window:
-                                window_bytes, rate.at = 0, time.monotonic() + opts.speed_time
+                            speed.count(len(chunk))
                     self._socket = None
                     if offset < self.size:
                         raise _Retry("connection closed early")
@@ -282,7 +283,7 @@ class _Download:
                     if failures > reg.options.retries:
                         raise RegistryError(f"download failed at byte {offset} of {self.size}: "
                                             f"{transport_message(err)} ({failures} attempts "
-                                            f"without progress; run the pull again to resume)"
+                                            f"without progress; {src.after_failure})"
                                             ) from err
                     log.info("%s: %s at byte %d; resuming", what, transport_message(err), offset)
                     src.resumes += 1
@@ -401,8 +402,12 @@ class RemoteSource:
 
     def __init__(self, images: ImageStore, registry: Registry, ref: RemoteReference,
                  layers: Sequence[oci.LayerToLoad], chains: Sequence[str],
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, *, resume: bool = False) -> None:
         self.images = images
+        self.resume = resume
+        #: What becomes of a download cut off for good (the end of its error message).
+        self.after_failure = ("pull again with --resume to continue from there" if resume
+                              else "the partial download is removed, --resume would keep it")
         self.registry = registry
         self.ref = ref
         self.description = f"{ref.registry}/{ref.repository}"
@@ -528,10 +533,10 @@ class RemoteSource:
         return None
 
     def close(self, success: bool) -> None:
-        """Stop downloads, close files; remove staged blobs that are no longer needed
-        (all, after a success; after a failure, the ones whose layer got stored anyway,
-        and those with nothing to resume from: no bytes kept, a digest mismatch, a full
-        disk — the rest stay for the next pull to resume)."""
+        """Stop downloads, close files; remove staged blobs that are no longer needed:
+        all after a success, and all after a failure unless asked to ``resume``; then
+        only the rest stay (layer not stored, bytes kept: not a digest mismatch or a full
+        disk, which removed theirs) for a later ``resume`` pull to continue."""
         for job in self._all_jobs:
             job.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -543,7 +548,7 @@ class RemoteSource:
                 job.read_fd = -1
         for digest in {job.digest for job in self._all_jobs}:
             job = self._jobs[digest]
-            if not success and self._needed(digest)() and _resumable(job):
+            if not success and self.resume and self._needed(digest)() and _resumable(job):
                 continue
             with blob_lock(job.lock_path, wait=False) as held:
                 if not held:
@@ -639,13 +644,17 @@ def _read_image(reg: Registry, ref: RemoteReference, manifest: Manifest, platfor
 
 def pull(images: ImageStore, reference: str | RemoteReference, *,
          platform: str | None = None, options: RegistryOptions | None = None,
-         progress: Progress | None = None,
+         resume: bool = False, progress: Progress | None = None,
          report: Callable[[str], None] | None = None) -> PullResult:
     """Pull an image into the store: ``REGISTRY/REPO:TAG`` or ``REGISTRY/REPO@DIGEST``.
 
     A tag becomes the local name (``127.0.0.1:5000/lab/app:v1``, Docker Hub names
     short); a pull by digest alone leaves the image untagged. ``report`` gets
-    one line per step (``abc123: Already exists``, ``abc123: Pull complete``)."""
+    one line per step (``abc123: Already exists``, ``abc123: Pull complete``).
+
+    ``resume``: if the pull fails in a way a later pull can continue from (network,
+    speed limit, interrupted), keep the partial downloads; and continue from partial
+    downloads found in the root. Without it nothing partial is kept or reused."""
     ref = reference if isinstance(reference, RemoteReference) else \
         RemoteReference.parse(reference)
     opts = options or RegistryOptions()
@@ -664,7 +673,7 @@ def pull(images: ImageStore, reference: str | RemoteReference, *,
         before = None
         if ref.local_name and images.exists(ref.local_name):
             before = images.resolve(ref.local_name)
-        source = RemoteSource(images, reg, ref, todo.layers, chains, progress)
+        source = RemoteSource(images, reg, ref, todo.layers, chains, progress, resume=resume)
         success = False
         try:
             started = source.start()

@@ -26,6 +26,7 @@ from .auth import Credentials, CredentialStore, RegistryAuth, registry_host
 from .errors import (
     RegistryError,
     RegistryNotFound,
+    TooSlow,
     Unauthorized,
     error_detail,
     ssl_error,
@@ -63,10 +64,11 @@ class RegistryOptions:
     max_concurrent: int = 3
     timeout: float = 60.0     # per connect, read or write
     #: Whole request, retries and body included (manifests, configs, tokens, uploads'
-    #: steps; not the bytes of a blob, which have the rate below instead).
+    #: steps and the answer to an upload; not the bytes of a blob, which have the rate
+    #: below instead).
     deadline: float = 300.0
-    #: A blob download slower than ``speed_limit`` bytes/s for ``speed_time`` seconds
-    #: fails (curl's --speed-limit / --speed-time).
+    #: A blob download or upload slower than ``speed_limit`` bytes/s for ``speed_time``
+    #: seconds fails (curl's --speed-limit / --speed-time), without another attempt.
     speed_limit: int = 1024
     speed_time: float = 30.0
 
@@ -177,18 +179,27 @@ class Registry:
                 url: str | None = None,
                 max_body: int = bounds.SMALL_BODY_MAX) -> httpx.Response:
         """One request with retries (transport errors, 5xx, 429) for idempotent methods,
-        over within ``options.deadline`` (an upload's body aside), its body read whole
-        but refused beyond ``max_body`` bytes.
+        over within ``options.deadline``, its body read whole but refused beyond
+        ``max_body`` bytes. A streamed ``content`` (a blob upload) is held to the speed
+        limit instead while it is sent, and its answer to ``options.deadline`` after.
 
         A status not in ``expect`` raises a one-line error naming ``what``."""
         target = url or self.url(path)
         attempts = 1 + (self.options.retries if retry else 0)
         delay = 0.2
-        # A streamed upload takes as long as its size needs; its other steps do not.
-        seconds = None if content is not None and not isinstance(content, bytes) \
-            else self.options.deadline
-        reason = f"no complete answer within {seconds:g} s" if seconds else ""
-        with bounds.deadline(seconds, reason) as current:
+        opts = self.options
+        answer = f"no complete answer within {opts.deadline:g} s"
+        # A streamed upload takes as long as its size needs, but no slower than the speed
+        # limit while it is sent; then its answer has the deadline any answer has.
+        streamed = content is not None and not isinstance(content, bytes)
+        slow = f"slower than {opts.speed_limit} bytes/s for {opts.speed_time:g} s"
+        with bounds.deadline(opts.speed_time if streamed else opts.deadline,
+                             slow if streamed else answer) as current:
+            if streamed:
+                assert current is not None
+                content = bounds.PacedBody(
+                    content, bounds.SpeedLimit(current, opts.speed_limit, opts.speed_time),
+                    opts.deadline, answer)
             for attempt in range(attempts):
                 try:
                     self.requests += 1
@@ -353,7 +364,7 @@ class Registry:
                                  retry=False, headers={"Content-Length": "0"})
             except RegistryError as err:
                 location = None
-                transient = not isinstance(err, Unauthorized | RegistryNotFound) and \
+                transient = not isinstance(err, Unauthorized | RegistryNotFound | TooSlow) and \
                     isinstance(err.__cause__, httpx.TransportError)
                 if transient and attempt + 1 < attempts:
                     time.sleep(min(0.2 * 2 ** attempt, 5.0))

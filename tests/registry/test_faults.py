@@ -1,7 +1,8 @@
 """Pulls that go wrong: a connection cut mid-blob (resumed with Range), a pull killed
-mid-layer (the next one resumes from the staged partial file), a registry that keeps
-failing (gives up, keeps the partial), and registries serving wrong bytes (rejected with
-a digest mismatch, nothing left behind)."""
+mid-layer (with ``--resume`` the next ``--resume`` pull continues from the staged partial
+file; otherwise the partial is discarded), a registry that keeps failing (gives up; keeps
+the partial only when asked), and registries serving wrong bytes (rejected with a digest
+mismatch, nothing left behind)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, Fault, FaultProxy
 
-from ..daemons import cli_env, cli_settle
+from ..daemons import CliMode, cli_env, cli_settle
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
@@ -90,9 +91,10 @@ def test_a_registry_that_keeps_failing_gives_up_and_the_next_pull_resumes(
     with pytest.raises(RegistryError, match=rf"^{proxy.host}/faults/big: layer {big_image.blob}"
                                             rf": download failed at byte {cut} of "
                                             rf"{big_image.size}: HTTP 503 \(3 attempts without "
-                                            r"progress; run the pull again to resume\)$"):
+                                            r"progress; pull again with --resume to continue "
+                                            r"from there\)$"):
         pull(images, f"{proxy.host}/{big_image.repo}",
-             options=RegistryOptions(insecure=True, retries=2))
+             options=RegistryOptions(insecure=True, retries=2), resume=True)
     after = snapshot(images)
     staged = after.pop("scratch")
     before.pop("scratch")
@@ -102,23 +104,49 @@ def test_a_registry_that_keeps_failing_gives_up_and_the_next_pull_resumes(
     assert staged == ["registry-blobs"]
 
     proxy.clear()
-    result = pull(images, f"{proxy.host}/{big_image.repo}", options=INSECURE)
+    result = pull(images, f"{proxy.host}/{big_image.repo}", options=INSECURE, resume=True)
     assert result.image.id == big_image.id
     assert big_blob_gets(proxy, big_image) == [(f"bytes={cut}-", big_image.size - cut)]
     assert result.downloaded_bytes < big_image.size
     assert staged_blobs(images) == []
 
 
-@pytest.mark.usefixtures("cli_mode")
+def test_a_failed_pull_not_asked_to_resume_removes_its_partial_blob(
+        images: ImageStore, proxy: FaultProxy, big_image: BigImage) -> None:
+    cut = 2 << 20
+    proxy.add(Fault(path=big_image.blob, cut_after=cut))
+    proxy.add(Fault(path=big_image.blob, status=503, times=100))
+    with pytest.raises(RegistryError, match=rf"download failed at byte {cut} of "
+                                            rf"{big_image.size}: HTTP 503 \(3 attempts without "
+                                            r"progress; the partial download is removed, "
+                                            r"--resume would keep it\)$"):
+        pull(images, f"{proxy.host}/{big_image.repo}",
+             options=RegistryOptions(insecure=True, retries=2))
+    assert staged_blobs(images) == []
+    assert not (images.scratch / "registry-blobs").exists(), "a lock file was left"
+
+    proxy.clear()
+    assert pull(images, f"{proxy.host}/{big_image.repo}", options=INSECURE).image.id == \
+        big_image.id
+    assert big_blob_gets(proxy, big_image) == [(None, big_image.size)]
+
+
+@pytest.mark.parametrize(("killed", "then"), [("--resume", "--resume"), ("", ""),
+                                              ("--resume", "")],
+                         ids=["asked", "not-asked", "kept-but-not-asked-again"])
 def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProxy,
-                                                big_image: BigImage) -> None:
+                                                big_image: BigImage, killed: str,
+                                                then: str, cli_mode: CliMode) -> None:
+    """A pull killed with -9 cannot clean up: the next pull continues its partial blob
+    only if both were asked to (``--resume``); otherwise it starts that blob afresh."""
     root = tmp_path / "root"
     open_overlay2(root).layers.close()
     stall = 5 << 20
     fault = proxy.add(Fault(path=big_image.blob, stall_after=stall))
     ref = f"{proxy.host}/{big_image.repo}"
     proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
-                             "overlay2", "pull", "-q", "--insecure", ref],
+                             "overlay2", "pull", "-q", "--insecure", *filter(None, [killed]),
+                             ref],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, **cli_env(root)))
     try:
@@ -137,16 +165,22 @@ def test_a_killed_pull_resumes_where_it_stopped(tmp_path: Path, proxy: FaultProx
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    have = partial.stat().st_size
-    assert have >= stall
+    # Through a daemon the pull's worker outlives the kill and cleans up as any failed
+    # pull does: without --resume nothing stays. In process, kill -9 leaves the partial.
+    have = partial.stat().st_size if partial.exists() else 0
+    assert have >= stall or (not killed and cli_mode.name == "daemon")
 
     proxy.clear()
     images = open_overlay2(root)      # recovers what the killed pull left in the store
     try:
         assert images.images() == []
-        result = pull(images, ref, options=INSECURE)
+        result = pull(images, ref, options=INSECURE, resume=bool(then))
         assert result.image.id == big_image.id
-        assert big_blob_gets(proxy, big_image) == [(f"bytes={have}-", big_image.size - have)]
+        if then:
+            assert big_blob_gets(proxy, big_image) == [(f"bytes={have}-",
+                                                        big_image.size - have)]
+        else:
+            assert big_blob_gets(proxy, big_image) == [(None, big_image.size)]
         assert read_big_file(images, ref) == big_image.content
         assert staged_blobs(images) == []
         assert snapshot(images)["leases"] == 0
@@ -236,12 +270,14 @@ def test_a_corrupted_manifest_is_rejected(images: ImageStore, proxy: FaultProxy,
 
 
 @pytest.mark.usefixtures("cli_mode")
-def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob(
-        tmp_path: Path, proxy: FaultProxy, big_image: BigImage) -> None:
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
+def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob_if_asked(
+        tmp_path: Path, proxy: FaultProxy, big_image: BigImage, resume: bool) -> None:
     root = tmp_path / "root"
     fault = proxy.add(Fault(path=big_image.blob, stall_after=3 << 20))
     proc = subprocess.Popen([sys.executable, "-m", "layerfs", "--root", str(root), "--driver",
                              "overlay2", "pull", "-q", "--insecure",
+                             *(["--resume"] if resume else []),
                              f"{proxy.host}/{big_image.repo}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **cli_env(root)))
@@ -265,6 +301,9 @@ def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob(
         assert state["images"] == state["chains"] == state["layers"] == []
         assert state["leases"] == 0
         partial = [p for p in staged_blobs(images) if p.name.endswith(".partial")]
-        assert len(partial) == 1 and partial[0].stat().st_size >= 3 << 20
+        if resume:
+            assert len(partial) == 1 and partial[0].stat().st_size >= 3 << 20
+        else:
+            assert staged_blobs(images) == []
     finally:
         close_images(images)

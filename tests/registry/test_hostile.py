@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from layerfs import oci
 from layerfs.digests import sha256_digest
 from layerfs.distribution import Credentials, CredentialStore
 from layerfs.testing import images as timg
-from tests.support.registry import HostileRegistry, Route, TestCA, drip, endless, reply
+from tests.support.registry import HostileRegistry, Route, TestCA, drip, endless, reply, sip
 
 MEMORY = 512 << 20
 USER, PASSWORD = "alice", "hostile-realm-7f3a"
@@ -175,9 +176,66 @@ def test_a_blob_slower_than_the_speed_limit_fails(tmp_path: Path, image: Image) 
     with HostileRegistry(image.routes(layer=drip(raw, 0.05))) as reg:
         proc, took = pull_cli(tmp_path / "root", f"{reg.host}/lab/app:1", "--insecure",
                               "--speed-limit", "1000", "--speed-time", "2")
-    assert_one_line_failure(proc, "slower than 1000 bytes/s for 2 s")
+    assert_one_line_failure(proc, "slower than 1000 bytes/s for 2 s",
+                            "the partial download is removed")
     assert took < 30
     assert_no_image(tmp_path / "root")
+    assert _staged(tmp_path / "root") == [], "a partial blob was kept without --resume"
+
+
+def test_an_upload_read_slower_than_the_speed_limit_fails(tmp_path: Path) -> None:
+    """A registry that takes a pushed layer 1 KiB per 0.1 s: the upload fails at the
+    speed limit, as a download does (the layer is bigger than the loopback socket buffers,
+    so the client's writes do block)."""
+    big = Image(timg.LayerTar().file("big", os.urandom(24 << 20)).bytes())
+    archive = timg.build_image(tmp_path / "big.tar", [big.layer], name="big:1", cmd=["sh"])
+    root = tmp_path / "root"
+    assert _cli(root, "load", "-q", "-i", str(archive.path)).returncode == 0
+    routes: dict[str, Route] = {
+        r"^/v2/$": lambda h: reply(h, 200, b"{}"),
+        r"/blobs/uploads/$": lambda h: reply(h, 202, b"", {"Location": h.path + "u1"}),
+        r"/blobs/uploads/u1$": lambda h: (sip(0.1) if h.command == "PATCH" else
+                                          lambda h: reply(h, 201))(h),
+    }
+    with HostileRegistry(routes) as reg:
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root),
+                               "--driver", "vfs", "push", "--insecure", "--compression", "none",
+                               "--speed-limit", "100000", "--speed-time", "2", "big:1",
+                               f"{reg.host}/lab/big:1"], capture_output=True, text=True,
+                              timeout=60, preexec_fn=_limit_memory,
+                              env=dict(os.environ, COLUMNS="5000"))
+        took = time.monotonic() - start
+    assert_one_line_failure(proc, "upload of", "slower than 100000 bytes/s for 2 s")
+    assert took < 20
+    # Final, as a slow download is: no second attempt at the same pace (the config's
+    # small upload is the other PATCH).
+    assert sum(r.method == "PATCH" for r in reg.seen) <= 2
+
+
+def test_an_upload_never_answered_hits_the_deadline(tmp_path: Path, image: Image) -> None:
+    """The registry takes the whole upload, then drips its answer: the answer has the
+    request deadline (--max-time) as any other answer has."""
+    archive = timg.build_image(tmp_path / "app.tar", [image.layer], name="app:1", cmd=["sh"])
+    root = tmp_path / "root"
+    assert _cli(root, "load", "-q", "-i", str(archive.path)).returncode == 0
+
+    def take_then_drip(h: Any) -> None:
+        h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        drip(b"HTTP/1.1 202 Accepted\r\n", 0.2)(h)
+
+    routes: dict[str, Route] = {
+        r"^/v2/$": lambda h: reply(h, 200, b"{}"),
+        r"/blobs/uploads/$": lambda h: reply(h, 202, b"", {"Location": h.path + "u1"}),
+        r"/blobs/uploads/u1$": take_then_drip,
+    }
+    with HostileRegistry(routes) as reg:
+        start = time.monotonic()
+        proc = _cli(root, "push", "--insecure", "--max-time", "3", "app:1",
+                    f"{reg.host}/lab/app:1")
+        took = time.monotonic() - start
+    assert_one_line_failure(proc, "upload of", "no complete answer within 3 s")
+    assert took < 20
 
 
 # --- item 9: redirect loops -----------------------------------------------------------------

@@ -785,6 +785,21 @@ def drip(raw: bytes, every: float) -> Route:
     return route
 
 
+def sip(every: float, size: int = 1024, *, over: int = 1 << 20) -> Route:
+    """An upload step that reads a request body longer than ``over`` bytes ``size`` bytes
+    per ``every`` seconds, forever (never answers); a shorter body is read whole and
+    accepted (202 with a Location), so other uploads go through."""
+    def route(h: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        if length <= over:
+            h.rfile.read(length)
+            reply(h, 202, b"", {"Location": h.path})
+            return
+        while h.rfile.read(size):
+            time.sleep(every)
+    return route
+
+
 __all__ = ["CertPair", "Distribution", "Fault", "FaultProxy", "HostileRegistry", "ProxiedRequest",
            "Route", "SeenRequest", "TestCA", "TokenServer", "drip", "endless", "free_port",
-           "htpasswd_line", "reply", "unavailable"]
+           "htpasswd_line", "reply", "sip", "unavailable"]
