@@ -292,12 +292,30 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _rename_replacing(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``, removing whatever ``dst`` is first (mv -T without the
+    copy), all or nothing: a union filesystem may refuse to move a directory from a
+    lower layer (EXDEV: aufs without dirren, overlay without redirect_dir), so ``src``
+    is first moved aside in its own directory, where that refusal comes before
+    ``dst`` is gone. A caller that skips the failed edit on another tree then keeps
+    the two trees equal."""
+    if not os.path.lexists(dst):
+        os.rename(src, dst)
+        return
+    aside = os.path.join(os.path.dirname(src), f".moving-{os.path.basename(src)}")
+    os.rename(src, aside)
+    _remove(dst)
+    os.rename(aside, dst)
+
+
 def apply_edit(root: Path | str, edit: Edit) -> str | None:
     """Perform ``edit`` under ``root``; return a short description, or None if skipped.
 
     Edits choose their targets among the paths that exist now, so any sequence
     of edits is valid on any tree; an edit that does not apply (a chown of
-    nothing, a hardlink to a directory) is skipped.
+    nothing, a hardlink to a directory) is skipped. A rename that raises has
+    changed nothing (a union filesystem's EXDEV): callers that replay edits in
+    lockstep on two trees can skip it on both.
     """
     base = os.fspath(root)
     paths = list_paths(base)
@@ -375,9 +393,7 @@ def apply_edit(root: Path | str, edit: Edit) -> str | None:
     elif kind == "rename":
         if new == tpath or new.startswith(tpath + "/") or tpath.startswith(new + "/"):
             return None
-        if os.path.lexists(new):
-            _remove(new)
-        os.rename(tpath, new)
+        _rename_replacing(tpath, new)
     elif kind == "delete":
         _remove(tpath)
     elif kind == "file_to_dir":

@@ -240,6 +240,52 @@ def test_lower_directories_are_exdev_by_default(kind: str, tmp_path: Path,
         assert listing(s.mnt) == {"empty", "full", "made2"}
 
 
+def branch_tree(branch: Path) -> dict[str, Any]:
+    """A branch as it is on disk, whiteouts and markers included, with modes and times."""
+    out: dict[str, Any] = {}
+    for dirpath, dirs, files in os.walk(branch):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            out[str(path.relative_to(branch))] = (st.st_mode, st.st_uid, st.st_mtime_ns,
+                                                  st.st_size, st.st_nlink)
+    return out
+
+
+def test_an_exdev_rename_changes_nothing(kind: str, tmp_path: Path,
+                                         cleanup: list[Stack]) -> None:
+    """A rename that fails with EXDEV leaves the union and its top branch as they were: no
+    copy-up, no whiteout, no target removed (the one-answer property test saw a target
+    vanish on aufs: the edit had removed it before the rename)."""
+    s = make_stack(kind, tmp_path, dirren=False)
+    cleanup.append(s)
+    put(s.lowers[1], "ldir/f", b"f")
+    put(s.lowers[0], "ldir/g", b"g")
+    put(s.lowers[1], "lempty", None)
+    put(s.lowers[1], "lfile", b"L")
+    with s:
+        m = s.mnt
+        (m / "tfile").write_bytes(b"T")
+        os.makedirs(m / "tdir")
+        os.makedirs(m / "sub/deeper")
+        before, top_before = tree(m), branch_tree(s.top)
+        for target, flags in (("ldir2", 0), ("sub/ldir", 0), ("tdir", 0), ("lempty", 0),
+                              ("tdir", RENAME_NOREPLACE), ("sub/new", RENAME_WHITEOUT),
+                              ("tfile", RENAME_EXCHANGE), ("lfile", RENAME_EXCHANGE),
+                              ("tdir", RENAME_EXCHANGE)):
+            got = renameat2(m / "ldir", m / target, flags)
+            if flags & RENAME_NOREPLACE:
+                assert got == errno.EEXIST, target
+            elif flags & RENAME_WHITEOUT and kind == "overlay":
+                assert got == errno.EINVAL, target  # overlay has no RENAME_WHITEOUT
+            else:
+                assert got == errno.EXDEV, (target, flags)
+            assert tree(m) == before, (target, flags)
+            assert branch_tree(s.top) == top_before, (target, flags)
+        # The lower directory's contents were not copied up, its parts still show.
+        assert listing(m / "ldir") == {"f", "g"}
+
+
 def _dirren_suite(s: Stack) -> None:
     l1, l2 = s.lowers
     for rel, data in (("pop/a", b"a"), ("pop/sub/b", b"b"), ("empty", None), ("mv/x", b"x"),
