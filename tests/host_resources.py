@@ -89,3 +89,21 @@ def wait_gone(pid: int, timeout: float = 60) -> None:
             raise TimeoutError(f"process {pid} still running after {timeout} s")
     finally:
         os.close(pidfd)
+
+
+def sweep_dead_sessions(scratch: Path) -> None:
+    """Remove ``scratch/<pid>`` and ``scratch/docker-<pid>`` of test sessions that died
+    without their teardown (killed): unmount what their dockerd left there (it bind-mounts
+    its data root), then delete. Only folders of processes that no longer exist, by name."""
+    import shutil
+
+    from layerfs import mount as mountlib
+
+    if not scratch.is_dir():
+        return
+    for entry in scratch.iterdir():
+        pid = entry.name.removeprefix("docker-")
+        if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        mountlib.unmount_all_under(entry)
+        shutil.rmtree(entry, ignore_errors=True)

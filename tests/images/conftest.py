@@ -27,6 +27,7 @@ from layerfs.testing.conformance import close_and_check
 
 from ..conftest import NATIVE_DRIVERS, root_for
 from ..dm_fixtures import options_for
+from ..host_resources import sweep_dead_sessions
 from ..support import timeouts
 
 SCRATCH = Path("/tmp/lfs-images")
@@ -39,6 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def scratch() -> Iterator[Path]:
+    sweep_dead_sessions(SCRATCH)
     path = SCRATCH / str(os.getpid())
     path.mkdir(parents=True, exist_ok=True)
     yield path
@@ -173,6 +175,7 @@ def docker_daemon() -> Iterator[DockerDaemon]:
     reason = DockerDaemon.unavailable()
     if reason:
         pytest.skip(f"docker interop: {reason}")
+    sweep_dead_sessions(SCRATCH)
     # Short path: containerd's socket lives under the exec root (sun_path is 108 bytes).
     daemon = DockerDaemon(SCRATCH / f"docker-{os.getpid()}")
     daemon.start()

@@ -28,6 +28,7 @@ from tests.support import registry as treg
 
 from ..conftest import root_for
 from ..daemons import cli_env
+from ..host_resources import sweep_dead_sessions
 from ..images.conftest import IMAGE_DRIVERS, image_store, open_images_or_skip
 from ..support import timeouts
 
@@ -45,6 +46,7 @@ def reg_scratch() -> Iterator[Path]:
     reason = treg.unavailable()
     if reason:
         pytest.skip(f"registry tests: {reason}")
+    sweep_dead_sessions(SCRATCH)
     path = SCRATCH / str(os.getpid())
     path.mkdir(parents=True, exist_ok=True)
     yield path

@@ -23,6 +23,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution
 
+from ..host_resources import sweep_dead_sessions
 from ..images.conftest import run_image
 from ..images.test_interop_docker import DOCKERFILE, SHOW, docker_run
 from .conftest import SCRATCH, Samples
@@ -35,6 +36,7 @@ def docker(plain_registry: Distribution) -> Iterator[DockerDaemon]:
     reason = DockerDaemon.unavailable()
     if reason:
         pytest.skip(f"docker interop: {reason}")
+    sweep_dead_sessions(SCRATCH)
     # Short path: containerd's socket lives under the exec root (sun_path is 108 bytes).
     daemon = DockerDaemon(SCRATCH / f"docker-{os.getpid()}",
                           extra_args=("--insecure-registry", plain_registry.host))

@@ -749,15 +749,10 @@ def remove_leftovers(lab_dir: Path, before: Snapshot, sessions: Iterable[int]) -
     """Undo what a lab left (only what it made: below LAB_DIR, or new since it started)."""
     for sid in sessions:
         _kill_session(sid)
-    for target, _fstype, source in sorted(_mounts(), key=lambda m: -len(m[0])):
-        if _under(target, lab_dir) or _under(source, lab_dir):
-            subprocess.run(["umount", "-l", target], capture_output=True)
+    _unmount_and_detach_under(lab_dir)
     now = Snapshot.take()
     for name in sorted(now.dm - before.dm, reverse=True):
         subprocess.run(["dmsetup", "remove", "--force", name], capture_output=True)
-    for dev, backing in _loops().items():
-        if _under(backing.removesuffix(" (deleted)"), lab_dir):
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
     for ns in sorted(now.netns - before.netns):
         if ns.startswith(LAB_NAME_PREFIXES):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
@@ -770,6 +765,17 @@ def remove_leftovers(lab_dir: Path, before: Snapshot, sessions: Iterable[int]) -
         for sub in sorted(Path(cg).glob("**/"), key=lambda p: -len(str(p))):
             with contextlib.suppress(OSError):
                 os.rmdir(sub)
+
+
+def _unmount_and_detach_under(lab_dir: Path) -> None:
+    """Mounts below LAB_DIR (or of a source there), then loop devices backed by a file
+    there: what ``rm -rf --one-file-system`` cannot remove."""
+    for target, _fstype, source in sorted(_mounts(), key=lambda m: -len(m[0])):
+        if _under(target, lab_dir) or _under(source, lab_dir):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+    for dev, backing in _loops().items():
+        if _under(backing.removesuffix(" (deleted)"), lab_dir):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 def _delete_nft_rules(rules: set[str]) -> None:
@@ -902,6 +908,8 @@ def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool,
         else:
             for sid in sessions:
                 _kill_session(sid)
+            # Also on Ctrl-C or a failure mid-lab, when remove_leftovers did not run.
+            _unmount_and_detach_under(lab_dir)
             subprocess.run(["rm", "-rf", "--one-file-system", str(lab_dir)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     result = LabResult(str(lab.path), lab.title, results, round(time.monotonic() - t0, 2),
