@@ -157,8 +157,8 @@ class ForkServer:
 
 # --- the zygote --------------------------------------------------------------------------------
 
-def reap_children(signum: int = 0, frame: object = None) -> None:
-    """Reap every child that has exited, without waiting (also a SIGCHLD handler)."""
+def reap_children() -> None:
+    """Reap every child of this process that has exited, without waiting."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -240,7 +240,10 @@ def serve(fd: int) -> int:
     unionfs.warm_up()
     sock = socket.socket(fileno=fd)
     spare: _Spare | None
-    signal.signal(signal.SIGCHLD, reap_children)
+    # SIGCHLD ignored: the kernel reaps the servers as they exit. (A Python SIGCHLD handler
+    # that reaps left a zombie when the signal came between the interpreter's last check
+    # and the blocking recvmsg: the handler then waits for the next request.)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # objects of the warm-up stay shared with the servers (fewer COW faults)
     spare = _Spare(sock)
@@ -281,8 +284,8 @@ def serve(fd: int) -> int:
     if spare is not None:
         spare.discard()
     sock.close()
-    # The owner is gone: wait for the servers (their mounts are still live).
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # The owner is gone: wait for the servers (their mounts are still live). With SIGCHLD
+    # ignored, wait() blocks until every child has exited, then fails with ECHILD.
     while True:
         try:
             os.wait()
