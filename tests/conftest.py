@@ -20,6 +20,7 @@ from layerfs.layers import LayerStore
 from layerfs.testing.conformance.fixtures import DriverFactory, open_or_skip
 
 from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
+from .vm.background import background_guests, run_guest_tests_last  # noqa: F401  (autouse)
 
 # The suite's fixtures (store, capabilities, ...); driver_name, layer_root and
 # driver_factory are overridden below.
@@ -28,6 +29,13 @@ pytest_plugins = ["layerfs.testing.conformance.fixtures"]
 ALL_DRIVERS = sorted(plugins.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
 NATIVE_DRIVERS = [d for d in ALL_DRIVERS if d != "devicemapper"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The qemu guest runs start in the background with the session; their tests wait
+    # for them, so they go last (tests/vm/background.py).
+    run_guest_tests_last(items)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

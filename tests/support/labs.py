@@ -75,11 +75,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from layerfs import mount as mountlib
 
 from ..host_resources import wait_gone
+
+if TYPE_CHECKING:
+    from . import qemu as qemu_types
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABS_DIR = REPO_ROOT / "docs" / "labs"
@@ -920,38 +923,54 @@ def _run_here(lab: Lab, base: Path, *, echo: TextIO | None, keep: bool,
     return result
 
 
+def guest_command(lab: Lab, *, quiet: bool = True) -> tuple[list[str], float, str]:
+    """What runs ``lab`` in the qemu guest: the command, its timeout and the disk size.
+    The command writes the lab's result to ``lab.json`` in the guest's results folder."""
+    from . import qemu
+
+    timeout = float(lab.meta.get("guest-timeout", 0) or lab.budget + 60)
+    python = REPO_ROOT / ".venv" / "bin" / "python"
+    argv = [str(python), "-m", "tests.support.labs", "--here", "--json",
+            f"{qemu.GUEST_RESULTS}/lab.json", str(lab.path.resolve())]
+    if quiet:
+        argv.insert(4, "--quiet")
+    return argv, timeout, lab.meta.get("guest-disk", "4G")
+
+
+GUEST_ENV = {"LAB_BASE": "/tmp/lfs-labs"}
+
+
+def result_from_guest(lab: Lab, guest: qemu_types.GuestResult, results: Path,
+                      seconds: float) -> LabResult:
+    """The lab's result from a guest run of :func:`guest_command` (results in ``results``)."""
+    out = results / "lab.json"
+    if not out.exists():
+        why = "timed out" if guest.timed_out else f"exit status {guest.returncode}"
+        return LabResult(str(lab.path), lab.title, [], round(seconds, 2),
+                         where="guest", boot_seconds=guest.boot_seconds,
+                         error=f"the guest wrote no lab result ({why}):\n"
+                               + guest.output[-6000:])
+    result = LabResult.from_json(json.loads(out.read_text()))
+    result.path = str(lab.path)
+    result.where = "guest"
+    result.boot_seconds = guest.boot_seconds
+    result.seconds = round(seconds, 2)
+    return result
+
+
 def _run_in_guest(lab: Lab, *, echo: TextIO | None) -> LabResult:
     from . import qemu
 
     t0 = time.monotonic()
-    timeout = float(lab.meta.get("guest-timeout", 0) or lab.budget + 60)
-    python = REPO_ROOT / ".venv" / "bin" / "python"
+    argv, timeout, disk = guest_command(lab, quiet=echo is None)
     with tempfile.TemporaryDirectory(prefix="lab-guest-") as tmp:
-        argv = [str(python), "-m", "tests.support.labs", "--here", "--quiet",
-                "--json", f"{qemu.GUEST_RESULTS}/lab.json", str(lab.path.resolve())]
-        if echo is not None:
-            argv.remove("--quiet")
         try:
-            guest = qemu.run_in_guest(argv, timeout=timeout,
-                                      disk_size=lab.meta.get("guest-disk", "4G"),
-                                      results_dir=tmp, echo=echo is not None, stream=echo,
-                                      env={"LAB_BASE": "/tmp/lfs-labs"})
+            guest = qemu.run_in_guest(argv, timeout=timeout, disk_size=disk, results_dir=tmp,
+                                      echo=echo is not None, stream=echo, env=GUEST_ENV)
         except qemu.GuestError as err:
             return LabResult(str(lab.path), lab.title, [], round(time.monotonic() - t0, 2),
                              where="guest", error=str(err))
-        out = Path(tmp) / "lab.json"
-        if not out.exists():
-            why = "timed out" if guest.timed_out else f"exit status {guest.returncode}"
-            return LabResult(str(lab.path), lab.title, [], round(time.monotonic() - t0, 2),
-                             where="guest", boot_seconds=guest.boot_seconds,
-                             error=f"the guest wrote no lab result ({why}):\n"
-                                   + guest.output[-6000:])
-        result = LabResult.from_json(json.loads(out.read_text()))
-    result.path = str(lab.path)
-    result.where = "guest"
-    result.boot_seconds = guest.boot_seconds
-    result.seconds = round(time.monotonic() - t0, 2)
-    return result
+        return result_from_guest(lab, guest, Path(tmp), time.monotonic() - t0)
 
 
 def discover(directory: Path = LABS_DIR) -> list[Path]:

@@ -682,6 +682,7 @@ def run_in_guest(
     prepared: Prepared | None = None,
     boot_allowance: float = BOOT_ALLOWANCE,
     qemu: str | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> GuestResult:
     """Boot the guest, run ``argv`` as root in ``cwd`` (default: the repo), power off.
 
@@ -692,6 +693,7 @@ def run_in_guest(
     ``results_dir`` (kept) is where junit.xml and the rc land; by default a
     temporary one is used and removed. ``qemu`` (or env ``LAYERFS_QEMU``)
     replaces the qemu binary, which the harness's own tests use to fake a crash.
+    ``on_start`` gets the qemu process as soon as it runs (to kill it from elsewhere).
     The console is echoed line by line to ``stream`` (default sys.stdout) with
     ``prefix`` unless ``echo`` is false; it is kept in the result either way.
     """
@@ -721,6 +723,8 @@ def run_in_guest(
         console = _Console(stream or (sys.stdout if echo else None), prefix)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        if on_start is not None:
+            on_start(proc)
 
         def pump() -> None:
             assert proc.stdout is not None
