@@ -282,6 +282,11 @@ def set_fuse_forker(forker: FuseForker | None) -> FuseForker | None:
     return previous
 
 
+def fuse_forker() -> FuseForker | None:
+    """The forker that FUSE helper mounts go through (None: they run the helper)."""
+    return _fuse_forker
+
+
 def _mount_fuse(m: Mount, tgt: str) -> None:
     if not m.helper:
         raise InvalidArgument(f"FUSE mount {m.source} has no helper command")

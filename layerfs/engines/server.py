@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from layerfs import mount as mountlib
 from layerfs.errors import InvalidArgument, LayerfsError
 from layerfs.layers import LayerStore
 
@@ -52,6 +53,7 @@ def serve(root: str | os.PathLike[str], driver: str | None = None,
     layers = LayerStore.open(root, driver, options)
     stoppers: list[Callable[[], None]] = []
     try:
+        _warm_fuse_mounts(layers, stoppers)
         if snapshotter_socket is not None:
             from .containerd import start_server
             from .snapshots import Snapshots
@@ -78,6 +80,24 @@ def serve(root: str | os.PathLike[str], driver: str | None = None,
             with contextlib.suppress(Exception):
                 stopper()
         layers.close()
+
+
+def _warm_fuse_mounts(layers: LayerStore, stoppers: list[Callable[[], None]]) -> None:
+    """An engine mounts a snapshot per container and per build step: on the FUSE union
+    each would start an interpreter for its server. Unless this process already mounts
+    through a fork server (the daemon's services inherit the daemon's), start one, as
+    the daemon does, for as long as we serve."""
+    make = getattr(layers.driver, "make_fuse_forker", None)
+    if make is None or mountlib.fuse_forker() is not None:
+        return
+    forker = make()
+    mountlib.set_fuse_forker(forker)
+
+    def stop() -> None:
+        mountlib.set_fuse_forker(None)
+        forker.close()
+    stoppers.append(stop)
+    log.info("union mounts: fork server started (pid %d)", forker.pid)
 
 
 # --- as services of `layerfs daemon` (entry point group layerfs.daemon.services) -------------

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import layerfs.engines.containerd  # noqa: F401  (warm: grpcio imported before any fork)
+from layerfs.daemon.union import start_fork_server
 from layerfs.engines import serve
 from layerfs.engines.sockets import listen_unix
 
@@ -50,6 +51,10 @@ def main(zygote_socket: str, driver: str) -> int:
     # The suite runs with umask 0 (it checks the modes it creates); layerfs's own
     # directories should not inherit that.
     os.umask(0o022)
+    # The FUSE union's servers fork from one warm interpreter shared by every scenario's
+    # server, as in the daemon (serve() would otherwise start one per scenario).
+    if driver == "aufs":
+        start_fork_server()
     listener = listen_unix(Path(zygote_socket))
     children: dict[str, int] = {}
     print("ready", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -178,6 +180,31 @@ def test_leftovers_are_reported_and_removed(tmp_path: Path) -> None:
                             text=True).stdout.split()
     assert "lab-leftover" not in mounts
     assert not list((tmp_path / "base").iterdir()), "LAB_DIR was not removed"
+
+
+def test_only_the_labs_own_containers_lose_their_cgroups(tmp_path: Path) -> None:
+    """A cgroup that appeared under the runner's parent during the lab is removed only if
+    it is a container recorded below LAB_DIR; another job's is reported, never removed."""
+    parent = Path("/sys/fs/cgroup/pids/layerfs")
+    ours, theirs = (f"lfstest{os.getpid()}{tag}" for tag in ("ours", "theirs"))
+    created_parent = not parent.exists()
+    try:
+        result = run(tmp_path, f"""\
+            ```sh lab
+            mkdir -p "$LAB_DIR/root/containers/{ours}" {parent}/{ours} {parent}/{theirs}
+            ```
+            """)
+        assert f"cgroup {parent}/{ours}" in result.leftovers, result.leftovers
+        assert f"cgroup {parent}/{theirs}" in result.leftovers, result.leftovers
+        assert not (parent / ours).exists()
+        assert (parent / theirs).exists(), "another job's cgroup was removed"
+    finally:
+        for name in (ours, theirs):
+            with contextlib.suppress(FileNotFoundError):
+                (parent / name).rmdir()
+        if created_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def test_cli_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

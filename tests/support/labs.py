@@ -748,8 +748,31 @@ def find_leftovers(lab_dir: Path, before: Snapshot, sessions: Iterable[int]) -> 
     return found
 
 
+def lab_container_ids(lab_dir: Path, max_depth: int = 4) -> set[str]:
+    """Ids of the containers whose records are in a state directory below LAB_DIR
+    (``.../containers/<id>/``): a container the runner failed to clean up keeps its
+    record, so this names every container whose cgroup or nft rules a lab may leave."""
+    ids: set[str] = set()
+    top = str(lab_dir).rstrip("/")
+    for dirpath, dirnames, _files in os.walk(top):
+        if os.path.basename(dirpath) == "containers":
+            ids.update(dirnames)
+            dirnames[:] = []
+        elif dirpath[len(top):].count("/") >= max_depth:
+            dirnames[:] = []
+    return ids
+
+
+def _rule_container(rule: str) -> str:
+    """The container id in a rule's ``comment "layerfs:<id>"``."""
+    return rule.partition('comment "layerfs:')[2].partition('"')[0]
+
+
 def remove_leftovers(lab_dir: Path, before: Snapshot, sessions: Iterable[int]) -> None:
-    """Undo what a lab left (only what it made: below LAB_DIR, or new since it started)."""
+    """Undo what a lab left: only what it made, by exact name: mounts and loop devices
+    below LAB_DIR, dm devices, netns and veths new since it started (with a lab's
+    names), and the nft rules and cgroups of the containers recorded below LAB_DIR
+    (others' new ones are reported by :func:`find_leftovers`, never removed)."""
     for sid in sessions:
         _kill_session(sid)
     _unmount_and_detach_under(lab_dir)
@@ -762,9 +785,12 @@ def remove_leftovers(lab_dir: Path, before: Snapshot, sessions: Iterable[int]) -
     for link in sorted(now.links - before.links):
         if link.startswith(LAB_NAME_PREFIXES):
             subprocess.run(["ip", "link", "delete", link], capture_output=True)
-    if now.nft - before.nft:
-        _delete_nft_rules(now.nft - before.nft)
-    for cg in sorted(now.cgroups - before.cgroups, key=len, reverse=True):
+    ours = lab_container_ids(lab_dir)
+    rules = {r for r in now.nft - before.nft if _rule_container(r) in ours}
+    if rules:
+        _delete_nft_rules(rules)
+    for cg in sorted((c for c in now.cgroups - before.cgroups if Path(c).name in ours),
+                     key=len, reverse=True):
         for sub in sorted(Path(cg).glob("**/"), key=lambda p: -len(str(p))):
             with contextlib.suppress(OSError):
                 os.rmdir(sub)
