@@ -14,7 +14,8 @@ no process of the container ever execs with the host's python as ``/proc/self/ex
                       load the seccomp filter
                       ──fork──> main process: drop privileges (security.become)
                                  ── execve(helper: layerfs-exec) ── execve(argv)
-                      block signals, keep CAP_KILL ── execve(helper: layerfs-init):
+                      block signals, keep CAP_KILL ── execve(helper: layerfs-init),
+                      which tells the main process it runs (before that execs its program):
                       reap every child, forward signals to the main process,
                       when it exits: report its wait status, exit (the kernel kills the rest)
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,13 +179,19 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
         except (OSError, ValueError):
             continue
 
+    # The main process runs its program only once PID 1 is the helper: until then PID 1 is
+    # a copy of the runner's python, and the program would see the host's python command
+    # line (or, mid-exec, none) as /proc/1/cmdline. The helper closes init_w when it runs.
+    init_r, init_w = os.pipe()
     try:
         pid = os.fork()  # fails with EAGAIN if pids_limit leaves no room for the main process
     except OSError as err:
         report(plan.err_w, "fork", err)
         os._exit(1)
     if pid == 0:
-        _exec_main(plan)
+        os.close(init_w)
+        _exec_main(plan, init_r)
+    os.close(init_r)
     main_pid[0] = pid
     os.close(plan.err_w)
     try:
@@ -191,22 +199,22 @@ def container_main(plan: InitPlan, *, prepared: bool = False) -> NoReturn:
             f.write("-1000")  # the OOM killer should pick the culprit, not the reaper
     except OSError:
         pass  # needs CAP_SYS_RESOURCE in the initial user namespace
-    _become_init(plan, pid)
+    _become_init(plan, pid, init_w)
 
 
-def _become_init(plan: InitPlan, main_pid: int) -> NoReturn:
+def _become_init(plan: InitPlan, main_pid: int, init_w: int) -> NoReturn:
     """Replace this copy of the runner's python with the helper as PID 1 (pid1.c): it
     reaps, forwards signals, follows the runner's liveness pipe and reports the status.
     Signals are blocked first and stay pending across the exec, so none is lost."""
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - _FAULTS)
         security.harden_init()
-        inherited = [fd for fd in (plan.status_w, plan.alive_r) if fd >= 0]
+        inherited = [fd for fd in (plan.status_w, plan.alive_r, init_w) if fd >= 0]
         _sys.close_all_except({*inherited, plan.helper_fd})
         for fd in inherited:
             os.set_inheritable(fd, True)
         os.execve(plan.helper_fd, [INIT_NAME],
-                  {"LAYERFS_INIT": f"{main_pid} {plan.status_w} {plan.alive_r}"})
+                  {"LAYERFS_INIT": f"{main_pid} {plan.status_w} {plan.alive_r} {init_w}"})
     except BaseException:
         pass
     # Without its init the container cannot be run as designed: end it, say so.
@@ -217,11 +225,20 @@ def _become_init(plan: InitPlan, main_pid: int) -> NoReturn:
         os._exit(255)
 
 
-def _exec_main(plan: InitPlan) -> NoReturn:
+#: How long the main process waits for PID 1 to become the helper: an exec of a small
+#: static binary takes a millisecond; a helper built before this handshake never says so.
+INIT_WAIT_MS = 2000
+
+
+def _exec_main(plan: InitPlan, init_r: int) -> NoReturn:
     try:
         security.become(plan.uid, plan.gid, plan.groups, plan.caps, plan.cwd,
-                        keep_fds=frozenset({plan.err_w, plan.helper_fd}),
+                        keep_fds=frozenset({plan.err_w, plan.helper_fd, init_r}),
                         no_new_privs=plan.no_new_privs)
+        poller = select.poll()
+        poller.register(init_r, select.POLLIN)
+        poller.poll(INIT_WAIT_MS)   # EOF (or nothing, from an old helper): go on
+        os.close(init_r)
         helper.exec_through(plan.helper_fd, plan.err_w, list(plan.argv), plan.env)
     except BaseException as err:
         report(plan.err_w, "exec", err)

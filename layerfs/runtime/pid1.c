@@ -16,12 +16,15 @@
  *       sees EOF when PATH runs; if execve fails, one JSON line (the runner's format) goes
  *       to it and the exit code is 127.
  *
- *   argv[0] = "layerfs-init", LAYERFS_INIT="MAIN_PID STATUS_FD ALIVE_FD" in the environment
- *       PID 1 after the main process started: reap every child, forward signals to the
- *       main process, SIGKILL it when the runner's liveness pipe ALIVE_FD (or -1) hangs
- *       up, and when it exits write its raw wait status to STATUS_FD and exit with the
- *       shell-style code (128+N for signal N). The runner blocked the signals before
- *       exec'ing us, so none is lost in between.
+ *   argv[0] = "layerfs-init", LAYERFS_INIT="MAIN_PID STATUS_FD ALIVE_FD INIT_FD" in the
+ *       environment
+ *       PID 1 after the main process started. First close INIT_FD (or -1): the main
+ *       process waits for that EOF before it runs its program, so the program never sees
+ *       PID 1 as the runner's python (whose command line names the host's paths). Then
+ *       reap every child, forward signals to the main process, SIGKILL it when the
+ *       runner's liveness pipe ALIVE_FD (or -1) hangs up, and when it exits write its raw
+ *       wait status to STATUS_FD and exit with the shell-style code (128+N for signal N).
+ *       The runner blocked the signals before exec'ing us, so none is lost in between.
  *
  * Anything else (e.g. the kernel running us as the interpreter of "#!/proc/self/exe")
  * exits 126 with a message: this program never runs what it is not told to.
@@ -92,9 +95,9 @@ static void runner_check(int alive_fd, pid_t main_pid) {
 
 static int init_main(void) {
     const char *params = getenv("LAYERFS_INIT");
-    int main_pid = 0, status_fd = -1, alive_fd = -1;
-    if (!params || sscanf(params, "%d %d %d", &main_pid, &status_fd, &alive_fd) != 3 ||
-            main_pid <= 0) {
+    int main_pid = 0, status_fd = -1, alive_fd = -1, init_fd = -1;
+    if (!params || sscanf(params, "%d %d %d %d", &main_pid, &status_fd, &alive_fd,
+                          &init_fd) < 3 || main_pid <= 0) {
         dprintf(2, "layerfs-init: LAYERFS_INIT is missing or malformed\n");
         return 126;
     }
@@ -111,6 +114,8 @@ static int init_main(void) {
     sigdelset(&waited, SIGTRAP);
     sigdelset(&waited, SIGSYS);
     sigprocmask(SIG_BLOCK, &waited, NULL);
+    if (init_fd >= 0)
+        close(init_fd);   /* we run: the main process may exec its program now */
 
     if (alive_fd >= 0) {
         /* The kernel signals the readers of a pipe when its last writer goes away. */

@@ -58,6 +58,17 @@ def test_pid1_is_the_init_and_host_pid_differs(rootfs: Path, state: Path,
     assert int(lines[3]) <= 4                  # init, sh, ls, grep: nothing of the host
 
 
+def test_the_program_never_sees_pid1_before_it_is_the_init(rootfs: Path, state: Path,
+                                                           config: RuntimeConfig) -> None:
+    """The main process's first read of /proc/1/cmdline already names the init: PID 1
+    execs the helper before the program runs (never the runner's python command line,
+    never the empty one of an exec in progress)."""
+    for i in range(20):
+        c, out = start_logged(sh(rootfs, "cat /proc/1/cmdline"), state, config)
+        assert c.wait().code == 0
+        assert out.read_bytes() == b"layerfs-init\0", (i, out.read_bytes())
+
+
 def test_hostname_and_every_namespace_is_new(rootfs: Path, state: Path,
                                              config: RuntimeConfig) -> None:
     kinds = ["ipc", "mnt", "net", "pid", "uts", "cgroup", "user"]
