@@ -128,14 +128,15 @@ def _read_only(path: str | None) -> bool:
         return False
 
 
-def _nearly_full(path: str | None) -> bool:
+def _nearly_full(root: str | None) -> bool:
     # sqlite reports a write that found no space as "disk I/O error" when it was the
-    # WAL index that could not grow: look at the file system instead of the message.
-    try:
-        st = os.statvfs(path)  # type: ignore[arg-type]
-    except (OSError, TypeError):
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
+    # WAL index that could not grow: look at the file system instead of the message,
+    # with the store's own test (the sqlite error means the store is loaded).
+    from pathlib import Path
+
+    from ..metastore import disk_full
+
+    return root is not None and disk_full(Path(root))
 
 
 def _sqlite_error(err: Exception, root: str | None) -> str:

@@ -4,7 +4,7 @@ containerd and Docker, each on its own storage and on layerfs's server for the
 driver, interleaved: ``ctr run``, ``ctr image import``, ``docker run``, ``docker
 load``, and the layerfs/native ratio of each. Timings are not judged here (the
 ratios are for the notes and docs/engines.md); the rows must exist and agree.
-It starts four engines (~40 s): it runs with ``LAYERFS_ENGINES_FULL=1`` only.
+It starts four engines (~20 s).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ def test_engines_is_named_not_default() -> None:
     assert scenarios.resolve(["engines"]) == ["engines"]
 
 
-@pytest.mark.skipif(os.environ.get("LAYERFS_ENGINES_FULL") != "1",
-                    reason="starts four engines: runs with LAYERFS_ENGINES_FULL=1")
 def test_the_engines_scenario_measures_both_sides(tmp_path: Path) -> None:
     reason = ContainerdDaemon.unavailable() or DockerDaemon.unavailable()
     if reason:

@@ -11,10 +11,7 @@ lists the same changes, ``docker save`` writes byte-identical layers, and an
 image built on layerfs, saved and loaded there, keeps its id and runs the same.
 
 The aufs case is Docker's AUFS storage driver on a kernel without aufs, end to
-end through layerfs's FUSE union filesystem. CI builds, diffs, commits, saves and
-removes on aufs only (the plugin's code is the same for every driver; the driver's
-part is what ``docker load`` and ``docker run`` exercise on each);
-``LAYERFS_ENGINES_FULL=1`` does it on every driver.
+end through layerfs's FUSE union filesystem. Everything runs on every native driver.
 """
 
 from __future__ import annotations
@@ -35,12 +32,11 @@ from layerfs_bench.peers import DockerDaemon
 from layerfs.layers import LayerStore
 from layerfs.testing.images import SAMPLE_OUTPUT
 
-from .conftest import FULL, engine_fleet
+from .conftest import engine_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DRIVERS = ["aufs", "overlay2", "btrfs", "vfs"]
-BUILD_DRIVERS = DRIVERS if FULL else ["aufs"]
 TAG = secrets.token_hex(3)
 DOCKERFILE = """\
 FROM sample
@@ -138,7 +134,7 @@ def test_docker_runs_on_the_plugin(plugin: Docker, native: Docker, sample_tar: P
         assert root.split(" - ")[1].split()[0] == "fuse.layerfs-union", root
 
 
-@pytest.mark.parametrize("plugin", BUILD_DRIVERS, indirect=True)
+@pytest.mark.parametrize("plugin", DRIVERS, indirect=True)
 def test_build_diff_commit_save_rmi(plugin: Docker, native: Docker, tmp_path: Path) -> None:
     assert plugin.server is not None
     context = tmp_path / "context"
