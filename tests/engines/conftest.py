@@ -10,7 +10,6 @@ bytes).
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import tempfile
@@ -28,9 +27,6 @@ from layerfs.testing.images import sample_image
 from ..dm_fixtures import options_for
 
 NATIVE = ["overlay2", "btrfs", "vfs", "aufs"]
-#: ``LAYERFS_ENGINES_FULL=1``: everything on every driver. Without it (CI), the slowest
-#: parts run on one driver or in part (each test module says which); ~4 minutes.
-FULL = os.environ.get("LAYERFS_ENGINES_FULL") == "1"
 #: devicemapper needs a kernel with device-mapper: it runs in the qemu guest.
 ALL = [*NATIVE, "devicemapper"]
 

@@ -10,6 +10,7 @@ and the Go and containerd package versions, so only the first run pays the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -52,17 +53,24 @@ def build() -> Path:
     if binary.exists():
         return binary
     CACHE.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GO111MODULE="off", GOPATH=str(GOPATH), GOFLAGS="",
-               GOCACHE=str(CACHE / "go-build"), GOTOOLCHAIN="local")
-    tmp = binary.with_suffix(".partial")
-    proc = subprocess.run(["go", "test", "-c", "-o", str(tmp), "."], cwd=SOURCE, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the containerd testsuite program failed:\n{proc.stderr}")
-    tmp.rename(binary)
-    for old in CACHE.glob("gosuite-*.test"):
-        if old != binary:
-            old.unlink()
+    # One build at a time: the guest runs' worker thread (tests/vm/background.py) and the
+    # host's testsuite fixture may ask together; the second finds the first's binary.
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.exists():
+            return binary
+        env = dict(os.environ, GO111MODULE="off", GOPATH=str(GOPATH), GOFLAGS="",
+                   GOCACHE=str(CACHE / "go-build"), GOTOOLCHAIN="local")
+        tmp = binary.with_suffix(".partial")
+        proc = subprocess.run(["go", "test", "-c", "-o", str(tmp), "."], cwd=SOURCE, env=env,
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the containerd testsuite program failed:\n"
+                               f"{proc.stderr}")
+        tmp.rename(binary)
+        for old in CACHE.glob("gosuite-*.test"):
+            if old != binary:
+                old.unlink()
     return binary
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from . import gosuite
-from .conftest import ALL, FULL, driver_supported, engine_root
+from .conftest import ALL, driver_supported, engine_root
 
 SKIPPED_BY_THE_SUITE = {"Rename"}
 SCENARIOS = ["Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",
@@ -33,10 +33,6 @@ SCENARIOS = ["Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareV
              "Chown", "DirectoryPermissionOnCommit", "RemoveIntermediateSnapshot",
              "DeletedFilesInChildSnapshot", "MoveFileFromLowerLayer", "ViewReadonly",
              "StatInWalk", "CloseTwice", "RootPermission", "128LayersMount"]
-#: What CI runs of the suite where all of it is too slow (see the module docstring).
-CI_SCENARIOS = {
-    "devicemapper": ["Basic", "DeletedFilesInChildSnapshot", "ViewReadonly"],
-}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -57,13 +53,12 @@ def test_containerd_snapshotter_testsuite(driver: str, suite_binary: Path, tmp_p
     reason = driver_supported(driver, base)
     if reason is not None:
         pytest.skip(f"{driver} not supported here: {reason}")
-    only = None if FULL else CI_SCENARIOS.get(driver)
     with tempfile.TemporaryDirectory(prefix="lfs-suite-", dir="/tmp") as sockdir:
-        result = gosuite.run(suite_binary, driver, tmpdir=base, sockdir=Path(sockdir), only=only)
+        result = gosuite.run(suite_binary, driver, tmpdir=base, sockdir=Path(sockdir))
     tail = "\n".join(result.output.splitlines()[-80:])
     assert result.returncode == 0 and not result.failed, \
         f"containerd testsuite on layerfs-{driver}: failed {result.failed}\n{tail}"
     assert set(result.skipped) <= SKIPPED_BY_THE_SUITE, result.skipped
-    assert sorted(result.passed) == sorted(only or SCENARIOS), result.passed
+    assert sorted(result.passed) == sorted(SCENARIOS), result.passed
     print(f"layerfs-{driver}: {len(result.passed)} passed, skipped by the suite: "
           f"{result.skipped}")
