@@ -20,7 +20,10 @@ from layerfs.layers import LayerStore
 from layerfs.testing.conformance.fixtures import DriverFactory, open_or_skip
 
 from .daemons import cli_mode, daemons  # noqa: F401  (fixtures: the CLI suites' two modes)
-from .vm.background import background_guests, run_guest_tests_last  # noqa: F401  (autouse)
+from .vm.background import (
+    background_guests,  # noqa: F401  (autouse session fixture)
+    run_guest_tests_last,
+)
 
 # The suite's fixtures (store, capabilities, ...); driver_name, layer_root and
 # driver_factory are overridden below.
