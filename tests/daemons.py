@@ -111,7 +111,7 @@ class Daemons:
         """A daemon for ``root`` (created if missing); its pid, once it answers."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         root.mkdir(parents=True, exist_ok=True)
-        log = self.logs / (root.parent.name + "-" + root.name + ".log")
+        log = self.log_path(root)
         self.proc.stdin.write(f"{root}\t{log}\n")
         self.proc.stdin.flush()
         pid = int(self.proc.stdout.readline())
@@ -121,6 +121,10 @@ class Daemons:
             raise RuntimeError(f"daemon for {root} did not start: "
                                f"{log.read_text()[-2000:] if log.exists() else ''}") from None
         return pid
+
+    def log_path(self, root: Path) -> Path:
+        """Where the daemon of ``root`` logs (its stderr)."""
+        return self.logs / (root.parent.name + "-" + root.name + ".log")
 
     @contextlib.contextmanager
     def serve(self, root: Path) -> Iterator[int]:
@@ -198,6 +202,18 @@ def cli_settle(root: Path | str) -> None:
     """After killing a client: until its command is over (:meth:`CliMode.settle`)."""
     if ACTIVE is not None:
         ACTIVE.settle(root)
+
+
+def daemon_log(root: Path | str, tail: int = 4000) -> str:
+    """The end of the log of the daemon that serves ``root`` in this test ("" in-process),
+    for a failure message: it says when the daemon relayed a signal and how workers ended."""
+    if ACTIVE is None or ACTIVE.daemons is None:
+        return ""
+    path = ACTIVE.daemons.log_path(Path(root).absolute())
+    try:
+        return "daemon log:\n" + path.read_text(errors="replace")[-tail:]
+    except FileNotFoundError:
+        return f"daemon log: {path} is missing"
 
 
 def cli_env(root: Path | str) -> dict[str, str]:

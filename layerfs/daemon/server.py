@@ -396,6 +396,9 @@ class Supervisor:
         except ValueError:
             return
         if job.pid in self.jobs:        # not reaped yet: the pid cannot have been reused
+            if sig != signal.SIGWINCH:   # a terminal resize is no news
+                log.info("worker %d (%s): relaying %s from its client", job.pid, job.command,
+                         signal.Signals(sig).name)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(job.pid, sig)
 

@@ -22,7 +22,7 @@ from layerfs.images import ImageStore
 from layerfs.testing import images as timg
 from tests.support.registry import Distribution, Fault, FaultProxy
 
-from ..daemons import CliMode, cli_env, cli_settle
+from ..daemons import CliMode, cli_env, cli_settle, daemon_log
 from ..images.conftest import close_images, snapshot
 from .conftest import Samples, layerfs, manifest_of, open_overlay2
 
@@ -286,8 +286,10 @@ def test_ctrl_c_stops_a_pull_at_once_and_keeps_the_partial_blob_if_asked(
         time.sleep(0.3)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-        assert time.monotonic() - t0 < 10, "Ctrl-C took too long"
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert took < 10, (f"Ctrl-C took {took:.1f} s; exit {proc.returncode}; stderr:\n"
+                           f"{stderr[-4000:]}\n{daemon_log(root)}")
     finally:
         fault.release.set()
         if proc.poll() is None:
