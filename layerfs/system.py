@@ -80,6 +80,8 @@ class Pruned:
     containers: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
+    #: Blob digests whose staged download files went (see :func:`prune`).
+    downloads: list[str] = field(default_factory=list)
     reclaimed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,6 +164,11 @@ def disk_usage(mgr: ContainerManager) -> DiskUsage:
         UsageRow("Layers", len(others), len(others) - len(unused), sum(other_sizes.values()),
                  sum(other_sizes[layer] for layer in unused)),
     ]
+    from .distribution.blobs import staged_usage
+
+    staged = staged_usage(mgr.images)
+    rows.append(UsageRow("Downloads", staged.downloads, staged.in_use, staged.size,
+                         staged.size - staged.in_use_size))
     return DiskUsage(str(store.root), store.driver.name,
                      status.get("Backing Filesystem", "?"),
                      layer_dir_usage(store.driver.home).bytes, rows)
@@ -172,7 +179,8 @@ def disk_usage(mgr: ContainerManager) -> DiskUsage:
 def prune(mgr: ContainerManager, *, all_images: bool = False) -> Pruned:
     """Remove stopped containers, then dangling images (with ``all_images``: every image no
     container uses) and the image layers they alone held, then the other layers nothing
-    holds. Like ``docker system prune [-a]``; what is in use is left alone."""
+    holds, then the downloads no pull is using. Like ``docker system prune [-a]``; what is
+    in use is left alone."""
     store = mgr.layers
     done = Pruned()
     for st in mgr.containers(all=True):
@@ -214,6 +222,12 @@ def prune(mgr: ContainerManager, *, all_images: bool = False) -> Pruned:
             done.reclaimed += size
         if not any(layer in done.layers for layer in removable):
             break
+    # Downloads no pull is using: those a pull killed with -9 left, and those a stopped
+    # `pull --resume` kept to continue from (otherwise removed by the next pull after a day).
+    from .distribution.blobs import remove_staged_blobs
+
+    done.downloads, freed = remove_staged_blobs(mgr.images)
+    done.reclaimed += freed
     return done
 
 

@@ -65,8 +65,9 @@ def cmd_df(args: argparse.Namespace) -> int:
     return 0
 
 
-PRUNE_WHAT = ("all stopped containers, {images}, and all layers nothing uses (no image, "
-              "container, mount or child layer)")
+PRUNE_WHAT = ("all stopped containers, {images}, all layers nothing uses (no image, "
+              "container, mount or child layer), and the downloads no pull is using (also "
+              "those a stopped `pull --resume` kept to continue from)")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -80,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with _manager(args) as mgr:
         done = system.prune(mgr, all_images=args.all)
     for title, ids in (("Deleted Containers:", done.containers),
-                       ("Deleted Images:", done.images), ("Deleted Layers:", done.layers)):
+                       ("Deleted Images:", done.images), ("Deleted Layers:", done.layers),
+                       ("Deleted Downloads:", done.downloads)):
         if ids:
             print(title)
             print("".join(f"{i}\n" for i in ids))
@@ -115,9 +117,10 @@ def register(sub: SubParsers) -> None:
         "  layerfs --root /var/tmp/tour system reset -f\n")
     gsub = group.add_subparsers(dest="system_command", metavar="ACTION", required=True)
     p = command_parser(gsub, "df", "space used by images, containers and layers",
-                       "The driver and what it holds on disk, then images, containers and the "
-                       "other layers (made by `layer create|apply`): how many, how many in use, "
-                       "their size, and how much `system prune` would give back (`-a`: more).",
+                       "The driver and what it holds on disk, then images, containers, the "
+                       "other layers (made by `layer create|apply`) and the downloads of pulls "
+                       "(partial blobs under ROOT/tmp): how many, how many in use, their size, "
+                       "and how much `system prune` would give back (`-a`: more).",
                        "  layerfs system df\n  layerfs system df --json | jq .rows\n")
     p.add_argument("--json", action="store_true", help="everything as one JSON document")
     p.set_defaults(func=cmd_df)
@@ -125,8 +128,10 @@ def register(sub: SubParsers) -> None:
                        "Remove every stopped container, every dangling image (untagged, no "
                        "container) with the layers only it had, and every layer nothing uses "
                        "(no image, container, mount or child layer; `layer create|apply` "
-                       "made those). With -a, every image without a container too. Asks first "
-                       "unless -f.",
+                       "made those), and every download no running pull is using (a pull "
+                       "killed with -9 leaves its partial blob; a stopped `pull --resume` "
+                       "keeps its own to continue from). With -a, every image without a "
+                       "container too. Asks first unless -f.",
                        "  layerfs system prune\n  layerfs system prune -af\n")
     p.add_argument("-a", "--all", action="store_true", help="also images that have a name, "
                    "when no container uses them")

@@ -54,7 +54,7 @@ In this package "registry" always means an OCI registry; the storage driver regi
 from ..oci import Platform
 from ..reference import RemoteReference
 from .auth import Credentials, CredentialStore, RegistryAuth, parse_challenges
-from .blobs import remove_staged_blobs, staged_blobs
+from .blobs import StagedUsage, remove_staged_blobs, staged_blobs, staged_usage
 from .errors import RegistryError, Unauthorized
 from .pull import PullResult, RemoteSource, pull
 from .push import MEDIA_TYPES, PushResult, push
@@ -63,6 +63,6 @@ from .transport import MANIFEST_ACCEPT, Manifest, Registry, RegistryOptions, log
 __all__ = [
     "MANIFEST_ACCEPT", "MEDIA_TYPES", "CredentialStore", "Credentials", "Manifest", "Platform",
     "PullResult", "PushResult", "Registry", "RegistryAuth", "RegistryError", "RegistryOptions",
-    "RemoteReference", "RemoteSource", "Unauthorized", "login", "logout", "parse_challenges",
-    "pull", "push", "remove_staged_blobs", "staged_blobs",
+    "RemoteReference", "RemoteSource", "StagedUsage", "Unauthorized", "login", "logout",
+    "parse_challenges", "pull", "push", "remove_staged_blobs", "staged_blobs", "staged_usage",
 ]

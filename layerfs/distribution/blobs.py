@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,24 +114,59 @@ def staged_blobs(images: ImageStore) -> list[Path]:
     return sorted(p for p in stage.iterdir() if not p.name.endswith(".lock"))
 
 
-def remove_staged_blobs(images: ImageStore) -> int:
-    """Delete staged downloads no pull is using; returns how many files went."""
-    removed = 0
+def _staged(images: ImageStore) -> Iterator[tuple[Path, str, list[Path]]]:
+    """Each download of the staging folder: its lock file, blob digest and data files."""
     stage = images.scratch / STAGE_DIR
-    for lock in list(stage.glob("*.lock")) if stage.is_dir() else []:
+    for lock in sorted(stage.glob("*.lock")) if stage.is_dir() else []:
         base = lock.name[:-len(".lock")]
+        yield lock, base.replace("-", ":", 1), [stage / base, stage / f"{base}.partial"]
+
+
+def _size_of(paths: Sequence[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+@dataclass(frozen=True)
+class StagedUsage:
+    """The staging folder for ``system df``: downloads, and those a running pull holds."""
+
+    downloads: int
+    size: int
+    in_use: int
+    in_use_size: int
+
+
+def staged_usage(images: ImageStore) -> StagedUsage:
+    downloads = size = in_use = in_use_size = 0
+    for lock, _digest, files in _staged(images):
+        bytes_ = _size_of(files)
+        downloads, size = downloads + 1, size + bytes_
+        with blob_lock(lock, wait=False) as held:
+            if not held:
+                in_use, in_use_size = in_use + 1, in_use_size + bytes_
+    return StagedUsage(downloads, size, in_use, in_use_size)
+
+
+def remove_staged_blobs(images: ImageStore) -> tuple[list[str], int]:
+    """Delete the staged downloads no pull is using (those of a pull killed with -9, or
+    kept by ``pull --resume``): the digests whose files went, and the bytes freed."""
+    removed: list[str] = []
+    freed = 0
+    for lock, digest, files in _staged(images):
         with blob_lock(lock, wait=False) as held:
             if not held:
                 continue
-            for f in (stage / base, stage / f"{base}.partial"):
-                try:
+            freed += _size_of(files)
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
                     f.unlink()
-                    removed += 1
-                except FileNotFoundError:
-                    pass
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
+            removed.append(digest)
     with contextlib.suppress(OSError):
-        stage.rmdir()
-    return removed
-
+        (images.scratch / STAGE_DIR).rmdir()
+    return removed, freed

@@ -6,6 +6,7 @@ mismatch, nothing left behind)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,6 +130,53 @@ def test_a_failed_pull_not_asked_to_resume_removes_its_partial_blob(
     assert pull(images, f"{proxy.host}/{big_image.repo}", options=INSECURE).image.id == \
         big_image.id
     assert big_blob_gets(proxy, big_image) == [(None, big_image.size)]
+
+
+def test_system_df_counts_kept_downloads_and_prune_removes_those_no_pull_holds(
+        tmp_path: Path, proxy: FaultProxy, big_image: BigImage) -> None:
+    """A partial blob a failed ``--resume`` pull kept (or a pull killed with -9 left) would
+    otherwise stay until a pull of that blob, or a day: ``system df`` shows it, ``system
+    prune`` gives it back, but never one a running pull holds (its lock)."""
+    from layerfs.distribution.blobs import blob_lock
+
+    root = tmp_path / "root"
+    images = open_overlay2(root)
+    cut = 2 << 20
+    try:
+        proxy.add(Fault(path=big_image.blob, cut_after=cut))
+        proxy.add(Fault(path=big_image.blob, status=503, times=100))
+        with pytest.raises(RegistryError, match="pull again with --resume to continue"):
+            pull(images, f"{proxy.host}/{big_image.repo}", resume=True,
+                 options=RegistryOptions(insecure=True, retries=0))
+        # Kept: the big blob's first bytes, and the whole base blob (its layer was
+        # applied, then rolled back with the failed pull).
+        staged = staged_blobs(images)
+        [partial] = [p for p in staged if p.name.endswith(".partial")]
+        [base] = [p for p in staged if p != partial]
+        assert partial.stat().st_size == cut
+        base_size = base.stat().st_size
+    finally:
+        close_images(images)
+
+    def downloads() -> dict[str, int]:
+        rows = json.loads(layerfs(root, "system", "df", "--json").stdout)["rows"]
+        return next(r for r in rows if r["kind"] == "Downloads")
+
+    total = cut + base_size
+    assert downloads() == {"kind": "Downloads", "total": 2, "active": 0, "size": total,
+                           "reclaimable": total}
+    lock = partial.with_name(partial.name.removesuffix(".partial") + ".lock")
+    with blob_lock(lock, wait=False) as held:        # as a running pull holds it
+        assert held
+        assert downloads() == {"kind": "Downloads", "total": 2, "active": 1, "size": total,
+                               "reclaimable": base_size}
+        kept = layerfs(root, "system", "prune", "-f").stdout
+        assert big_image.blob not in kept and partial.exists() and not base.exists(), kept
+    pruned = layerfs(root, "system", "prune", "-f").stdout
+    assert f"Deleted Downloads:\n{big_image.blob}\n" in pruned, pruned
+    assert pruned.endswith("Total reclaimed space: 2.0 MiB\n"), pruned
+    assert not partial.exists() and not lock.exists()
+    assert downloads()["total"] == 0
 
 
 @pytest.mark.parametrize(("killed", "then"), [("--resume", "--resume"), ("", ""),
