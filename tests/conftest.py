@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,15 @@ pytest_plugins = ["layerfs.testing.conformance.fixtures"]
 ALL_DRIVERS = sorted(plugins.registered())
 # Device-mapper needs a kernel with dm: it runs inside the qemu guest.
 NATIVE_DRIVERS = [d for d in ALL_DRIVERS if d != "devicemapper"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test run started in the background of a script (`./scripts/test &`) or under nohup
+    # inherits SIGINT ignored, and so would every `layerfs` the tests start: the Ctrl-C
+    # tests would then see a command that (rightly) ignores Ctrl-C. Their children get
+    # the default disposition back (a handler, unlike SIG_IGN, is reset by exec).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(trylast=True)
