@@ -138,6 +138,10 @@ def _request(argv: list[str]) -> tuple[bytes, list[int], list[int]]:
     mask = os.umask(0o022)
     os.umask(mask)
     items.append((b"umask", b"%o" % mask))
+    # What this process ignores (`nohup`; SIGINT and SIGQUIT of a `cmd &` in a script)
+    # the worker ignores too, as a process started here would: a relayed Ctrl-C then stops
+    # a command only where a cold one would have stopped (`run` still forwards it).
+    items += [(b"ignore", b"%d" % n) for n in RELAYED if _signal.getsignal(n) == _signal.SIG_IGN]
     fds, present = [], b""
     for fd in (0, 1, 2):
         try:

@@ -91,6 +91,7 @@ class Request:
     stdio: dict[int, int]       # 0/1/2 -> the received fd (missing: closed in the client)
     cwd: int                    # received O_PATH fd of the client's cwd
     cwd_gone: bool = False
+    ignored: tuple[signal.Signals, ...] = ()   # signals the client ignores (SIG_IGN)
 
     @property
     def command(self) -> str:
@@ -710,9 +711,11 @@ def _parse_request(message: wire.Message, fds: list[int]) -> Request:
     if len(fds) != len(present) + 1 or any(c not in b"012" for c in present):
         raise ValueError(f"{len(fds)} descriptors for stdio {present!r} + cwd")
     stdio = {int(chr(c)): fd for c, fd in zip(present, fds, strict=False)}
+    ignored = tuple(signal.Signals(int(n)) for n in wire.fields(message, b"ignore"))
     return Request(argv0=wire.field(message, b"argv0"), args=wire.fields(message, b"arg"),
                    env=wire.fields(message, b"env"), umask=int(wire.field(message, b"umask"), 8),
-                   stdio=stdio, cwd=fds[-1], cwd_gone=wire.field(message, b"cwd_gone", b"") == b"1")
+                   stdio=stdio, cwd=fds[-1], cwd_gone=wire.field(message, b"cwd_gone", b"") == b"1",
+                   ignored=ignored)
 
 
 def _activated_socket() -> socket.socket | None:

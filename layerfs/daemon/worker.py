@@ -3,7 +3,8 @@
 The worker turns itself into the process the client would have been: the
 client's stdin, stdout and stderr on fds 0-2, its cwd, umask, environment and
 argv, a session of its own (no controlling terminal: the client's terminal
-stays the client's), Python's default signal dispositions, and ``sys.stdin``,
+stays the client's), Python's default signal dispositions but for those the client
+ignores (which stay ignored, as ``nohup`` and ``cmd &`` want), and ``sys.stdin``,
 ``sys.stdout``, ``sys.stderr`` made afresh for those fds. Then it calls the
 same entry point a cold ``layerfs`` calls (:func:`layerfs._entry.run_here`),
 and ends the way the interpreter would: non-daemon threads joined, ``atexit``
@@ -67,6 +68,9 @@ def _adopt(request: Request) -> None:
     os.fchdir(cwd)
     os.close(cwd)
     os.umask(request.umask)
+    for sig in request.ignored:
+        with contextlib.suppress(OSError, ValueError):   # SIGKILL/SIGSTOP cannot be ignored
+            signal.signal(sig, signal.SIG_IGN)
     os.environ.clear()
     for entry in request.env:
         key, _, value = entry.partition(b"=")

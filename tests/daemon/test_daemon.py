@@ -166,6 +166,35 @@ def test_signals_reach_the_container(root: Root, daemon: Daemon) -> None:
     assert root.leftovers() == []
 
 
+@pytest.mark.parametrize("mode", ["in-process", "daemon"])
+def test_a_signal_the_client_ignores_does_not_stop_its_command(root: Root, daemon: Daemon,
+                                                                mode: str) -> None:
+    """`nohup`, or `cmd &` in a script, starts a process with SIGINT ignored: a Ctrl-C then
+    does not stop `layerfs`, through the daemon as in-process (the worker ignores what its
+    client ignores)."""
+    data = layer_tar()
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh",
+                             *root.argv("layer", "apply", "-")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=root.environ(mode, None))
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data[:512])     # the command is reading its layer from stdin
+        proc.stdin.flush()
+        if mode == "daemon":
+            wait_for(lambda: len(daemon.workers()) == 1, what="the worker")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        stdout, stderr = proc.communicate(data[512:], timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    assert len(stdout.split()) == 1            # the new layer's id
+
+
 def test_a_worker_killed_by_a_signal_kills_its_client_the_same_way(root: Root,
                                                                    daemon: Daemon) -> None:
     proc = root.popen("run", "--rm", "--network", "none", "busybox", "sleep", "60",
