@@ -114,12 +114,21 @@ def staged_blobs(images: ImageStore) -> list[Path]:
     return sorted(p for p in stage.iterdir() if not p.name.endswith(".lock"))
 
 
-def _staged(images: ImageStore) -> Iterator[tuple[Path, str, list[Path]]]:
+def staged_downloads(images: ImageStore) -> Iterator[tuple[Path, str, list[Path]]]:
     """Each download of the staging folder: its lock file, blob digest and data files."""
     stage = images.scratch / STAGE_DIR
     for lock in sorted(stage.glob("*.lock")) if stage.is_dir() else []:
         base = lock.name[:-len(".lock")]
         yield lock, base.replace("-", ":", 1), [stage / base, stage / f"{base}.partial"]
+
+
+def discard_download(lock: Path, files: Sequence[Path]) -> None:
+    """Delete a download's files, then its lock file (the caller holds the lock)."""
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
 
 
 def _size_of(paths: Sequence[Path]) -> int:
@@ -142,7 +151,7 @@ class StagedUsage:
 
 def staged_usage(images: ImageStore) -> StagedUsage:
     downloads = size = in_use = in_use_size = 0
-    for lock, _digest, files in _staged(images):
+    for lock, _digest, files in staged_downloads(images):
         bytes_ = _size_of(files)
         downloads, size = downloads + 1, size + bytes_
         with blob_lock(lock, wait=False) as held:
@@ -156,16 +165,12 @@ def remove_staged_blobs(images: ImageStore) -> tuple[list[str], int]:
     kept by ``pull --resume``): the digests whose files went, and the bytes freed."""
     removed: list[str] = []
     freed = 0
-    for lock, digest, files in _staged(images):
+    for lock, digest, files in staged_downloads(images):
         with blob_lock(lock, wait=False) as held:
             if not held:
                 continue
             freed += _size_of(files)
-            for f in files:
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+            discard_download(lock, files)
             removed.append(digest)
     with contextlib.suppress(OSError):
         (images.scratch / STAGE_DIR).rmdir()

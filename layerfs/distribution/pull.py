@@ -43,7 +43,15 @@ from ..errors import CorruptState, DiskFull, InvalidArgument, LayerfsError, NotF
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
 from . import limits as bounds
-from .blobs import STAGE_DIR, STAGE_MAX_AGE, blob_lock, ensure_schema, record_blobs
+from .blobs import (
+    STAGE_DIR,
+    STAGE_MAX_AGE,
+    blob_lock,
+    discard_download,
+    ensure_schema,
+    record_blobs,
+    staged_downloads,
+)
 from .errors import Cancelled, RegistryError, ssl_error, transfer_error, transport_message
 from .transport import CHUNK, Manifest, Registry, RegistryOptions
 
@@ -503,9 +511,7 @@ class RemoteSource:
     def _gc(self) -> None:
         """Remove staged blobs nobody has touched for a day (their pulls are long over)."""
         cutoff = time.time() - STAGE_MAX_AGE
-        for lock in self.stage.glob("*.lock"):
-            base = lock.name[:-len(".lock")]
-            files = [self.stage / base, self.stage / f"{base}.partial"]
+        for lock, _digest, files in staged_downloads(self.images):
             try:
                 stale = all(f.stat().st_mtime < cutoff for f in files if f.exists()) and \
                     lock.stat().st_mtime < cutoff
@@ -514,11 +520,7 @@ class RemoteSource:
             if stale:
                 with blob_lock(lock, wait=False) as held:
                     if held:
-                        for f in files:
-                            with contextlib.suppress(FileNotFoundError):
-                                f.unlink()
-                        with contextlib.suppress(FileNotFoundError):
-                            lock.unlink()
+                        discard_download(lock, files)
 
     def explain(self, err: BaseException) -> BaseException | None:
         """If the blob being applied when ``err`` happened turns out to be corrupt or
@@ -553,11 +555,7 @@ class RemoteSource:
             with blob_lock(job.lock_path, wait=False) as held:
                 if not held:
                     continue  # another pull is downloading it right now
-                for f in (job.final, job.partial):
-                    with contextlib.suppress(FileNotFoundError):
-                        f.unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    job.lock_path.unlink()
+                discard_download(job.lock_path, [job.final, job.partial])
         with contextlib.suppress(OSError):
             self.stage.rmdir()  # only if empty
 
