@@ -118,6 +118,8 @@ def staged_downloads(images: ImageStore) -> Iterator[tuple[Path, str, list[Path]
     """Each download of the staging folder: its lock file, blob digest and data files."""
     stage = images.scratch / STAGE_DIR
     for lock in sorted(stage.glob("*.lock")) if stage.is_dir() else []:
+        if lock.is_symlink() or not lock.is_file():
+            continue            # not a pull's (pulls make regular files): never followed
         base = lock.name[:-len(".lock")]
         yield lock, base.replace("-", ":", 1), [stage / base, stage / f"{base}.partial"]
 

@@ -162,6 +162,12 @@ def test_system_df_counts_kept_downloads_and_prune_removes_those_no_pull_holds(
         rows = json.loads(layerfs(root, "system", "df", "--json").stdout)["rows"]
         return next(r for r in rows if r["kind"] == "Downloads")
 
+    # What no pull makes is neither counted nor followed nor removed.
+    outside = tmp_path / "outside"
+    outside.write_text("not the root's\n")
+    (partial.parent / "sha256-dir.lock").mkdir()
+    (partial.parent / "sha256-link.lock").symlink_to(outside)
+    (partial.parent / "sha256-link").symlink_to(outside)
     total = cut + base_size
     assert downloads() == {"kind": "Downloads", "total": 2, "active": 0, "size": total,
                            "reclaimable": total}
@@ -177,6 +183,9 @@ def test_system_df_counts_kept_downloads_and_prune_removes_those_no_pull_holds(
     assert pruned.endswith("Total reclaimed space: 2.0 MiB\n"), pruned
     assert not partial.exists() and not lock.exists()
     assert downloads()["total"] == 0
+    assert outside.read_text() == "not the root's\n"
+    assert sorted(p.name for p in partial.parent.iterdir()) == \
+        ["sha256-dir.lock", "sha256-link", "sha256-link.lock"]
 
 
 @pytest.mark.parametrize(("killed", "then"), [("--resume", "--resume"), ("", ""),
