@@ -28,6 +28,19 @@ def docker_plugin_socket(name: str) -> Path:
     return DOCKER_PLUGIN_DIR / f"{name}.sock"
 
 
+def setter_for_signals(event: threading.Event) -> Callable[[int, object], None]:
+    """A signal handler that sets ``event``, safe while the main thread waits on it.
+
+    Not ``event.set()`` in the handler itself: the handler runs in the main thread,
+    between two bytecodes of whatever it was doing, which may be ``event.wait()``
+    holding the event's (non-reentrant) lock; ``set()`` would then wait for that lock
+    forever. A containerd testsuite scenario's server hung so on SIGTERM. A thread sets
+    the event, taking the lock once the main thread has let go of it."""
+    def handler(_signum: int, _frame: object) -> None:
+        threading.Thread(target=event.set, name="layerfs-stop", daemon=True).start()
+    return handler
+
+
 def serve(root: str | os.PathLike[str], driver: str | None = None,
           options: dict[str, str] | list[str] | None = None, *,
           snapshotter_socket: str | os.PathLike[str] | None = None,
@@ -49,7 +62,7 @@ def serve(root: str | os.PathLike[str], driver: str | None = None,
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: stop.set())
+                signal.signal(signum, setter_for_signals(stop))
     layers = LayerStore.open(root, driver, options)
     stoppers: list[Callable[[], None]] = []
     try:

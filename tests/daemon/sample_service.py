@@ -7,10 +7,12 @@ import signal
 import threading
 from pathlib import Path
 
+from layerfs.engines.server import setter_for_signals
+
 
 def serve(root: Path, args: list[str]) -> int:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, setter_for_signals(stop))
     out = Path(args[0])
     # A thread, as grpcio would start: fine in a service, never in the supervisor.
     threading.Thread(target=stop.wait, daemon=True).start()

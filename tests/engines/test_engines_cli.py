@@ -8,8 +8,10 @@ their arguments in one line on stderr with a non-zero exit.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from layerfs.engines.server import (
     containerd_snapshotter_service,
     docker_plugin_service,
     docker_plugin_socket,
+    setter_for_signals,
 )
 from layerfs.engines.sockets import claim_socket_path, listen_unix
 from layerfs.errors import AlreadyExists, InvalidArgument
@@ -98,3 +101,22 @@ def test_a_refused_service_is_one_line_and_status_2(tmp_path: Path,
     assert len(lines) == 2, lines
     assert lines[0].startswith("layerfs daemon: service containerd-snapshotter: --service")
     assert lines[1].startswith("layerfs daemon: service docker-plugin: bad Docker plugin name")
+
+
+def test_a_stop_signal_landing_while_the_main_thread_holds_the_events_lock_stops_it() -> None:
+    """SIGTERM's handler runs in the main thread, between two bytecodes of whatever it was
+    doing: inside ``stop.wait()`` that may be while it holds the event's lock. Setting
+    the event right there waited for that lock forever (a testsuite server that never
+    stopped). Here the handler is called at exactly that point."""
+    stop = threading.Event()
+    handler = setter_for_signals(stop)
+    returned = threading.Event()
+
+    def main_thread_mid_wait() -> None:
+        with stop._cond:                  # type: ignore[attr-defined]  # Event's own lock
+            handler(signal.SIGTERM, None)
+        returned.set()
+
+    threading.Thread(target=main_thread_mid_wait, daemon=True).start()
+    assert returned.wait(10), "the handler blocked on the lock its own thread holds"
+    assert stop.wait(10)
