@@ -28,6 +28,7 @@ import layerfs.engines.containerd  # noqa: F401  (warm: grpcio imported before a
 from layerfs.daemon.union import start_fork_server
 from layerfs.engines import serve
 from layerfs.engines.sockets import listen_unix
+from layerfs.runtime import _sys
 
 from ..dm_fixtures import options_for
 from .conftest import wipe_root
@@ -66,8 +67,14 @@ def main(zygote_socket: str, driver: str) -> int:
                 return 0
             if words[0] == "serve" and len(words) == 3:
                 read_end, write_end = os.pipe()
+                zygote = os.getpid()
                 pid = os.fork()
                 if pid == 0:  # the child: a server of its own
+                    # A stopped session (Ctrl-C, a timeout) kills the zygote: its servers
+                    # follow, stopping as on `stop` (SIGTERM), not left serving a gone root.
+                    _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGTERM)
+                    if os.getppid() != zygote:
+                        os._exit(1)
                     listener.close()
                     os.close(read_end)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
