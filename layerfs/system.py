@@ -164,7 +164,7 @@ def disk_usage(mgr: ContainerManager) -> DiskUsage:
         UsageRow("Layers", len(others), len(others) - len(unused), sum(other_sizes.values()),
                  sum(other_sizes[layer] for layer in unused)),
     ]
-    from .distribution.blobs import staged_usage
+    from .downloads import staged_usage
 
     staged = staged_usage(mgr.images)
     rows.append(UsageRow("Downloads", staged.downloads, staged.in_use, staged.size,
@@ -224,7 +224,7 @@ def prune(mgr: ContainerManager, *, all_images: bool = False) -> Pruned:
             break
     # Downloads no pull is using: those a pull killed with -9 left, and those a stopped
     # `pull --resume` kept to continue from (otherwise removed by the next pull after a day).
-    from .distribution.blobs import remove_staged_blobs
+    from .downloads import remove_staged_blobs
 
     done.downloads, freed = remove_staged_blobs(mgr.images)
     done.reclaimed += freed

@@ -46,15 +46,15 @@ database (table ``registry_blobs``), filled by pulls and pushes.
 
 Modules, by flow: :mod:`.auth` (credentials
 and challenges), :mod:`.errors`, :mod:`.transport` (one registry host over HTTP; login),
-:mod:`.blobs` (the blob table and the staging folder), :mod:`.pull`, :mod:`.push`.
+:mod:`.blobs` (the blob table; the staging folder is :mod:`layerfs.downloads`), :mod:`.pull`, :mod:`.push`.
 In this package "registry" always means an OCI registry; the storage driver registry is
 :mod:`layerfs.plugins`.
 """
 
+from ..downloads import StagedUsage, remove_staged_blobs, staged_blobs, staged_usage
 from ..oci import Platform
 from ..reference import RemoteReference
 from .auth import Credentials, CredentialStore, RegistryAuth, parse_challenges
-from .blobs import StagedUsage, remove_staged_blobs, staged_blobs, staged_usage
 from .errors import RegistryError, Unauthorized
 from .pull import PullResult, RemoteSource, pull
 from .push import MEDIA_TYPES, PushResult, push

@@ -28,8 +28,6 @@ class TooSlow(RegistryError):
     not worth another attempt (it would be as slow, and the bound is the user's)."""
 
 
-class Cancelled(Exception):
-    """A download stopped because its pull is over."""
 
 
 

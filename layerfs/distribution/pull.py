@@ -39,20 +39,20 @@ import httpx
 
 from .. import oci
 from ..digests import chain_ids, hasher_for, short_id
+from ..downloads import (
+    STAGE_DIR,
+    STAGE_MAX_AGE,
+    Cancelled,
+    blob_lock,
+    discard_download,
+    staged_downloads,
+)
 from ..errors import CorruptState, DiskFull, InvalidArgument, LayerfsError, NotFound
 from ..oci import Platform, parse_descriptor
 from ..reference import RemoteReference
 from . import limits as bounds
-from .blobs import (
-    STAGE_DIR,
-    STAGE_MAX_AGE,
-    blob_lock,
-    discard_download,
-    ensure_schema,
-    record_blobs,
-    staged_downloads,
-)
-from .errors import Cancelled, RegistryError, ssl_error, transfer_error, transport_message
+from .blobs import ensure_schema, record_blobs
+from .errors import RegistryError, ssl_error, transfer_error, transport_message
 from .transport import CHUNK, Manifest, Registry, RegistryOptions
 
 if TYPE_CHECKING:

@@ -24,12 +24,13 @@ import httpx
 
 from .. import oci
 from ..digests import HashingWriter, short_id
+from ..downloads import Cancelled
 from ..driver import scratch_prefix
 from ..errors import InvalidArgument
 from ..reference import RemoteReference
 from ..tar import Readable
 from .blobs import compression_of, ensure_schema, known_blobs, record_blobs
-from .errors import Cancelled, RegistryError
+from .errors import RegistryError
 from .transport import CHUNK, Registry, RegistryOptions
 
 if TYPE_CHECKING:

@@ -137,7 +137,7 @@ def test_system_df_counts_kept_downloads_and_prune_removes_those_no_pull_holds(
     """A partial blob a failed ``--resume`` pull kept (or a pull killed with -9 left) would
     otherwise stay until a pull of that blob, or a day: ``system df`` shows it, ``system
     prune`` gives it back, but never one a running pull holds (its lock)."""
-    from layerfs.distribution.blobs import blob_lock
+    from layerfs.downloads import blob_lock
 
     root = tmp_path / "root"
     images = open_overlay2(root)
